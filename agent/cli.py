@@ -1,2 +1,267 @@
-def main() -> None:
-    raise SystemExit("not yet")
+"""The `redge` command line: run a peer, look at a cluster, manage apps.
+
+Commands that talk to a cluster take `--peer URL` (any member's HTTP address) and print a
+table for people or, with `--json`, the raw answer for scripts. Errors go to stderr with a
+non-zero exit status, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from redge.agent.errors import AgentError, ConfigError
+
+DEFAULT_PEER = "http://127.0.0.1:8101"
+
+
+def _add_peer_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML file with the same keys as the flags ([peer] table)")
+    parser.add_argument("--node-id", help="this node's id (letters, digits, . _ -)")
+    parser.add_argument("--http", help="HTTP address HOST:PORT (inference, admin, metrics)")
+    parser.add_argument("--raft", help="Raft address HOST:PORT")
+    parser.add_argument("--heartbeat", help="UDP heartbeat address HOST:PORT")
+    parser.add_argument("--peers", help="comma-separated Raft addresses of the other initial members")
+    parser.add_argument("--join", help="join a running cluster through a member's HTTP URL")
+    parser.add_argument("--data-dir", help="directory for the Raft journal and peer state")
+    parser.add_argument("--store", help="model store directory (default DATA_DIR/store)")
+    parser.add_argument("--storage-budget-bytes", type=int, help="bytes the model store may use")
+    parser.add_argument("--source", help="read-only model repository: a directory or URL")
+    parser.add_argument("--profile", help="timing profile: enterprise or iobt")
+    parser.add_argument("--secret-file", help="file holding the cluster secret (else REDGE_SECRET)")
+    parser.add_argument("--admin-token-file", help="file holding the admin token (else REDGE_ADMIN_TOKEN)")
+    parser.add_argument("--log-level", help="debug, info, warning or error")
+    parser.add_argument("--memory-bytes", type=int, help="memory this peer offers to models (default: all)")
+    parser.add_argument("--accelerator-memory-bytes", type=int, help="accelerator memory offered to models")
+    parser.add_argument("--device-kind", help="cpu or gpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="redge", description="Failure-resilient ML serving for the edge.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    peer = commands.add_parser("peer", help="run a peer: host models, serve HTTP, vote in Raft")
+    _add_peer_flags(peer)
+
+    status = commands.add_parser("status", help="show members, leader, apps and placements")
+    status.add_argument("--peer", default=DEFAULT_PEER, help="any member's HTTP URL")
+    status.add_argument("--json", action="store_true", help="print the raw snapshot")
+
+    events = commands.add_parser("events", help="show the cluster's event log")
+    events.add_argument("--peer", default=DEFAULT_PEER)
+    events.add_argument("--since", type=int, default=0, help="only events after this sequence number")
+    events.add_argument("--limit", type=int, default=100)
+    events.add_argument("--json", action="store_true")
+
+    apps = commands.add_parser("apps", help="register, remove and list apps")
+    app_commands = apps.add_subparsers(dest="apps_command", required=True)
+    add = app_commands.add_parser("add", help="register or update an app")
+    add.add_argument("name")
+    add.add_argument("--variants", required=True, help="comma-separated artifact names, largest first")
+    add.add_argument("--priority", default="standard", choices=["critical", "standard", "best-effort"])
+    add.add_argument("--slo-ms", type=float, default=1000.0)
+    add.add_argument("--backup", default="auto", choices=["warm", "cold", "none", "auto"])
+    add.add_argument("--request-rate", type=float, default=0.0, help="expected requests per second")
+    remove = app_commands.add_parser("rm", help="remove an app")
+    remove.add_argument("name")
+    app_commands.add_parser("ls", help="list apps and where they run")
+    for sub in (add, remove, app_commands.choices["ls"]):
+        sub.add_argument("--peer", default=DEFAULT_PEER)
+        sub.add_argument("--token-file", type=Path, help="admin token file (else REDGE_ADMIN_TOKEN)")
+        sub.add_argument("--json", action="store_true")
+
+    demo = commands.add_parser("demo", help="run a local cluster, break it, and print what it cost")
+    demo.add_argument("--out", type=Path, default=Path("results/demo"), help="where to write the report")
+    demo.add_argument("--peers", type=int, default=3)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "peer":
+            _run_peer(args)
+        elif args.command == "status":
+            _status(args)
+        elif args.command == "events":
+            _events(args)
+        elif args.command == "apps":
+            _apps(args)
+        elif args.command == "demo":
+            from redge.chaos.demo import run_demo
+
+            sys.exit(run_demo(out_dir=args.out, peer_count=args.peers))
+    except (AgentError, OSError) as error:
+        print(f"redge {args.command}: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------------- peer
+
+
+def peer_values(args: argparse.Namespace) -> dict[str, Any]:
+    from redge.agent.config import read_toml
+
+    values: dict[str, Any] = read_toml(args.config) if args.config else {}
+    for key in (
+        "node_id", "http", "raft", "heartbeat", "peers", "join", "data_dir", "store", "storage_budget_bytes",
+        "source", "profile", "secret_file", "admin_token_file", "log_level", "memory_bytes",
+        "accelerator_memory_bytes", "device_kind",
+    ):
+        value = getattr(args, key, None)
+        if value is not None:
+            values[key] = value
+    return values
+
+
+def _run_peer(args: argparse.Namespace) -> None:
+    from redge.agent import logs
+    from redge.agent.config import load
+    from redge.agent.peer import run_peer
+
+    config = load(peer_values(args))
+    logs.configure(config.node_id, config.log_level)
+    asyncio.run(run_peer(config))
+
+
+# ---------------------------------------------------------------------- client side
+
+
+def _request(method: str, url: str, body: Any = None, token: str | None = None, timeout_s: float = 10.0) -> Any:
+    import urllib.error
+    import urllib.request
+
+    data = orjson.dumps(body) if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return orjson.loads(response.read())
+    except urllib.error.HTTPError as error:
+        try:
+            message = orjson.loads(error.read()).get("error", error.reason)
+        except (orjson.JSONDecodeError, AttributeError):
+            message = error.reason
+        raise AgentError(f"{url} answered {error.code}: {message}") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+        reason = getattr(error, "reason", error)
+        raise AgentError(f"cannot reach {url}: {reason}") from None
+
+
+def _admin_token(args: argparse.Namespace) -> str:
+    if args.token_file:
+        try:
+            return args.token_file.read_text().strip()
+        except OSError as error:
+            raise ConfigError(f"cannot read token file {args.token_file}: {error.strerror}") from None
+    return os.environ.get("REDGE_ADMIN_TOKEN", "")
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _status(args: argparse.Namespace) -> None:
+    snapshot = _request("GET", f"{args.peer.rstrip('/')}/cluster")
+    if args.json:
+        _print_json(snapshot)
+        return
+    from rich.console import Console
+
+    console = Console()
+    for table in status_tables(snapshot):
+        console.print(table)
+
+
+def status_tables(snapshot: dict[str, Any]) -> list[Any]:
+    from rich.table import Table
+
+    summary = Table(title="cluster", show_header=False, box=None)
+    summary.add_row("asked", snapshot.get("node_id", "?"))
+    summary.add_row("leader", str(snapshot.get("leader") or "none"))
+    summary.add_row("term", str(snapshot.get("term")))
+    summary.add_row("commit index", str(snapshot.get("commit_index")))
+    summary.add_row("epoch", str(snapshot.get("epoch")))
+
+    members = Table(title="members")
+    for column in ("node", "status", "incarnation", "http", "raft", "heartbeat", "memory GiB", "role"):
+        members.add_column(column)
+    for member in snapshot.get("members", []):
+        status = member["status"] + (" (degraded)" if member.get("degraded") else "")
+        members.add_row(
+            member["node_id"],
+            status,
+            str(member["incarnation"]),
+            member["http_address"],
+            member["raft_address"],
+            member["heartbeat_address"],
+            f"{member.get('memory_bytes', 0) / 1024**3:.1f}",
+            "leader" if member["node_id"] == snapshot.get("leader") else "",
+        )
+
+    apps = Table(title="apps")
+    for column in ("app", "priority", "slo ms", "backup", "variants", "replicas (node:variant:role)"):
+        apps.add_column(column)
+    plan = snapshot.get("plan", {})
+    for app in snapshot.get("apps", []):
+        replicas = ", ".join(f"{r['node_id']}:{r['variant']}:{r['role']}" for r in plan.get(app["name"], [])) or "-"
+        apps.add_row(app["name"], app["priority"], f"{app['slo_ms']:g}", app["backup"], ",".join(app["variants"]), replicas)
+    return [summary, members, apps]
+
+
+def _events(args: argparse.Namespace) -> None:
+    data = _request("GET", f"{args.peer.rstrip('/')}/cluster/events?since={args.since}&limit={args.limit}")
+    if args.json:
+        _print_json(data)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="events")
+    for column in ("seq", "time (UTC)", "kind", "details"):
+        table.add_column(column)
+    for event in data["events"]:
+        details = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("seq", "at_ms", "kind"))
+        stamp = time.strftime("%H:%M:%S", time.gmtime(event["at_ms"] / 1000)) + f".{event['at_ms'] % 1000:03d}"
+        table.add_row(str(event["seq"]), stamp, event["kind"], details)
+    Console().print(table)
+
+
+def _apps(args: argparse.Namespace) -> None:
+    base = args.peer.rstrip("/")
+    if args.apps_command == "add":
+        body = {
+            "name": args.name,
+            "variants": [v.strip() for v in args.variants.split(",") if v.strip()],
+            "priority": args.priority,
+            "slo_ms": args.slo_ms,
+            "backup": args.backup,
+            "request_rate_per_s": args.request_rate,
+        }
+        result = _request("POST", f"{base}/cluster/apps", body, token=_admin_token(args))
+    elif args.apps_command == "rm":
+        result = _request("DELETE", f"{base}/cluster/apps/{args.name}", token=_admin_token(args))
+    else:
+        result = _request("GET", f"{base}/cluster/apps")
+        if not args.json:
+            from rich.console import Console
+
+            snapshot = {"apps": result["apps"], "plan": result["plan"]}
+            Console().print(status_tables({**snapshot, "members": []})[2])
+            return
+    _print_json(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from redge.agent.cli import main
+
+main()

@@ -1,0 +1,276 @@
+"""HTTP API of a peer: health, the cluster snapshot, events, admin calls and metrics.
+
+Every error is `{"error": "..."}` with a status that says whose fault it is: 4xx for the
+caller's request, 503 when the cluster cannot answer now (no leader, no quorum), 504 when a
+proposal's outcome is unknown. A handler never lets an exception reach aiohttp's default
+500 page: the peer stays up and says what went wrong.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+from aiohttp import web
+
+from redge.agent import metrics as metrics_module
+from redge.consensus import commands as c
+from redge.consensus.errors import ConsensusError, ProposalTimeout
+from redge.consensus.raft import split_address
+from redge import __version__
+
+if TYPE_CHECKING:
+    from redge.agent.peer import Peer
+
+log = structlog.get_logger("redge.api")
+
+EVENTS_LIMIT_MAX = 2000
+EVENTS_WAIT_S_MAX = 30.0
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return json_response({"error": message}, status=status)
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def build_app(peer: Peer) -> web.Application:
+    app = web.Application(client_max_size=peer.config.request_body_bytes_max, middlewares=[_errors_middleware(peer)])
+    app["peer"] = peer
+    app.router.add_get("/v2", server_metadata)
+    app.router.add_get("/v2/health/live", health_live)
+    app.router.add_get("/v2/health/ready", health_ready)
+    app.router.add_get("/cluster", cluster_snapshot)
+    app.router.add_get("/cluster/events", cluster_events)
+    app.router.add_get("/cluster/apps", apps_list)
+    app.router.add_post("/cluster/apps", apps_register)
+    app.router.add_delete("/cluster/apps/{name}", apps_remove)
+    app.router.add_post("/cluster/join", cluster_join)
+    app.router.add_get("/metrics", metrics_text)
+    return app
+
+
+def _errors_middleware(peer: Peer):
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        try:
+            response = await handler(request)
+        except HttpError as error:
+            response = error_response(error.status, error.message)
+        except ProposalTimeout as error:
+            response = error_response(504, str(error))
+        except ConsensusError as error:
+            response = error_response(503, f"the cluster cannot commit now: {error}")
+        except web.HTTPRequestEntityTooLarge as error:
+            response = error_response(413, f"request body too large: {error.text}")
+        except web.HTTPException as error:
+            response = error_response(error.status, error.reason or "error")
+        except Exception as error:  # the peer must stay up whatever a handler does
+            log.exception("http_handler_failed", route=route)
+            response = error_response(500, f"internal error: {type(error).__name__}: {error}")
+        peer.metrics.http_requests.labels(route=route, status=str(response.status)).inc()
+        return response
+
+    return middleware
+
+
+def _peer(request: web.Request) -> Peer:
+    return request.app["peer"]
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise HttpError(400, f"body is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise HttpError(400, "body must be a JSON object")
+    return data
+
+
+def _require_admin(request: web.Request) -> None:
+    token = _peer(request).config.admin_token
+    if not token:
+        raise HttpError(403, "admin calls are disabled: start the peer with REDGE_ADMIN_TOKEN or admin_token_file")
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise HttpError(401, "admin calls need the header Authorization: Bearer TOKEN")
+
+
+# ---------------------------------------------------------------------- health
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return json_response({"name": "redge", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+
+async def health_live(request: web.Request) -> web.Response:
+    return json_response({"live": True})
+
+
+async def health_ready(request: web.Request) -> web.Response:
+    ready, reason = _peer(request).is_ready()
+    return json_response({"ready": ready, "reason": reason}, status=200 if ready else 503)
+
+
+# ---------------------------------------------------------------------- cluster
+
+
+async def cluster_snapshot(request: web.Request) -> web.Response:
+    return json_response(_peer(request).snapshot())
+
+
+def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise HttpError(400, f"query parameter {name} must be an integer") from None
+    if not low <= value <= high:
+        raise HttpError(400, f"query parameter {name} must be between {low} and {high}")
+    return value
+
+
+async def cluster_events(request: web.Request) -> web.Response:
+    """Events after `since` (a sequence number), oldest first; `wait_s` long-polls for new ones."""
+    peer = _peer(request)
+    since = _int_query(request, "since", 0, 0, 2**62)
+    limit = _int_query(request, "limit", 500, 1, EVENTS_LIMIT_MAX)
+    try:
+        wait_s = min(float(request.query.get("wait_s", "0")), EVENTS_WAIT_S_MAX)
+    except ValueError:
+        raise HttpError(400, "query parameter wait_s must be a number") from None
+    assert peer.raft is not None
+    deadline = time.monotonic() + max(wait_s, 0.0)
+
+    def read(state):
+        return [e for e in state.events if e.seq > since][:limit], state.event_seq
+
+    events, last_seq = peer.raft.read(read)
+    while not events and time.monotonic() < deadline:
+        await peer.wait_for_commit(deadline - time.monotonic())
+        events, last_seq = peer.raft.read(read)
+    return json_response(
+        {
+            "events": [{"seq": e.seq, "at_ms": e.at_ms, "kind": e.kind, **e.fields} for e in events],
+            "last_seq": last_seq,
+        }
+    )
+
+
+async def cluster_join(request: web.Request) -> web.Response:
+    """Add a new peer to the Raft group. The body is signed with the cluster secret."""
+    from redge.agent.peer import JOIN_CLOCK_SKEW_S, JOIN_SIGNATURE_HEADER, sign_join
+
+    peer = _peer(request)
+    body = await request.read()
+    signature = request.headers.get(JOIN_SIGNATURE_HEADER, "")
+    if not hmac.compare_digest(signature.encode(), sign_join(peer.config.secret, body).encode()):
+        raise HttpError(403, "join refused: the signature does not match this cluster's secret")
+    try:
+        data = orjson.loads(body)
+        raft_address = str(data["raft_address"])
+        at_ms = int(data["at_ms"])
+        split_address(raft_address)
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise HttpError(400, f"join body must be {{node_id, raft_address, at_ms}}: {error}") from None
+    if abs(time.time() * 1000 - at_ms) > JOIN_CLOCK_SKEW_S * 1000:
+        raise HttpError(403, "join refused: the request is too old (or the clocks disagree)")
+    assert peer.raft is not None
+    if raft_address == peer.config.raft or raft_address in peer.raft.status().partners:
+        return json_response({"joined": True, "detail": "already a member of the Raft group"})
+    await peer.raft.add_member(raft_address, timeout_s=peer.profile.proposal_timeout_s)
+    log.info("raft_member_added", raft_address=raft_address, node_id=data.get("node_id"))
+    return json_response({"joined": True})
+
+
+# ---------------------------------------------------------------------- apps
+
+APP_FIELDS = {"name", "variants", "priority", "slo_ms", "backup", "request_rate_per_s"}
+
+
+def parse_app(data: dict[str, Any], at_ms: int) -> c.RegisterApp:
+    unknown = sorted(set(data) - APP_FIELDS)
+    if unknown:
+        raise HttpError(400, f"unknown app fields: {', '.join(unknown)}")
+    missing = [name for name in ("name", "variants") if name not in data]
+    if missing:
+        raise HttpError(400, f"missing app fields: {', '.join(missing)}")
+    variants = data["variants"]
+    if isinstance(variants, str):
+        variants = [variants]
+    if not isinstance(variants, list) or not all(isinstance(v, str) for v in variants):
+        raise HttpError(400, "variants must be a list of artifact names, largest first")
+    try:
+        return c.RegisterApp(
+            name=str(data["name"]),
+            variants=tuple(variants),
+            priority=str(data.get("priority", "standard")),
+            slo_ms=float(data.get("slo_ms", 1000.0)),
+            backup=str(data.get("backup", "auto")),
+            at_ms=at_ms,
+            request_rate_per_s=float(data.get("request_rate_per_s", 0.0)),
+        )
+    except (TypeError, ValueError) as error:
+        raise HttpError(400, f"bad app field: {error}") from None
+
+
+async def apps_list(request: web.Request) -> web.Response:
+    peer = _peer(request)
+    snapshot = peer.snapshot()
+    return json_response({"apps": snapshot["apps"], "plan": snapshot["plan"], "epoch": snapshot["epoch"]})
+
+
+async def apps_register(request: web.Request) -> web.Response:
+    from redge.agent.peer import now_ms
+
+    _require_admin(request)
+    peer = _peer(request)
+    command = parse_app(await _json_body(request), now_ms())
+    outcome = await peer.propose(command)
+    if not outcome.accepted:
+        raise HttpError(400, f"app refused: {outcome.reason}")
+    return json_response({"app": command.name, "registered": True, "detail": outcome.reason or "registered"})
+
+
+async def apps_remove(request: web.Request) -> web.Response:
+    from redge.agent.peer import now_ms
+
+    _require_admin(request)
+    peer = _peer(request)
+    name = request.match_info["name"]
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name):
+        raise HttpError(400, f"invalid app name {name!r}")
+    outcome = await peer.propose(c.RemoveApp(name, now_ms()))
+    if outcome.duplicate:
+        raise HttpError(404, f"no app named {name}")
+    return json_response({"app": name, "removed": True})
+
+
+# ---------------------------------------------------------------------- metrics
+
+
+async def metrics_text(request: web.Request) -> web.Response:
+    body = _peer(request).metrics.render()
+    return web.Response(body=body, headers={"Content-Type": metrics_module.CONTENT_TYPE})

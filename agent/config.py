@@ -1,0 +1,164 @@
+"""Configuration of `redge peer`: a TOML file and flags, checked before anything starts.
+
+Flags override the file. The cluster secret never comes from a flag (it would show in `ps`):
+it is read from a file or from REDGE_SECRET. Every problem is reported at once, with the key
+that caused it, so an operator fixes a config in one pass instead of one error per restart.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from redge.agent.errors import ConfigError
+from redge.agent.profile import PROFILES
+from redge.consensus.raft import split_address
+from redge.consensus.state import NAME_PATTERN
+
+SECRET_ENV = "REDGE_SECRET"
+ADMIN_TOKEN_ENV = "REDGE_ADMIN_TOKEN"
+# Used only when every address is on loopback and no secret was given: traffic still goes
+# through the encrypted transport, but anyone on this machine can read the key.
+LOOPBACK_SECRET = "redge-loopback-only"
+
+
+@dataclass
+class PeerConfig:
+    node_id: str
+    http: str
+    raft: str
+    heartbeat: str
+    data_dir: Path
+    peers: list[str] = field(default_factory=list)
+    join: str | None = None
+    store: Path | None = None
+    storage_budget_bytes: int = 10 * 1024**3
+    source: str | None = None
+    profile: str = "enterprise"
+    secret_file: Path | None = None
+    admin_token_file: Path | None = None
+    log_level: str = "info"
+    memory_bytes: int = 0
+    accelerator_memory_bytes: int = 0
+    device_kind: str = "cpu"
+    request_body_bytes_max: int = 64 * 1024 * 1024
+    # Filled by `load`, never from the file.
+    secret: str = field(default="", repr=False)
+    admin_token: str = field(default="", repr=False)
+
+    @property
+    def store_dir(self) -> Path:
+        return self.store if self.store is not None else self.data_dir / "store"
+
+
+_PATH_KEYS = {"data_dir", "store", "secret_file", "admin_token_file"}
+_FILE_KEYS = {f.name for f in fields(PeerConfig)} - {"secret", "admin_token"}
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} is not readable") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+    table = data.get("peer", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {path}: [peer] must be a table")
+    unknown = sorted(set(table) - _FILE_KEYS)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown keys {', '.join(unknown)}")
+    return dict(table)
+
+
+def load(values: dict[str, Any], environ: dict[str, str] | None = None) -> PeerConfig:
+    """Build and check a PeerConfig from merged file and flag values."""
+    environ = dict(os.environ) if environ is None else environ
+    problems: list[str] = []
+    for required in ("node_id", "http", "raft", "heartbeat", "data_dir"):
+        if not values.get(required):
+            problems.append(f"{required.replace('_', '-')} is required")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    values = dict(values)
+    for key in _PATH_KEYS:
+        if values.get(key) is not None:
+            values[key] = Path(values[key])
+    peers = values.get("peers") or []
+    if isinstance(peers, str):
+        peers = [p.strip() for p in peers.split(",") if p.strip()]
+    values["peers"] = list(peers)
+    config = PeerConfig(**{k: v for k, v in values.items() if k in _FILE_KEYS and v is not None})
+
+    if not NAME_PATTERN.match(config.node_id):
+        problems.append(f"node-id {config.node_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    hosts = []
+    for key in ("http", "raft", "heartbeat"):
+        try:
+            host, _ = split_address(getattr(config, key))
+            hosts.append(host)
+        except ValueError as error:
+            problems.append(f"{key}: {error}")
+    for index, peer in enumerate(config.peers):
+        try:
+            host, _ = split_address(peer)
+            hosts.append(host)
+        except ValueError as error:
+            problems.append(f"peers[{index}]: {error}")
+    if config.raft in config.peers:
+        problems.append("peers must list the other members' Raft addresses, not this peer's own")
+    if config.peers and config.join:
+        problems.append("give either peers (a new cluster) or join (an existing one), not both")
+    if config.join and not config.join.startswith(("http://", "https://")):
+        problems.append(f"join must be a member's HTTP URL such as http://127.0.0.1:8101, got {config.join!r}")
+    if config.profile not in PROFILES:
+        problems.append(f"profile {config.profile!r} is not one of {', '.join(sorted(PROFILES))}")
+    if config.storage_budget_bytes <= 0:
+        problems.append("storage-budget-bytes must be > 0")
+    if config.request_body_bytes_max <= 0:
+        problems.append("request-body-bytes-max must be > 0")
+    if config.log_level not in ("debug", "info", "warning", "error"):
+        problems.append("log-level must be debug, info, warning or error")
+
+    config.secret = _read_secret(config.secret_file, environ.get(SECRET_ENV), "secret", problems)
+    config.admin_token = _read_secret(config.admin_token_file, environ.get(ADMIN_TOKEN_ENV), "admin token", problems)
+    if not config.secret:
+        if all(_is_loopback(h) for h in hosts):
+            config.secret = LOOPBACK_SECRET
+        else:
+            problems.append(
+                f"refusing to start: Raft on a non-loopback address needs the cluster secret "
+                f"(set {SECRET_ENV} or secret_file); Raft messages are pickles and an open port runs anyone's code"
+            )
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return config
+
+
+def _read_secret(path: Path | None, from_environment: str | None, what: str, problems: list[str]) -> str:
+    if path is not None:
+        try:
+            value = path.read_text().strip()
+        except OSError as error:
+            problems.append(f"cannot read the {what} file {path}: {error.strerror or error}")
+            return ""
+        if not value:
+            problems.append(f"the {what} file {path} is empty")
+        return value
+    return (from_environment or "").strip()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,45 @@
+"""Prometheus metrics of one peer, in a registry of its own.
+
+A registry per peer (not the global default) lets tests and embedded users run several
+peers in one process without their series colliding.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class PeerMetrics:
+    def __init__(self, node_id: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"registry": self.registry}
+        self.info = Gauge("redge_peer_info", "Constant 1, labelled with the node id", ["node"], **labels)
+        self.info.labels(node=node_id).set(1)
+        self.raft_term = Gauge("redge_raft_term", "Current Raft term", **labels)
+        self.raft_commit_index = Gauge("redge_raft_commit_index", "Raft commit index", **labels)
+        self.raft_is_leader = Gauge("redge_raft_is_leader", "1 when this peer is the Raft leader", **labels)
+        self.raft_has_quorum = Gauge("redge_raft_has_quorum", "1 when this peer sees a Raft majority", **labels)
+        self.leader_changes = Counter("redge_raft_leader_changes_total", "Leader or term changes seen", **labels)
+        self.epoch = Gauge("redge_plan_epoch", "Epoch of the committed plan", **labels)
+        self.members = Gauge("redge_members", "Members by status", ["status"], **labels)
+        self.commands_applied = Counter(
+            "redge_commands_applied_total", "Commands applied by outcome", ["command", "outcome"], **labels
+        )
+        self.proposal_seconds = Histogram(
+            "redge_proposal_seconds",
+            "Time from proposing a command to seeing it committed",
+            ["command"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            **labels,
+        )
+        self.proposal_failures = Counter(
+            "redge_proposal_failures_total", "Proposals that failed or timed out", ["command", "error"], **labels
+        )
+        self.http_requests = Counter(
+            "redge_http_requests_total", "HTTP requests by route and status", ["route", "status"], **labels
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

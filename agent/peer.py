@@ -1,0 +1,399 @@
+"""The peer process: wires Raft, the HTTP API and the peer's own duties together.
+
+A peer is one member of the Raft group. On start it binds its ports (failing with a clear
+message when one is taken), joins or forms the group, and announces itself with a `Join`
+command carrying an incarnation number that grows on every start, so the cluster can tell a
+restarted node from a stale message about its previous life. It keeps that announcement
+true: if the cluster confirms it failed while it was in fact alive (a pause, a partition),
+it rejoins with a higher incarnation. On SIGTERM it leaves: it records `Leave`, hands over
+leadership if it holds it, removes itself from the Raft group and stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+
+from redge.agent.config import PeerConfig
+from redge.agent.errors import JoinFailed
+from redge.agent.metrics import PeerMetrics
+from redge.agent.profile import Profile, get_profile
+from redge.consensus import commands as c
+from redge.consensus.errors import ConsensusError
+from redge.consensus.raft import RaftNode, RaftStatus, split_address
+from redge.consensus.state import ALIVE, FAILED, LEFT, ClusterState, Outcome
+
+log = structlog.get_logger("redge.peer")
+
+JOIN_SIGNATURE_HEADER = "X-Redge-Join-Signature"
+JOIN_CLOCK_SKEW_S = 300
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def sign_join(secret: str, body: bytes) -> str:
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+class Peer:
+    """One `redge peer`. Use `await peer.start()`, then `await peer.wait_closed()`."""
+
+    def __init__(self, config: PeerConfig) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.profile: Profile = get_profile(config.profile)
+        self.metrics = PeerMetrics(config.node_id)
+        self.raft: RaftNode | None = None
+        self.incarnation = 0
+        self.started_at_ms = now_ms()
+        self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._closed = asyncio.Event()
+        self._stopping = False
+        self._registered = asyncio.Event()
+        self._state_changed = asyncio.Event()
+        self._commit_hooks: list[Callable[[c.Command | None, Outcome], None]] = []
+        self._commit_signal = asyncio.Event()
+
+    # ------------------------------------------------------------------ start
+
+    async def start(self) -> None:
+        from redge.agent.api import build_app  # the API imports Peer for typing only
+
+        config = self.config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.incarnation = self._next_incarnation()
+        partners = list(config.peers)
+        if config.join:
+            partners = await self._discover_members(config.join)
+        self.raft = RaftNode(
+            self_address=config.raft,
+            partner_addresses=partners,
+            secret=config.secret,
+            timing=self.profile.raft,
+            data_dir=config.data_dir / "raft",
+        )
+        self.raft.on_commit(self._on_commit)
+        self.raft.on_leader_change(self._on_leader_change)
+        try:
+            app = build_app(self)
+            self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await self._runner.setup()
+            host, port = split_address(config.http)
+            site = web.TCPSite(self._runner, host, port, reuse_address=True)
+            try:
+                await site.start()
+            except OSError as error:
+                raise OSError(f"cannot bind the HTTP address {config.http}: {error.strerror or error}") from None
+        except BaseException:
+            self.raft.close()
+            raise
+        log.info(
+            "peer_started",
+            http=config.http,
+            raft=config.raft,
+            heartbeat=config.heartbeat,
+            incarnation=self.incarnation,
+            profile=self.profile.name,
+            partners=partners,
+        )
+        if config.join:
+            await self._request_join(config.join)
+        self._tasks.append(asyncio.create_task(self._keep_registered(), name="keep_registered"))
+        self._tasks.append(asyncio.create_task(self._refresh_metrics(), name="refresh_metrics"))
+
+    def _next_incarnation(self) -> int:
+        path = self.config.data_dir / "incarnation"
+        try:
+            previous = int(path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            previous = 0
+        incarnation = max(previous + 1, 1)
+        self._write_incarnation(incarnation)
+        return incarnation
+
+    def _write_incarnation(self, incarnation: int) -> None:
+        path = self.config.data_dir / "incarnation"
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(f"{incarnation}\n")
+        os.replace(temporary, path)
+
+    async def _discover_members(self, join_url: str) -> list[str]:
+        timeout = aiohttp.ClientTimeout(total=self.profile.request_timeout_s)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                async with session.get(f"{join_url.rstrip('/')}/cluster") as response:
+                    if response.status != 200:
+                        raise JoinFailed(f"{join_url}/cluster answered {response.status}")
+                    snapshot = await response.json()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+            raise JoinFailed(f"cannot reach {join_url} to join: {error or type(error).__name__}") from None
+        partners = [
+            m["raft_address"] for m in snapshot.get("members", []) if m.get("status") != LEFT
+        ]
+        partners = [p for p in partners if p != self.config.raft]
+        if not partners:
+            raise JoinFailed(f"{join_url} reports no members to join")
+        return partners
+
+    async def _request_join(self, join_url: str) -> None:
+        body = orjson.dumps({"node_id": self.node_id, "raft_address": self.config.raft, "at_ms": now_ms()})
+        headers = {JOIN_SIGNATURE_HEADER: sign_join(self.config.secret, body), "Content-Type": "application/json"}
+        timeout = aiohttp.ClientTimeout(total=self.profile.request_timeout_s * 2)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                async with session.post(f"{join_url.rstrip('/')}/cluster/join", data=body, headers=headers) as response:
+                    text = await response.text()
+                    if response.status != 200:
+                        raise JoinFailed(f"{join_url} refused the join ({response.status}): {text}")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+            raise JoinFailed(f"join request to {join_url} failed: {error or type(error).__name__}") from None
+        log.info("raft_membership_added", via=join_url)
+
+    # ------------------------------------------------------------------ duties
+
+    def _join_command(self) -> c.Join:
+        config = self.config
+        return c.Join(
+            node_id=self.node_id,
+            http_address=config.http,
+            raft_address=config.raft,
+            heartbeat_address=config.heartbeat,
+            incarnation=self.incarnation,
+            at_ms=now_ms(),
+            memory_bytes=config.memory_bytes or _physical_memory_bytes(),
+            accelerator_memory_bytes=config.accelerator_memory_bytes,
+            storage_bytes=config.storage_budget_bytes,
+            device_kind=config.device_kind,
+        )
+
+    def _membership_view(self, state: ClusterState) -> tuple[int, str] | None:
+        member = state.members.get(self.node_id)
+        return (member.incarnation, member.status) if member else None
+
+    async def _keep_registered(self) -> None:
+        """Announce this peer, and refute a failure verdict by rejoining with a higher incarnation."""
+        assert self.raft is not None
+        backoff_s = 0.05
+        warned_no_leader_at = time.monotonic()
+        while not self._stopping:
+            view = self.raft.read(self._membership_view)
+            needs_join = view is None or view[0] < self.incarnation or view[1] in (FAILED, LEFT)
+            if view is not None and view[1] in (FAILED, LEFT) and view[0] >= self.incarnation:
+                self.incarnation = view[0] + 1
+                self._write_incarnation(self.incarnation)
+                log.warning("refuting_failure", status=view[1], incarnation=self.incarnation)
+            if not needs_join:
+                self._registered.set()
+                self._state_changed.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._state_changed.wait(), 1.0)
+                continue
+            status = self.raft.status()
+            if status.leader_address is None:
+                if time.monotonic() - warned_no_leader_at > 10:
+                    log.warning(
+                        "raft_no_leader",
+                        hint="check --peers / --join and that every peer has the same cluster secret",
+                        partners=status.partners,
+                    )
+                    warned_no_leader_at = time.monotonic()
+                await asyncio.sleep(backoff_s)
+                continue
+            try:
+                outcome = await self.propose(self._join_command())
+                if not outcome.accepted:
+                    log.error("join_rejected", reason=outcome.reason)
+                    await asyncio.sleep(1.0)
+                backoff_s = 0.05
+            except ConsensusError as error:
+                log.info("join_retry", error=str(error))
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 1.0)
+
+    async def _refresh_metrics(self) -> None:
+        assert self.raft is not None
+        while not self._stopping:
+            status = self.raft.status()
+            self.metrics.raft_term.set(status.term)
+            self.metrics.raft_commit_index.set(status.commit_index)
+            self.metrics.raft_is_leader.set(1 if status.is_leader else 0)
+            self.metrics.raft_has_quorum.set(1 if status.has_quorum else 0)
+            counts = self.raft.read(_count_members)
+            for member_status in ("alive", "suspected", "failed", "left"):
+                self.metrics.members.labels(status=member_status).set(counts.get(member_status, 0))
+            self.metrics.epoch.set(self.raft.read(lambda s: s.epoch))
+            await asyncio.sleep(1.0)
+
+    def _on_commit(self, command: c.Command | None, outcome: Outcome) -> None:
+        name = type(command).__name__ if command is not None else "malformed"
+        self.metrics.commands_applied.labels(command=name, outcome="accepted" if outcome.accepted else "rejected").inc()
+        if isinstance(command, (c.Join, c.Leave, c.Suspect)):
+            self._state_changed.set()
+        for hook in list(self._commit_hooks):
+            hook(command, outcome)
+        signal_, self._commit_signal = self._commit_signal, asyncio.Event()
+        signal_.set()
+
+    async def wait_for_commit(self, timeout_s: float) -> bool:
+        """Wait until the next command is applied, or the timeout. True when one was."""
+        try:
+            await asyncio.wait_for(self._commit_signal.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def _on_leader_change(self, status: RaftStatus) -> None:
+        self.metrics.leader_changes.inc()
+        leader = self.node_id_of(status.leader_address)
+        log.info("raft_leader_changed", leader=leader, leader_address=status.leader_address, term=status.term)
+
+    def add_commit_hook(self, hook: Callable[[c.Command | None, Outcome], None]) -> None:
+        self._commit_hooks.append(hook)
+
+    # ------------------------------------------------------------------ queries and proposals
+
+    async def propose(self, command: c.Command, timeout_s: float | None = None) -> Outcome:
+        assert self.raft is not None
+        name = type(command).__name__
+        started = time.perf_counter()
+        try:
+            outcome = await self.raft.propose(command, timeout_s=timeout_s or self.profile.proposal_timeout_s)
+        except ConsensusError as error:
+            self.metrics.proposal_failures.labels(command=name, error=type(error).__name__).inc()
+            raise
+        self.metrics.proposal_seconds.labels(command=name).observe(time.perf_counter() - started)
+        return outcome
+
+    def node_id_of(self, raft_address: str | None) -> str | None:
+        if raft_address is None or self.raft is None:
+            return None
+        if raft_address == self.config.raft:
+            return self.node_id
+        return self.raft.read(
+            lambda s: next((m.node_id for m in s.members.values() if m.raft_address == raft_address), None)
+        )
+
+    def is_ready(self) -> tuple[bool, str]:
+        if self.raft is None:
+            return False, "starting"
+        if self._stopping:
+            return False, "leaving"
+        status = self.raft.status()
+        if status.leader_address is None:
+            return False, "no Raft leader known"
+        view = self.raft.read(self._membership_view)
+        if view is None or view[1] not in (ALIVE, "suspected"):
+            return False, "not yet registered in the cluster state"
+        return True, "ready"
+
+    def snapshot(self, events_max: int = 0) -> dict[str, Any]:
+        assert self.raft is not None
+        status = self.raft.status()
+        data = self.raft.read(lambda s: s.to_dict(events_max=events_max))
+        leader = None
+        if status.leader_address is not None:
+            leader = next(
+                (m["node_id"] for m in data["members"] if m["raft_address"] == status.leader_address),
+                self.node_id if status.leader_address == self.config.raft else None,
+            )
+        data.pop("settings", None)
+        if not events_max:
+            data.pop("events", None)
+        return {
+            "node_id": self.node_id,
+            "leader": leader,
+            "leader_address": status.leader_address,
+            "term": status.term,
+            "commit_index": status.commit_index,
+            "last_applied": status.last_applied,
+            "has_quorum": status.has_quorum,
+            **data,
+        }
+
+    # ------------------------------------------------------------------ stop
+
+    async def leave(self, timeout_s: float = 5.0) -> None:
+        """Leave the cluster on purpose: record it, hand over leadership, leave Raft, stop."""
+        if self._stopping:
+            return
+        self._stopping = True
+        deadline = time.monotonic() + timeout_s
+        raft = self.raft
+        if raft is not None and raft.status().leader_address is not None:
+            try:
+                await raft.propose(c.Leave(self.node_id, now_ms()), timeout_s=max(0.1, deadline - time.monotonic()))
+                if raft.status().is_leader:
+                    with contextlib.suppress(ConsensusError, asyncio.TimeoutError):
+                        await raft.transfer_leadership(timeout_s=max(0.1, deadline - time.monotonic()))
+                    while raft.status().is_leader and time.monotonic() < deadline:
+                        await asyncio.sleep(0.02)
+                if not raft.status().is_leader:
+                    await raft.remove_member(self.config.raft, timeout_s=max(0.1, deadline - time.monotonic()))
+                log.info("peer_left")
+            except (ConsensusError, asyncio.TimeoutError) as error:
+                log.warning("leave_incomplete", error=str(error) or type(error).__name__)
+        await self.close()
+
+    async def close(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self.raft is not None:
+            self.raft.close()
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+
+def _count_members(state: ClusterState) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for member in state.members.values():
+        counts[member.status] = counts.get(member.status, 0) + 1
+    return counts
+
+
+def _physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+async def run_peer(config: PeerConfig) -> None:
+    """Run a peer until SIGTERM or SIGINT, then leave the cluster cleanly."""
+    peer = Peer(config)
+    await peer.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
+    waiter = asyncio.create_task(stop.wait())
+    closed = asyncio.create_task(peer.wait_closed())
+    await asyncio.wait({waiter, closed}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        log.info("peer_stopping", signal="SIGTERM")
+        await peer.leave()
+    waiter.cancel()
+    closed.cancel()

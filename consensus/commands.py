@@ -1,0 +1,257 @@
+"""The commands that change the cluster state, and their wire encoding.
+
+Every change to the replicated state is one of these frozen records, proposed through Raft
+and applied in the same order on every peer. Commands carry their own timestamp (`at_ms`,
+the proposer's wall clock) because the state machine may not read a clock: replaying the
+journal must give the same state. They are encoded with orjson, not pickle, so that the
+replicated log holds plain data that any version of the code can read and reject cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Union
+
+import orjson
+
+from redge.consensus.errors import MalformedCommand
+
+PRIORITIES = ("critical", "standard", "best-effort")
+BACKUP_POLICIES = ("warm", "cold", "none", "auto")
+ROLES = ("primary", "warm", "cold")
+REPORT_KINDS = ("load_started", "load_done", "serving", "load_failed", "unloaded", "degraded", "recovered")
+
+
+@dataclass(frozen=True)
+class Join:
+    """A peer announces itself: first start, restart (higher incarnation) or address change."""
+
+    node_id: str
+    http_address: str
+    raft_address: str
+    heartbeat_address: str
+    incarnation: int
+    at_ms: int
+    memory_bytes: int = 0
+    accelerator_memory_bytes: int = 0
+    storage_bytes: int = 0
+    device_kind: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Leave:
+    """A peer leaves the cluster on purpose (SIGTERM); it is not a failure."""
+
+    node_id: str
+    at_ms: int
+
+
+@dataclass(frozen=True)
+class Suspect:
+    """One observer believes `target_id` is down (or, with reason `degraded`, too slow)."""
+
+    observer_id: str
+    target_id: str
+    target_incarnation: int
+    reason: str
+    at_ms: int
+
+
+@dataclass(frozen=True)
+class Unsuspect:
+    """An observer withdraws its suspicion: heartbeats are arriving again."""
+
+    observer_id: str
+    target_id: str
+    at_ms: int
+
+
+@dataclass(frozen=True)
+class RegisterApp:
+    """Register or update an app. Variants name artifacts, largest first."""
+
+    name: str
+    variants: tuple[str, ...]
+    priority: str
+    slo_ms: float
+    backup: str
+    at_ms: int
+    request_rate_per_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class RemoveApp:
+    name: str
+    at_ms: int
+
+
+@dataclass(frozen=True)
+class Replica:
+    node_id: str
+    variant: str
+    role: str
+
+
+@dataclass(frozen=True)
+class AppPlacement:
+    app: str
+    replicas: tuple[Replica, ...]
+
+
+@dataclass(frozen=True)
+class CommitPlan:
+    """The leader's decision. `epoch` must be the current epoch plus one, so a plan computed
+    from stale state (by an old leader, or before another plan landed) is refused."""
+
+    epoch: int
+    placements: tuple[AppPlacement, ...]
+    proposer_id: str
+    reason: str
+    at_ms: int
+
+
+@dataclass(frozen=True)
+class Report:
+    """A peer reports what its reconciler did (load_started, load_done, serving, ...)."""
+
+    node_id: str
+    kind: str
+    at_ms: int
+    app: str = ""
+    variant: str = ""
+    epoch: int = 0
+    detail: str = ""
+    duration_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A no-op that still goes through the log: used to measure commits and check liveness."""
+
+    proposer_id: str
+    token: str
+    at_ms: int
+
+
+Command = Union[Join, Leave, Suspect, Unsuspect, RegisterApp, RemoveApp, CommitPlan, Report, Probe]
+
+COMMAND_TYPES: dict[str, type] = {
+    "join": Join,
+    "leave": Leave,
+    "suspect": Suspect,
+    "unsuspect": Unsuspect,
+    "register_app": RegisterApp,
+    "remove_app": RemoveApp,
+    "commit_plan": CommitPlan,
+    "report": Report,
+    "probe": Probe,
+}
+TYPE_NAMES: dict[type, str] = {cls: name for name, cls in COMMAND_TYPES.items()}
+
+MAX_COMMAND_BYTES = 1 << 20
+
+
+def encode(command: Command) -> bytes:
+    payload = dataclasses.asdict(command)
+    payload["type"] = TYPE_NAMES[type(command)]
+    return orjson.dumps(payload)
+
+
+def decode(data: bytes) -> Command:
+    """Decode and type-check a command. Raises MalformedCommand, never anything else."""
+    if not isinstance(data, (bytes, bytearray)) or len(data) > MAX_COMMAND_BYTES:
+        raise MalformedCommand("command must be bytes of at most 1 MiB")
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError as error:
+        raise MalformedCommand(f"not JSON: {error}") from None
+    if not isinstance(payload, dict):
+        raise MalformedCommand("command must be a JSON object")
+    type_name = payload.pop("type", None)
+    cls = COMMAND_TYPES.get(type_name) if isinstance(type_name, str) else None
+    if cls is None:
+        raise MalformedCommand(f"unknown command type {type_name!r}")
+    return _build(cls, payload, type_name)
+
+
+def _build(cls: type, payload: Any, where: str) -> Any:
+    if not isinstance(payload, dict):
+        raise MalformedCommand(f"{where}: expected an object")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(payload) - set(known)
+    if unknown:
+        raise MalformedCommand(f"{where}: unknown fields {sorted(unknown)}")
+    values = {}
+    for name, spec in known.items():
+        if name not in payload:
+            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+                raise MalformedCommand(f"{where}: missing field {name!r}")
+            continue
+        values[name] = _convert(hints[name], payload[name], f"{where}.{name}")
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is tuple:
+        item_hint = typing.get_args(hint)[0]
+        if not isinstance(value, list):
+            raise MalformedCommand(f"{where}: expected a list")
+        return tuple(_convert(item_hint, item, f"{where}[{index}]") for index, item in enumerate(value))
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _convert(option, value, where)
+            except MalformedCommand:
+                continue
+        raise MalformedCommand(f"{where}: no alternative matched")
+    if hint is type(None):
+        if value is not None:
+            raise MalformedCommand(f"{where}: expected null")
+        return None
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MalformedCommand(f"{where}: expected a number")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MalformedCommand(f"{where}: expected an integer")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise MalformedCommand(f"{where}: expected a string")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise MalformedCommand(f"{where}: expected a boolean")
+        return value
+    raise MalformedCommand(f"{where}: unsupported type {hint!r}")
+
+
+__all__ = [
+    "AppPlacement",
+    "BACKUP_POLICIES",
+    "COMMAND_TYPES",
+    "Command",
+    "CommitPlan",
+    "Join",
+    "Leave",
+    "PRIORITIES",
+    "Probe",
+    "REPORT_KINDS",
+    "ROLES",
+    "RegisterApp",
+    "RemoveApp",
+    "Replica",
+    "Report",
+    "Suspect",
+    "Unsuspect",
+    "decode",
+    "encode",
+]

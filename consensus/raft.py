@@ -1,0 +1,321 @@
+"""The one adapter between asyncio and pysyncobj: the only module that imports pysyncobj.
+
+pysyncobj runs Raft on its own tick thread and applies committed entries there. This module
+keeps that thread free: the replicated entry point decodes and applies a command to the pure
+`ClusterState` under a short lock, and hands results to the event loop with
+`call_soon_threadsafe`, never waiting on it. asyncio code awaits `propose()` with a deadline.
+Commits are sent at once rather than batched (pysyncobj's batching costs ~100 ms a commit),
+election timeouts come from the profile, the journal and state dumps live in the data
+directory so a restarted peer gets its state back, and the cluster secret always encrypts
+Raft traffic: pysyncobj speaks pickle, so an open Raft port would run anyone's code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+
+from redge.consensus import commands
+from redge.consensus.errors import (
+    MalformedCommand,
+    MembershipChangeRefused,
+    NoLeader,
+    NoQuorum,
+    NotLeader,
+    ProposalTimeout,
+)
+from redge.consensus.state import ClusterState, Outcome, Settings
+
+T = TypeVar("T")
+
+CommitListener = Callable[[commands.Command | None, Outcome], None]
+LeaderListener = Callable[["RaftStatus"], None]
+
+
+@dataclass(frozen=True)
+class RaftTiming:
+    """Raft timing for a kind of network. Must satisfy pysyncobj's own rules:
+    election_timeout_min_s > 3 * append_entries_period_s and the max above the min."""
+
+    election_timeout_min_s: float
+    election_timeout_max_s: float
+    append_entries_period_s: float
+    tick_period_s: float = 0.005
+    connection_retry_s: float = 0.1
+    connection_timeout_s: float | None = None  # defaults to the election timeout max
+
+    def to_conf_kwargs(self) -> dict[str, Any]:
+        return {
+            "raftMinTimeout": self.election_timeout_min_s,
+            "raftMaxTimeout": self.election_timeout_max_s,
+            "appendEntriesPeriod": self.append_entries_period_s,
+            "autoTickPeriod": self.tick_period_s,
+            "connectionRetryTime": self.connection_retry_s,
+            "connectionTimeout": self.connection_timeout_s or self.election_timeout_max_s,
+            "leaderFallbackTimeout": self.election_timeout_max_s,
+        }
+
+
+@dataclass(frozen=True)
+class RaftStatus:
+    self_address: str
+    leader_address: str | None
+    term: int
+    commit_index: int
+    last_applied: int
+    is_leader: bool
+    has_quorum: bool
+    partners: dict[str, bool]  # raft address -> connected
+
+
+class _StateMachine(SyncObjConsumer):
+    """Holds the ClusterState inside pysyncobj. Runs on pysyncobj's tick thread."""
+
+    def __init__(self, settings: Settings, on_applied: Callable[[commands.Command | None, Outcome], None]) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.on_applied = on_applied
+        self.state = ClusterState(settings=settings)
+
+    @replicated
+    def apply_command(self, data: bytes) -> dict[str, Any]:
+        # Never raise here: pysyncobj would retry the entry forever.
+        try:
+            command = commands.decode(data)
+        except MalformedCommand as error:
+            command = None
+            with self.lock:
+                outcome = self.state._reject("malformed", 0, str(error))
+        else:
+            with self.lock:
+                outcome = self.state.apply(command)
+        try:
+            self.on_applied(command, outcome)
+        except Exception:  # a listener bug must not stop the log
+            pass
+        return {"accepted": outcome.accepted, "reason": outcome.reason, "duplicate": outcome.duplicate}
+
+    # pysyncobj dumps consumers with pickle; keep what it pickles plain bytes we control.
+    def _serialize(self) -> dict[str, bytes]:
+        with self.lock:
+            return {"state": self.state.to_bytes()}
+
+    def _deserialize(self, data: dict[str, bytes]) -> None:
+        with self.lock:
+            self.state = ClusterState.from_bytes(data["state"])
+
+
+class _SyncObj(SyncObj):
+    pass
+
+
+_FAIL_ERRORS = {
+    FAIL_REASON.QUEUE_FULL: lambda: NoQuorum("the proposal queue is full"),
+    FAIL_REASON.MISSING_LEADER: lambda: NoLeader("no Raft leader is known"),
+    FAIL_REASON.DISCARDED: lambda: NoQuorum("the entry was discarded by a new leader; retry"),
+    FAIL_REASON.NOT_LEADER: lambda: NotLeader("the node that took the proposal is no longer leader"),
+    FAIL_REASON.LEADER_CHANGED: lambda: NoLeader("the leader changed while proposing"),
+    FAIL_REASON.REQUEST_DENIED: lambda: MembershipChangeRefused("Raft denied the request"),
+}
+
+
+def check_bindable(address: str) -> None:
+    """Fail early with a clear message when the Raft address is taken or unresolvable."""
+    host, port = split_address(address)
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+    except OSError as error:
+        raise OSError(f"cannot bind the Raft address {address}: {error.strerror or error}") from None
+    finally:
+        probe.close()
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, separator, port = address.rpartition(":")
+    if not separator or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address {address!r} is not HOST:PORT")
+    return host, int(port)
+
+
+class RaftNode:
+    """One member of the Raft group, seen from asyncio."""
+
+    def __init__(
+        self,
+        *,
+        self_address: str,
+        partner_addresses: list[str],
+        secret: str,
+        timing: RaftTiming,
+        data_dir: Path | None,
+        settings: Settings | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        assert secret, "Raft traffic is always encrypted: a secret is required"
+        self.self_address = self_address
+        self._loop = loop or asyncio.get_running_loop()
+        self._commit_listeners: list[CommitListener] = []
+        self._leader_listeners: list[LeaderListener] = []
+        self._machine = _StateMachine(settings or Settings(), self._on_applied_thread)
+        self._last_leader: tuple[str | None, int] | None = None
+        # Calls into pysyncobj internals that are not thread-safe run on its tick thread.
+        self._tick_calls: deque[Callable[[], None]] = deque()
+        self._closed = False
+        journal = dump = None
+        if data_dir is not None:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            journal = str(data_dir / "raft.journal")
+            dump = str(data_dir / "raft.dump")
+        check_bindable(self_address)
+        conf = SyncObjConf(
+            password=secret,
+            appendEntriesUseBatch=False,
+            dynamicMembershipChange=True,
+            journalFile=journal,
+            fullDumpFile=dump,
+            useFork=False,
+            maxBindRetries=1,
+            logCompactionMinEntries=5000,
+            logCompactionMinTime=300,
+            **timing.to_conf_kwargs(),
+        )
+        partners = [a for a in partner_addresses if a != self_address]
+        self._sync = _SyncObj(self_address, partners, conf=conf, consumers=[self._machine])
+        self._sync.waitBinded()
+        self._sync.addOnTickCallback(self._on_tick_thread)
+
+    # ------------------------------------------------------------------ tick thread side
+
+    def _on_applied_thread(self, command: commands.Command | None, outcome: Outcome) -> None:
+        if self._commit_listeners and not self._closed:
+            self._loop.call_soon_threadsafe(self._deliver_commit, command, outcome)
+
+    def _on_tick_thread(self) -> None:
+        while self._tick_calls:
+            self._tick_calls.popleft()()
+        leader = self._sync._getLeader()
+        key = (leader.address if leader is not None else None, self._sync.raftCurrentTerm)
+        if key != self._last_leader and not self._closed:
+            self._last_leader = key
+            try:
+                self._loop.call_soon_threadsafe(self._deliver_leader)
+            except RuntimeError:  # loop closed during shutdown
+                pass
+
+    # ------------------------------------------------------------------ loop side
+
+    def _deliver_commit(self, command: commands.Command | None, outcome: Outcome) -> None:
+        for listener in list(self._commit_listeners):
+            listener(command, outcome)
+
+    def _deliver_leader(self) -> None:
+        status = self.status()
+        for listener in list(self._leader_listeners):
+            listener(status)
+
+    def on_commit(self, listener: CommitListener) -> None:
+        """Call `listener(command, outcome)` on the event loop after each applied entry."""
+        self._commit_listeners.append(listener)
+
+    def on_leader_change(self, listener: LeaderListener) -> None:
+        self._leader_listeners.append(listener)
+
+    async def propose(self, command: commands.Command, *, timeout_s: float) -> Outcome:
+        """Commit `command` and return the state machine's outcome.
+
+        Raises ProposalTimeout when the deadline passes (the command may still commit),
+        NoLeader / NoQuorum / NotLeader when pysyncobj reports a failure.
+        """
+        data = commands.encode(command)
+        future: asyncio.Future[Outcome] = self._loop.create_future()
+
+        def settle(result: Any, error: int) -> None:  # tick thread
+            self._loop.call_soon_threadsafe(_settle_future, future, result, error)
+
+        self._machine.apply_command(data, callback=settle)
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except asyncio.TimeoutError:
+            raise ProposalTimeout(
+                f"no commit within {timeout_s * 1000:.0f} ms for {type(command).__name__}; the outcome is unknown"
+            ) from None
+
+    async def _membership(self, operation: Callable[..., None], address: str, timeout_s: float) -> None:
+        future: asyncio.Future[Outcome] = self._loop.create_future()
+
+        def settle(result: Any, error: int) -> None:
+            self._loop.call_soon_threadsafe(_settle_future, future, {"accepted": True}, error)
+
+        operation(address, callback=settle)
+        try:
+            await asyncio.wait_for(future, timeout_s)
+        except asyncio.TimeoutError:
+            raise ProposalTimeout(f"membership change for {address} not committed in {timeout_s}s") from None
+
+    async def add_member(self, address: str, *, timeout_s: float) -> None:
+        """Add a Raft member (one change at a time; Raft refuses a second while one is open)."""
+        split_address(address)
+        await self._membership(self._sync.addNodeToCluster, address, timeout_s)
+
+    async def remove_member(self, address: str, *, timeout_s: float) -> None:
+        await self._membership(self._sync.removeNodeFromCluster, address, timeout_s)
+
+    async def transfer_leadership(self, *, timeout_s: float) -> None:
+        future: asyncio.Future[Outcome] = self._loop.create_future()
+
+        def settle(result: Any, error: int) -> None:
+            self._loop.call_soon_threadsafe(_settle_future, future, {"accepted": True}, error)
+
+        self._tick_calls.append(lambda: self._sync.transferLeadership(callback=settle))
+        await asyncio.wait_for(future, timeout_s)
+
+    def read(self, reader: Callable[[ClusterState], T]) -> T:
+        """Run `reader` on the current state under the apply lock. Keep it short."""
+        with self._machine.lock:
+            return reader(self._machine.state)
+
+    def status(self) -> RaftStatus:
+        leader = self._sync._getLeader()
+        partners = {}
+        for node in self._sync.otherNodes:
+            partners[node.address] = self._sync.isNodeConnected(node)
+        return RaftStatus(
+            self_address=self.self_address,
+            leader_address=leader.address if leader is not None else None,
+            term=self._sync.raftCurrentTerm,
+            commit_index=self._sync.raftCommitIndex,
+            last_applied=self._sync.raftLastApplied,
+            is_leader=self._sync._isLeader(),
+            has_quorum=self._sync.hasQuorum,
+            partners=partners,
+        )
+
+    def close(self) -> None:
+        """Stop Raft and wait for the tick thread, which flushes and closes the journal."""
+        if self._closed:
+            return
+        self._closed = True
+        self._sync.destroy_synchronous()
+
+
+def _settle_future(future: asyncio.Future[Outcome], result: Any, error: int) -> None:
+    if future.done():
+        return
+    if error == FAIL_REASON.SUCCESS:
+        if isinstance(result, dict):
+            future.set_result(Outcome(result.get("accepted", False), result.get("reason", ""), result.get("duplicate", False)))
+        else:
+            future.set_result(Outcome(True))
+        return
+    make_error = _FAIL_ERRORS.get(error, lambda: NoQuorum(f"pysyncobj failure {error}"))
+    future.set_exception(make_error())
