@@ -1,0 +1,771 @@
+"""Failure detection arithmetic: phi accrual per node, verdicts as values.
+
+Every peer watches a few others through their heartbeats. This module turns
+heartbeat arrivals (and the kernel's "port unreachable") into one observer's
+opinions: `Suspect`, `Recover`, `Restarted`, and, for nodes that answer but
+serve too slowly, `Degraded` / `Restored`. The shell proposes those into Raft,
+where opinions from several observers become a confirmed failure. One
+observer's verdict is never a confirmation: this module can afford to be
+quick because the cluster asks for more than one witness.
+
+Why phi accrual (Hayashibara et al., as in Akka and Cassandra): instead of
+a fixed timeout it keeps the recent distribution of inter-arrival times and
+says how unlikely the current silence is, phi = -log10(P(a heartbeat arrives
+later than this)). A fixed threshold on phi adapts to each link: a jittery
+WiFi link earns a wider margin than a quiet Ethernet one. Two knobs keep it
+honest on real networks (from Akka): a floor on the standard deviation, so a
+perfectly regular link does not make the detector hair-triggered, and an
+acceptable pause added to the mean, for the occasional GC or scheduling stall.
+
+The core is sans-IO (STYLE.md): no asyncio, time, random or socket; every
+method takes `now_ms` and returns values. The same code runs under the
+asyncio shell (`agent/heartbeat.py`) and in the seeded simulation
+(`chaos/simnet.py`).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import hashlib
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+# ---------------------------------------------------------------------------
+# phi arithmetic
+
+# Logistic approximation of the normal CDF used by Akka's PhiAccrualFailureDetector
+# (error below 0.0002 against the exact CDF); it is cheap and invertible.
+_LOGISTIC_LINEAR = 1.5976
+_LOGISTIC_CUBIC = 0.070566
+_LN_10 = math.log(10.0)
+
+
+def _logistic_exponent(y: float) -> float:
+    return y * (_LOGISTIC_LINEAR + _LOGISTIC_CUBIC * y * y)
+
+
+def phi(elapsed_ms: float, mean_ms: float, std_deviation_ms: float) -> float:
+    """-log10 of the probability that a heartbeat comes later than `elapsed_ms`.
+
+    With P(later) = 1 / (1 + e^z) (Akka's logistic approximation), phi is
+    log10(1 + e^z), computed as a stable softplus so a long silence gives a
+    large finite phi instead of an overflow or log(0).
+    """
+    assert std_deviation_ms > 0.0, "std deviation must be positive"
+    y = (elapsed_ms - mean_ms) / std_deviation_ms
+    z = _logistic_exponent(y)
+    if z > 0.0:
+        softplus = z + math.log1p(math.exp(-z))
+    else:
+        softplus = math.log1p(math.exp(z))
+    return softplus / _LN_10
+
+
+@functools.lru_cache(maxsize=64)
+def threshold_deviations(phi_threshold: float) -> float:
+    """How many standard deviations past the mean phi reaches `phi_threshold`.
+
+    Inverts phi: log10(1 + e^z) = threshold, then z(y) = y (a + b y^2) by
+    bisection (z is strictly increasing in y). Lets the shell sleep until the
+    exact instant a silent node would be suspected instead of polling.
+    """
+    assert phi_threshold > 0.0
+    z_target = math.log(math.expm1(phi_threshold * _LN_10))
+    low, high = -100.0, 100.0
+    for _ in range(200):
+        middle = (low + high) / 2.0
+        if _logistic_exponent(middle) < z_target:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+def suspicion_elapsed_ms(phi_threshold: float, mean_ms: float, std_deviation_ms: float) -> float:
+    """Silence after which phi(elapsed, mean, std) reaches the threshold."""
+    return mean_ms + threshold_deviations(phi_threshold) * std_deviation_ms
+
+
+# ---------------------------------------------------------------------------
+# settings and profiles
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorSettings:
+    """Timings of one kind of network (DESIGN.md: profiles).
+
+    The silence that triggers a suspicion on a regular link is about
+    `mean + acceptable_heartbeat_pause_ms + k * max(std, min_std_deviation_ms)`
+    where k (~5.2 for phi 8) comes from `threshold_deviations`.
+    """
+
+    name: str
+    heartbeat_interval_ms: float
+    phi_threshold: float
+    window_size: int
+    min_std_deviation_ms: float
+    acceptable_heartbeat_pause_ms: float
+    first_heartbeat_estimate_ms: float
+    # A watched node never heard from is suspected only after this much more
+    # silence: it may still be starting, or may not yet know it should send to us.
+    first_heartbeat_grace_ms: float
+    # Accepted heartbeats needed to clear a suspicion: one stray packet sent
+    # before a crash must not undo an "unreachable" suspicion.
+    recovery_heartbeat_count: int
+    # A gap in the observer's own schedule above this is its own stall
+    # (GC, CPU starvation, SIGSTOP): the shell reports it and the silence it
+    # caused is not held against the watched nodes.
+    self_pause_threshold_ms: float
+    # Upper bound on the shell's sleep between detector checks.
+    max_check_interval_ms: float
+
+    def __post_init__(self) -> None:
+        if not self.heartbeat_interval_ms > 0:
+            raise ValueError("heartbeat_interval_ms must be positive")
+        if not self.phi_threshold > 0:
+            raise ValueError("phi_threshold must be positive")
+        if not 2 <= self.window_size <= 100_000:
+            raise ValueError("window_size must be in [2, 100000]")
+        if not self.min_std_deviation_ms > 0:
+            raise ValueError("min_std_deviation_ms must be positive")
+        if self.acceptable_heartbeat_pause_ms < 0:
+            raise ValueError("acceptable_heartbeat_pause_ms must not be negative")
+        if not self.first_heartbeat_estimate_ms > 0:
+            raise ValueError("first_heartbeat_estimate_ms must be positive")
+        if self.first_heartbeat_grace_ms < 0:
+            raise ValueError("first_heartbeat_grace_ms must not be negative")
+        if not 1 <= self.recovery_heartbeat_count <= 1000:
+            raise ValueError("recovery_heartbeat_count must be in [1, 1000]")
+        if not self.self_pause_threshold_ms > 0:
+            raise ValueError("self_pause_threshold_ms must be positive")
+        if not self.max_check_interval_ms > 0:
+            raise ValueError("max_check_interval_ms must be positive")
+
+    @property
+    def nominal_suspicion_ms(self) -> float:
+        """Silence (since the last heartbeat) that is suspected on a steady, loss-free link."""
+        return suspicion_elapsed_ms(
+            self.phi_threshold,
+            self.heartbeat_interval_ms + self.acceptable_heartbeat_pause_ms,
+            self.min_std_deviation_ms,
+        )
+
+
+# Servers on switched Ethernet: sub-millisecond RTT, no loss. Suspects about
+# 96 ms after the last heartbeat; a SIGKILL'd peer is usually caught sooner
+# through ECONNREFUSED on the next heartbeat (<= one interval).
+ENTERPRISE = DetectorSettings(
+    name="enterprise",
+    heartbeat_interval_ms=20.0,
+    phi_threshold=8.0,
+    window_size=200,
+    min_std_deviation_ms=5.0,
+    acceptable_heartbeat_pause_ms=50.0,
+    first_heartbeat_estimate_ms=20.0,
+    first_heartbeat_grace_ms=1_000.0,
+    recovery_heartbeat_count=2,
+    self_pause_threshold_ms=40.0,
+    max_check_interval_ms=20.0,
+)
+
+# Boards on WiFi: 5-50 ms RTT, 1-5 % loss. Suspects after ~400 ms of silence:
+# about seven heartbeats lost in a row, which at 5 % independent loss happens
+# once in ~10^9 heartbeats, and it tolerates sender stalls up to ~250 ms.
+IOBT = DetectorSettings(
+    name="iobt",
+    heartbeat_interval_ms=50.0,
+    phi_threshold=8.0,
+    window_size=200,
+    min_std_deviation_ms=20.0,
+    acceptable_heartbeat_pause_ms=250.0,
+    first_heartbeat_estimate_ms=50.0,
+    first_heartbeat_grace_ms=2_000.0,
+    recovery_heartbeat_count=2,
+    self_pause_threshold_ms=100.0,
+    max_check_interval_ms=50.0,
+)
+
+PROFILES: dict[str, DetectorSettings] = {ENTERPRISE.name: ENTERPRISE, IOBT.name: IOBT}
+
+
+def profile(name: str) -> DetectorSettings:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; known: {sorted(PROFILES)}") from None
+
+
+# ---------------------------------------------------------------------------
+# verdicts
+
+
+class SuspectReason(enum.StrEnum):
+    PHI = "phi"  # heartbeats stopped: phi crossed the threshold
+    UNREACHABLE = "unreachable"  # the kernel answered port unreachable (ECONNREFUSED)
+    SILENT = "silent"  # watched but never heard from, past the first-heartbeat grace
+
+
+class DegradedReason(enum.StrEnum):
+    SLOW = "slow"  # inference latency above factor x SLO over the window
+    TIMEOUTS = "timeouts"  # heartbeats arrive but requests time out
+
+
+@dataclass(frozen=True, slots=True)
+class Suspect:
+    node_id: str
+    incarnation: int
+    reason: SuspectReason
+    phi: float
+    at_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Recover:
+    node_id: str
+    incarnation: int
+    at_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Restarted:
+    """The node came back with a higher incarnation: its previous life is over
+    (and so is whatever it had loaded), whether or not anyone suspected it."""
+
+    node_id: str
+    previous_incarnation: int
+    incarnation: int
+    at_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Degraded:
+    node_id: str
+    reason: DegradedReason
+    # median latency / SLO over the window for SLOW; timeouts in the window for TIMEOUTS
+    measure: float
+    at_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    node_id: str
+    at_ms: float
+
+
+Verdict = Suspect | Recover | Restarted | Degraded | Restored
+
+
+# ---------------------------------------------------------------------------
+# one watched node
+
+
+class IntervalHistory:
+    """A bounded window of inter-arrival times with O(1) mean and variance."""
+
+    __slots__ = ("_capacity", "_samples", "_sum_ms", "_sum_squares", "_since_recompute")
+
+    def __init__(self, capacity: int) -> None:
+        assert capacity >= 2
+        self._capacity = capacity
+        self._samples: deque[float] = deque()
+        self._sum_ms = 0.0
+        self._sum_squares = 0.0
+        self._since_recompute = 0
+
+    def add(self, interval_ms: float) -> None:
+        assert interval_ms >= 0.0
+        if len(self._samples) == self._capacity:
+            oldest = self._samples.popleft()
+            self._sum_ms -= oldest
+            self._sum_squares -= oldest * oldest
+        self._samples.append(interval_ms)
+        self._sum_ms += interval_ms
+        self._sum_squares += interval_ms * interval_ms
+        self._since_recompute += 1
+        # Running sums drift with floating-point cancellation; recompute
+        # exactly once per window so the drift stays bounded.
+        if self._since_recompute >= self._capacity:
+            self._sum_ms = math.fsum(self._samples)
+            self._sum_squares = math.fsum(s * s for s in self._samples)
+            self._since_recompute = 0
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    @property
+    def mean_ms(self) -> float:
+        assert self._samples
+        return self._sum_ms / len(self._samples)
+
+    @property
+    def std_deviation_ms(self) -> float:
+        assert self._samples
+        mean = self.mean_ms
+        variance = self._sum_squares / len(self._samples) - mean * mean
+        return math.sqrt(max(variance, 0.0))
+
+
+class HeartbeatOutcome(enum.StrEnum):
+    ACCEPTED = "accepted"
+    RESTARTED = "restarted"  # accepted, with a higher incarnation
+    DUPLICATE = "duplicate"  # sequence not above the last accepted one: duplicate or reordered
+    STALE = "stale"  # lower incarnation: a packet from a previous life
+
+
+@dataclass(frozen=True, slots=True)
+class NodeHealth:
+    """One watched node as this observer sees it, for metrics and `redge status`."""
+
+    node_id: str
+    incarnation: int
+    phi: float
+    suspected: SuspectReason | None
+    suspected_at_ms: float | None
+    last_heard_ms: float | None
+    heartbeats_accepted: int
+    heartbeats_lost: int
+    heartbeats_duplicate: int
+    heartbeats_stale: int
+    restarts: int
+    interval_mean_ms: float
+    interval_std_deviation_ms: float
+
+
+class NodeDetector:
+    """Phi accrual over one node's heartbeats, with incarnation and sequence rules.
+
+    The reference instant for silence is the last accepted arrival; before the
+    first one it is the moment watching began plus the first-heartbeat grace.
+    """
+
+    def __init__(self, node_id: str, incarnation: int, settings: DetectorSettings, now_ms: float):
+        self.node_id = node_id
+        self.settings = settings
+        self.incarnation = incarnation
+        self.last_sequence: int | None = None
+        self.last_arrival_ms: float | None = None
+        self.watch_started_ms = now_ms
+        self.history = IntervalHistory(settings.window_size)
+        self._skip_next_interval = False
+        self.suspected: SuspectReason | None = None
+        self.suspected_at_ms: float | None = None
+        self.heartbeats_since_suspicion = 0
+        self.heartbeats_accepted = 0
+        self.heartbeats_lost = 0
+        self.heartbeats_duplicate = 0
+        self.heartbeats_stale = 0
+        self.restarts = 0
+
+    def _bootstrap(self) -> None:
+        # Akka's first-heartbeat bootstrap: pretend two intervals around the
+        # expected one were seen, so phi is meaningful from the second heartbeat.
+        estimate = self.settings.first_heartbeat_estimate_ms
+        self.history = IntervalHistory(self.settings.window_size)
+        self.history.add(estimate - estimate / 4.0)
+        self.history.add(estimate + estimate / 4.0)
+
+    def on_heartbeat(self, incarnation: int, sequence: int, now_ms: float) -> HeartbeatOutcome:
+        if incarnation < self.incarnation:
+            self.heartbeats_stale += 1
+            return HeartbeatOutcome.STALE
+        outcome = HeartbeatOutcome.ACCEPTED
+        if incarnation > self.incarnation:
+            self.incarnation = incarnation
+            self.last_sequence = None
+            self.last_arrival_ms = None
+            self.restarts += 1
+            outcome = HeartbeatOutcome.RESTARTED
+        if self.last_sequence is not None and sequence <= self.last_sequence:
+            self.heartbeats_duplicate += 1
+            return HeartbeatOutcome.DUPLICATE
+        if self.last_sequence is not None:
+            self.heartbeats_lost += sequence - self.last_sequence - 1
+        if self.last_arrival_ms is None:
+            self._bootstrap()
+        elif self._skip_next_interval:
+            self._skip_next_interval = False
+        elif self.suspected is None:
+            # A gap that got the node suspected is a fault, not the link's
+            # behaviour: learning from it would slow the next detection.
+            self.history.add(max(0.0, now_ms - self.last_arrival_ms))
+        self.last_sequence = sequence
+        self.last_arrival_ms = now_ms
+        self.heartbeats_accepted += 1
+        return outcome
+
+    def _reference(self) -> tuple[float, float, float]:
+        """(silence start, mean, std) that phi is computed from."""
+        settings = self.settings
+        if self.last_arrival_ms is None:
+            estimate = settings.first_heartbeat_estimate_ms
+            return (
+                self.watch_started_ms + settings.first_heartbeat_grace_ms,
+                estimate + settings.acceptable_heartbeat_pause_ms,
+                max(estimate / 4.0, settings.min_std_deviation_ms),
+            )
+        return (
+            self.last_arrival_ms,
+            self.history.mean_ms + settings.acceptable_heartbeat_pause_ms,
+            max(self.history.std_deviation_ms, settings.min_std_deviation_ms),
+        )
+
+    def phi(self, now_ms: float) -> float:
+        start_ms, mean_ms, std_ms = self._reference()
+        return phi(now_ms - start_ms, mean_ms, std_ms)
+
+    def suspicion_deadline_ms(self) -> float:
+        """The instant phi reaches the threshold if nothing more arrives."""
+        start_ms, mean_ms, std_ms = self._reference()
+        return start_ms + suspicion_elapsed_ms(self.settings.phi_threshold, mean_ms, std_ms)
+
+    def on_self_pause(self, pause_ms: float, now_ms: float) -> None:
+        if self.last_arrival_ms is None:
+            self.watch_started_ms = min(now_ms, self.watch_started_ms + pause_ms)
+        else:
+            self.last_arrival_ms = min(now_ms, self.last_arrival_ms + pause_ms)
+            self._skip_next_interval = True
+
+    def health(self, now_ms: float) -> NodeHealth:
+        has_history = self.last_arrival_ms is not None
+        return NodeHealth(
+            node_id=self.node_id,
+            incarnation=self.incarnation,
+            phi=self.phi(now_ms),
+            suspected=self.suspected,
+            suspected_at_ms=self.suspected_at_ms,
+            last_heard_ms=self.last_arrival_ms,
+            heartbeats_accepted=self.heartbeats_accepted,
+            heartbeats_lost=self.heartbeats_lost,
+            heartbeats_duplicate=self.heartbeats_duplicate,
+            heartbeats_stale=self.heartbeats_stale,
+            restarts=self.restarts,
+            interval_mean_ms=self.history.mean_ms if has_history else 0.0,
+            interval_std_deviation_ms=self.history.std_deviation_ms if has_history else 0.0,
+        )
+
+
+# ---------------------------------------------------------------------------
+# slowness
+
+
+@dataclass(frozen=True, slots=True)
+class SlownessSettings:
+    window_ms: float = 10_000.0
+    # Degraded when the median latency / SLO over the window exceeds this...
+    latency_factor: float = 2.0
+    # ...and restored only once it is back under this (hysteresis against flapping).
+    restore_factor: float = 1.5
+    min_samples: int = 5
+    # Timeouts in the window, while heartbeats still arrive, that make a node degraded.
+    timeout_count_min: int = 3
+    max_samples_per_node: int = 512
+    max_nodes: int = 1024
+
+    def __post_init__(self) -> None:
+        if not self.window_ms > 0:
+            raise ValueError("window_ms must be positive")
+        if not self.latency_factor >= self.restore_factor > 0:
+            raise ValueError("need latency_factor >= restore_factor > 0")
+        if not 1 <= self.min_samples <= self.max_samples_per_node:
+            raise ValueError("min_samples must be in [1, max_samples_per_node]")
+        if not 1 <= self.timeout_count_min <= self.max_samples_per_node:
+            raise ValueError("timeout_count_min must be in [1, max_samples_per_node]")
+
+
+class SlownessJudge:
+    """Tells "alive but too slow" apart from "down", from request outcomes.
+
+    A node stays up but fails its apps when it is overloaded, thermally
+    throttled or its accelerator is sick; heartbeats say nothing about that.
+    The judge looks at inference latency relative to each request's SLO and at
+    request timeouts, over a sliding window. A node without traffic keeps its
+    last judgment: absence of requests is not evidence of health.
+    """
+
+    def __init__(self, settings: SlownessSettings | None = None) -> None:
+        self.settings = settings or SlownessSettings()
+        self._ratios: dict[str, deque[tuple[float, float]]] = {}
+        self._timeouts: dict[str, deque[float]] = {}
+        self._degraded: dict[str, DegradedReason] = {}
+        self.dropped_nodes = 0
+
+    def _admit(self, node_id: str) -> bool:
+        if node_id in self._ratios:
+            return True
+        if len(self._ratios) >= self.settings.max_nodes:
+            self.dropped_nodes += 1
+            return False
+        self._ratios[node_id] = deque(maxlen=self.settings.max_samples_per_node)
+        self._timeouts[node_id] = deque(maxlen=self.settings.max_samples_per_node)
+        return True
+
+    def on_latency(self, node_id: str, latency_ms: float, slo_ms: float, now_ms: float) -> None:
+        assert slo_ms > 0 and latency_ms >= 0
+        if self._admit(node_id):
+            self._ratios[node_id].append((now_ms, latency_ms / slo_ms))
+
+    def on_timeout(self, node_id: str, now_ms: float) -> None:
+        if self._admit(node_id):
+            self._timeouts[node_id].append(now_ms)
+
+    def forget(self, node_id: str) -> None:
+        self._ratios.pop(node_id, None)
+        self._timeouts.pop(node_id, None)
+        self._degraded.pop(node_id, None)
+
+    def degraded(self) -> dict[str, DegradedReason]:
+        return dict(self._degraded)
+
+    def judge(self, now_ms: float, is_down: Callable[[str], bool]) -> list[Verdict]:
+        """Verdict changes at `now_ms`; `is_down(node)` says whether the heartbeat
+        detector already suspects it (then it is down, not slow)."""
+        settings = self.settings
+        horizon_ms = now_ms - settings.window_ms
+        verdicts: list[Verdict] = []
+        for node_id, ratios in self._ratios.items():
+            timeouts = self._timeouts[node_id]
+            while ratios and ratios[0][0] < horizon_ms:
+                ratios.popleft()
+            while timeouts and timeouts[0] < horizon_ms:
+                timeouts.popleft()
+            median = _median([ratio for _, ratio in ratios]) if ratios else 0.0
+            enough = len(ratios) >= settings.min_samples
+            current = self._degraded.get(node_id)
+            if is_down(node_id):
+                continue
+            if current is None:
+                if len(timeouts) >= settings.timeout_count_min:
+                    reason, measure = DegradedReason.TIMEOUTS, float(len(timeouts))
+                elif enough and median > settings.latency_factor:
+                    reason, measure = DegradedReason.SLOW, median
+                else:
+                    continue
+                self._degraded[node_id] = reason
+                verdicts.append(Degraded(node_id, reason, measure, now_ms))
+            elif (
+                len(timeouts) < settings.timeout_count_min
+                and enough
+                and median <= settings.restore_factor
+            ):
+                del self._degraded[node_id]
+                verdicts.append(Restored(node_id, now_ms))
+        return verdicts
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2.0
+
+
+# ---------------------------------------------------------------------------
+# many watched nodes
+
+
+class Monitor:
+    """One observer's detectors over the nodes it watches.
+
+    Returns verdict *changes*: a node is suspected once, recovered once. The
+    shell proposes them into Raft and logs them; the state machine counts
+    distinct observers.
+    """
+
+    def __init__(
+        self,
+        settings: DetectorSettings,
+        slowness: SlownessSettings | None = None,
+        max_watched: int = 1024,
+    ) -> None:
+        assert max_watched >= 1
+        self.settings = settings
+        self.max_watched = max_watched
+        self.judge = SlownessJudge(slowness)
+        self._detectors: dict[str, NodeDetector] = {}
+        self.heartbeats_unknown_sender = 0
+        self.self_pauses = 0
+        self.self_pause_ms_max = 0.0
+
+    # -- watch set
+
+    def watch(self, node_id: str, incarnation: int, now_ms: float) -> None:
+        """Start watching (idempotent). A known incarnation higher than the
+        one tracked means the committed state saw a restart: start afresh."""
+        detector = self._detectors.get(node_id)
+        if detector is None:
+            assert len(self._detectors) < self.max_watched, "watch set is full"
+            self._detectors[node_id] = NodeDetector(node_id, incarnation, self.settings, now_ms)
+        elif incarnation > detector.incarnation:
+            self._detectors[node_id] = NodeDetector(node_id, incarnation, self.settings, now_ms)
+
+    def unwatch(self, node_id: str) -> None:
+        self._detectors.pop(node_id, None)
+
+    def set_watched(self, targets: Iterable[tuple[str, int]], now_ms: float) -> None:
+        wanted = dict(targets)
+        for node_id in [n for n in self._detectors if n not in wanted]:
+            self.unwatch(node_id)
+        for node_id, incarnation in wanted.items():
+            self.watch(node_id, incarnation, now_ms)
+
+    def watched(self) -> list[str]:
+        return list(self._detectors)
+
+    def is_suspected(self, node_id: str) -> bool:
+        detector = self._detectors.get(node_id)
+        return detector is not None and detector.suspected is not None
+
+    # -- evidence
+
+    def on_heartbeat(
+        self, node_id: str, incarnation: int, sequence: int, now_ms: float
+    ) -> list[Verdict]:
+        detector = self._detectors.get(node_id)
+        if detector is None:
+            self.heartbeats_unknown_sender += 1
+            return []
+        previous_incarnation = detector.incarnation
+        outcome = detector.on_heartbeat(incarnation, sequence, now_ms)
+        verdicts: list[Verdict] = []
+        if outcome is HeartbeatOutcome.RESTARTED:
+            verdicts.append(Restarted(node_id, previous_incarnation, incarnation, now_ms))
+            if detector.suspected is not None:
+                # A new incarnation is alive by construction; stale packets of
+                # the old one are dropped by incarnation, so no hysteresis.
+                self._clear(detector)
+                verdicts.append(Recover(node_id, incarnation, now_ms))
+            return verdicts
+        if outcome is HeartbeatOutcome.ACCEPTED and detector.suspected is not None:
+            detector.heartbeats_since_suspicion += 1
+            if detector.heartbeats_since_suspicion >= self.settings.recovery_heartbeat_count:
+                self._clear(detector)
+                verdicts.append(Recover(node_id, detector.incarnation, now_ms))
+        return verdicts
+
+    def on_unreachable(self, node_id: str, now_ms: float) -> list[Verdict]:
+        """The kernel refused our heartbeat (ICMP port unreachable): nothing
+        listens on the node's heartbeat port, so its process is gone."""
+        detector = self._detectors.get(node_id)
+        if detector is None:
+            return []
+        if detector.suspected is not None:
+            detector.heartbeats_since_suspicion = 0
+            return []
+        return [self._suspect(detector, SuspectReason.UNREACHABLE, now_ms)]
+
+    def on_self_pause(self, pause_ms: float, now_ms: float) -> None:
+        """The observer itself did not run for `pause_ms` (measured by the shell
+        as scheduling lag). Silence it could not have seen is not held against
+        the watched nodes; their heartbeats are still queued in the socket."""
+        assert pause_ms >= 0
+        self.self_pauses += 1
+        self.self_pause_ms_max = max(self.self_pause_ms_max, pause_ms)
+        for detector in self._detectors.values():
+            detector.on_self_pause(pause_ms, now_ms)
+
+    def on_request_latency(self, node_id: str, latency_ms: float, slo_ms: float, now_ms: float):
+        self.judge.on_latency(node_id, latency_ms, slo_ms, now_ms)
+
+    def on_request_timeout(self, node_id: str, now_ms: float) -> None:
+        self.judge.on_timeout(node_id, now_ms)
+
+    # -- judgment
+
+    def tick(self, now_ms: float) -> list[Verdict]:
+        verdicts: list[Verdict] = []
+        threshold = self.settings.phi_threshold
+        for detector in self._detectors.values():
+            if detector.suspected is not None:
+                continue
+            if detector.phi(now_ms) >= threshold:
+                reason = (
+                    SuspectReason.PHI if detector.last_arrival_ms is not None
+                    else SuspectReason.SILENT
+                )
+                verdicts.append(self._suspect(detector, reason, now_ms))
+        verdicts.extend(self.judge.judge(now_ms, self.is_suspected))
+        return verdicts
+
+    def next_check_ms(self, now_ms: float) -> float:
+        """When `tick` should run next if no evidence arrives first.
+
+        Arrivals only move deadlines later, so sleeping until this instant
+        never misses a suspicion; strictly after `now_ms` so a caller's loop
+        always advances.
+        """
+        next_ms = now_ms + self.settings.max_check_interval_ms
+        for detector in self._detectors.values():
+            if detector.suspected is None:
+                # A microsecond past the crossing absorbs float rounding.
+                next_ms = min(next_ms, detector.suspicion_deadline_ms() + 0.001)
+        return max(next_ms, now_ms + 0.001)
+
+    def phi(self, node_id: str, now_ms: float) -> float:
+        return self._detectors[node_id].phi(now_ms)
+
+    def health(self, now_ms: float) -> list[NodeHealth]:
+        return [detector.health(now_ms) for detector in self._detectors.values()]
+
+    def _suspect(self, detector: NodeDetector, reason: SuspectReason, now_ms: float) -> Suspect:
+        detector.suspected = reason
+        detector.suspected_at_ms = now_ms
+        detector.heartbeats_since_suspicion = 0
+        return Suspect(detector.node_id, detector.incarnation, reason, detector.phi(now_ms), now_ms)
+
+    def _clear(self, detector: NodeDetector) -> None:
+        detector.suspected = None
+        detector.suspected_at_ms = None
+        detector.heartbeats_since_suspicion = 0
+
+
+# ---------------------------------------------------------------------------
+# who watches whom
+
+SMALL_CLUSTER_MAX = 8
+DEFAULT_FANOUT = 4
+
+
+def _ring_position(seed: int, round_number: int, node_id: str) -> bytes:
+    material = f"{seed}:{round_number}:{node_id}".encode()
+    return hashlib.blake2b(material, digest_size=16).digest()
+
+
+def monitoring_targets(
+    self_id: str,
+    member_ids: Iterable[str],
+    *,
+    seed: int = 0,
+    round_number: int = 0,
+    fanout: int = DEFAULT_FANOUT,
+    small_cluster_max: int = SMALL_CLUSTER_MAX,
+) -> list[str]:
+    """The nodes `self_id` exchanges heartbeats with and watches.
+
+    Small clusters: everyone watches everyone. Larger ones: members are placed
+    on a ring shuffled by (seed, round_number) and each watches its fanout/2
+    nearest neighbours on each side. The relation is symmetric (a watches b
+    iff b watches a), so the heartbeats one node sends are exactly the ones
+    its watchers need, and every node has exactly `fanout` watchers (fanout
+    rounded up to even). Changing `round_number` (e.g. from a committed
+    epoch, or wall time / rotation period) rotates who watches whom, so one
+    persistently bad observer cannot hide or frame a node for long. Every
+    member computes the same answer without talking.
+    """
+    members = sorted(set(member_ids) | {self_id})
+    others = [m for m in members if m != self_id]
+    assert fanout >= 1
+    half = (fanout + 1) // 2
+    if len(members) <= small_cluster_max or 2 * half >= len(others):
+        return others
+    ring = sorted(members, key=lambda m: _ring_position(seed, round_number, m))
+    index = ring.index(self_id)
+    size = len(ring)
+    chosen: list[str] = []
+    for distance in range(1, half + 1):
+        chosen.append(ring[(index + distance) % size])
+        chosen.append(ring[(index - distance) % size])
+    return chosen
