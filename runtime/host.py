@@ -1,0 +1,601 @@
+"""The model host: a separate process per peer that loads and runs models.
+
+Why a process: the peer's own process sends heartbeats every 20 ms and votes in Raft.
+Loading a model holds the GIL for long stretches (`torch.jit.load` holds it for the
+whole load, 474 ms for resnet152), and a peer that stalls that long looks dead to its
+neighbours. So models live in a child process (multiprocessing, spawn context: no
+forked torch state), and the peer talks to it through a pipe:
+
+- commands (load, infer, unload) go through a sender thread, so the event loop never
+  blocks on a full pipe; replies come back through a reader thread that resolves
+  asyncio futures with `call_soon_threadsafe`;
+- tensors above `inline_bytes_max` travel in one `multiprocessing.shared_memory`
+  segment per message instead of through the pipe;
+- every queue is bounded (`requests_pending_max`; past it `HostBusy`), every call has a
+  deadline, and the child drops requests whose deadline passed before it got to them;
+- a crashed host (killed, out of memory, a model that aborts) closes the pipe: the reader
+  sees EOF, every pending call fails at once with `HostCrashed`, never a hang. If the
+  peer dies instead, the child sees EOF and exits.
+
+Roles are the parent's business: a model loads as `warm` (idle backup) or `serving`, and
+`promote` flips a flag in the parent. It sends nothing to the child, so it takes
+microseconds even while the child is busy loading another model. `infer` refuses a warm
+model (`ModelNotServing`): routing traffic to a backup is a decision, not an accident.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from multiprocessing import shared_memory
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from redge.runtime.errors import (
+    DeadlineExceeded,
+    HostBusy,
+    HostClosed,
+    HostCrashed,
+    InferenceFailed,
+    LoadFailed,
+    ModelNotLoaded,
+    ModelNotServing,
+    RuntimeFailure,
+)
+from redge.runtime.loader import TRUSTED_MODULES_DEFAULT, LoadOptions, LoadReport
+from redge.runtime.manifest import Manifest
+
+log = structlog.get_logger(__name__)
+
+ROLES = ("warm", "serving")
+_ALIGNMENT_BYTES = 64
+_READY = "ready"
+
+
+@dataclass(frozen=True)
+class HostOptions:
+    device: str = "cpu"
+    # torch intra-op threads in the host, and ONNX Runtime's per session.
+    threads: int = 1
+    infer_workers: int = 1
+    requests_pending_max: int = 64
+    inline_bytes_max: int = 64 * 1024
+    start_timeout_s: float = 120.0
+    load_timeout_s: float = 600.0
+    control_timeout_s: float = 30.0
+    close_timeout_s: float = 5.0
+    verify: str = "size"
+    trusted_modules: tuple[str, ...] = TRUSTED_MODULES_DEFAULT
+
+    def __post_init__(self) -> None:
+        assert self.threads >= 1 and self.infer_workers >= 1 and self.requests_pending_max >= 1
+
+
+@dataclass
+class ModelState:
+    key: str
+    name: str
+    version: str
+    format: str
+    role: str
+    report: LoadReport
+    loaded_at_s: float
+    requests_total: int = 0
+    last_request_at_s: float | None = None
+
+
+# -- tensors across the process boundary
+
+
+@dataclass(frozen=True)
+class _Packed:
+    segment: str | None
+    tensors: tuple[tuple[str, str, tuple[int, ...], int, np.ndarray | None], ...]
+
+
+def _pack(arrays: Mapping[str, np.ndarray], inline_bytes_max: int) -> tuple[_Packed, shared_memory.SharedMemory | None]:
+    """Inline small tensors; put large ones into one new shared memory segment."""
+    total_bytes = sum(_aligned(array.nbytes) for array in arrays.values())
+    if total_bytes <= inline_bytes_max:
+        return _Packed(None, tuple((n, a.dtype.str, a.shape, 0, a) for n, a in arrays.items())), None
+    segment = shared_memory.SharedMemory(create=True, size=max(total_bytes, 1))
+    entries = []
+    offset = 0
+    for name, array in arrays.items():
+        contiguous = np.ascontiguousarray(array)
+        view = np.ndarray(contiguous.shape, dtype=contiguous.dtype, buffer=segment.buf, offset=offset)
+        view[...] = contiguous
+        del view
+        entries.append((name, contiguous.dtype.str, contiguous.shape, offset, None))
+        offset += _aligned(contiguous.nbytes)
+    return _Packed(segment.name, tuple(entries)), segment
+
+
+def _unpack(packed: _Packed, unlink: bool) -> dict[str, np.ndarray]:
+    """Copy the tensors out (a segment is closed at once, and unlinked if `unlink`)."""
+    if packed.segment is None:
+        return {name: array for name, _, _, _, array in packed.tensors if array is not None}
+    segment = shared_memory.SharedMemory(name=packed.segment)
+    try:
+        arrays = {}
+        for name, dtype, shape, offset, _ in packed.tensors:
+            view = np.ndarray(shape, dtype=np.dtype(dtype), buffer=segment.buf, offset=offset)
+            arrays[name] = view.copy()
+            del view
+        return arrays
+    finally:
+        segment.close()
+        if unlink:
+            segment.unlink()
+
+
+def _discard(packed: Any) -> None:
+    if isinstance(packed, _Packed) and packed.segment is not None:
+        try:
+            segment = shared_memory.SharedMemory(name=packed.segment)
+            segment.close()
+            segment.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _aligned(size_bytes: int) -> int:
+    return (size_bytes + _ALIGNMENT_BYTES - 1) // _ALIGNMENT_BYTES * _ALIGNMENT_BYTES
+
+
+# -- the child process
+
+
+def _host_main(connection: Connection, options: HostOptions) -> None:
+    """Entry point of the host process: receive commands, run them, reply."""
+    import torch
+
+    from redge.runtime.loader import load
+
+    torch.set_num_threads(options.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    models: dict[str, Any] = {}
+    models_lock = threading.Lock()
+    send_lock = threading.Lock()
+    load_options = LoadOptions(threads=options.threads, verify=options.verify, trusted_modules=options.trusted_modules)
+    load_queue: queue.Queue[Any] = queue.Queue(maxsize=options.requests_pending_max)
+    infer_queue: queue.Queue[Any] = queue.Queue(maxsize=options.requests_pending_max)
+
+    def reply(request_id: int, ok: bool, payload: Any) -> None:
+        with send_lock:
+            try:
+                connection.send((request_id, ok, payload))
+            except (BrokenPipeError, OSError):
+                pass  # the parent is gone; the receive loop will see EOF and end the process
+
+    def run_load(request_id: int, payload: dict[str, Any]) -> None:
+        try:
+            manifest = Manifest.from_json(payload["manifest"])
+            model, report = load(payload["directory"], manifest, options.device, load_options)
+            with models_lock:
+                previous = models.get(payload["key"])
+                models[payload["key"]] = model
+            if previous is not None:
+                previous.close()
+            reply(request_id, True, report)
+        except RuntimeFailure as error:
+            reply(request_id, False, error)
+        except Exception as error:
+            reply(request_id, False, LoadFailed("?", "?", "?", "host", f"{type(error).__name__}: {error}"))
+
+    def run_unload(request_id: int, payload: dict[str, Any]) -> None:
+        import gc
+
+        with models_lock:
+            model = models.pop(payload["key"], None)
+        if model is not None:
+            model.close()
+            del model
+            gc.collect()
+        reply(request_id, True, None)
+
+    def run_infer(request_id: int, payload: dict[str, Any]) -> None:
+        key = payload["key"]
+        packed = payload["inputs"]
+        try:
+            deadline_s = payload["deadline_s"]
+            if deadline_s is not None and time.monotonic() > deadline_s:
+                raise DeadlineExceeded("infer", key, 0.0)
+            with models_lock:
+                model = models.get(key)
+            if model is None:
+                raise ModelNotLoaded(key)
+            inputs = _unpack(packed, unlink=False)
+            outputs = model.infer(inputs)
+            result, _ = _pack(outputs, options.inline_bytes_max)
+            reply(request_id, True, result)
+        except RuntimeFailure as error:
+            reply(request_id, False, error)
+        except Exception as error:
+            reply(request_id, False, InferenceFailed(key, f"{type(error).__name__}: {error}"))
+
+    def worker(work: queue.Queue[Any]) -> None:
+        while True:
+            item = work.get()
+            if item is None:
+                return
+            function, request_id, payload = item
+            function(request_id, payload)
+
+    threads = [threading.Thread(target=worker, args=(load_queue,), name="host-load", daemon=True)]
+    threads += [
+        threading.Thread(target=worker, args=(infer_queue,), name=f"host-infer-{index}", daemon=True)
+        for index in range(options.infer_workers)
+    ]
+    for thread in threads:
+        thread.start()
+    reply(0, True, (_READY, multiprocessing.current_process().pid))
+    while True:
+        try:
+            request_id, operation, payload = connection.recv()
+        except (EOFError, OSError):
+            break  # the peer is gone: so is its host
+        if operation == "shutdown":
+            reply(request_id, True, None)
+            break
+        if operation == "load":
+            load_queue.put((run_load, request_id, payload))
+        elif operation == "unload":
+            load_queue.put((run_unload, request_id, payload))
+        elif operation == "infer":
+            infer_queue.put((run_infer, request_id, payload))
+        elif operation == "ping":
+            reply(request_id, True, None)
+        else:
+            raise AssertionError(f"unknown host operation {operation!r}")
+
+
+# -- the parent's facade
+
+
+@dataclass
+class _Pending:
+    future: asyncio.Future[Any]
+    segment: shared_memory.SharedMemory | None = None
+
+
+@dataclass
+class _Counters:
+    requests_total: int = 0
+    crashes_total: int = 0
+    started_at_s: float = field(default_factory=time.monotonic)
+
+
+class ModelHost:
+    """The asyncio facade of one host process. Create, `await start()`, then use."""
+
+    def __init__(self, options: HostOptions | None = None, on_crash: Callable[[HostCrashed], None] | None = None) -> None:
+        self.options = options or HostOptions()
+        self.on_crash = on_crash
+        self._models: dict[str, ModelState] = {}
+        self._loading: dict[str, asyncio.Future[LoadReport]] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._request_ids = itertools.count(1)
+        self._outbox: queue.Queue[Any] = queue.Queue(maxsize=self.options.requests_pending_max + 8)
+        self._process: Any = None
+        self._connection: Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._crashed: HostCrashed | None = None
+        self._closed = False
+        self._ready: asyncio.Future[Any] | None = None
+        self.counters = _Counters()
+
+    # -- lifecycle
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._crashed is None and not self._closed
+
+    @property
+    def crashed(self) -> HostCrashed | None:
+        return self._crashed
+
+    async def start(self) -> None:
+        assert self._process is None, "a ModelHost starts once; make a new one after a crash"
+        self._loop = asyncio.get_running_loop()
+        context = multiprocessing.get_context("spawn")
+        parent_end, child_end = context.Pipe(duplex=True)
+        self._connection = parent_end
+        self._ready = self._loop.create_future()
+        self._pending[0] = _Pending(self._ready)
+        self._process = context.Process(
+            target=_host_main, args=(child_end, self.options), name="redge-model-host", daemon=True
+        )
+        self._process.start()
+        child_end.close()  # so that the child's death closes the pipe and we see EOF
+        threading.Thread(target=self._read_loop, name="model-host-reader", daemon=True).start()
+        threading.Thread(target=self._send_loop, name="model-host-sender", daemon=True).start()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), self.options.start_timeout_s)
+        except TimeoutError:
+            await self.aclose()
+            raise HostCrashed(None, f"host did not start within {self.options.start_timeout_s} s") from None
+        finally:
+            self._pending.pop(0, None)
+        log.info("model_host_started", pid=self._process.pid, threads=self.options.threads, device=self.options.device)
+
+    def close(self) -> None:
+        """Stop the host process (gracefully, then by force); idempotent and bounded.
+
+        Call it from the event loop's thread, or use `aclose()` from a coroutine.
+        """
+        if self._stop_process():
+            self._finish_close()
+
+    async def aclose(self) -> None:
+        if await asyncio.get_running_loop().run_in_executor(None, self._stop_process):
+            self._finish_close()
+
+    def _stop_process(self) -> bool:
+        if self._closed or self._process is None:
+            self._closed = True
+            return False
+        self._closed = True
+        try:
+            self._outbox.put_nowait((next(self._request_ids), "shutdown", None))
+        except queue.Full:
+            pass
+        self._process.join(self.options.close_timeout_s)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(self.options.close_timeout_s)
+        try:
+            self._outbox.put_nowait(None)
+        except queue.Full:
+            pass
+        if self._connection is not None:
+            self._connection.close()
+        return True
+
+    def _finish_close(self) -> None:
+        self._fail_all(HostClosed())
+        self._models.clear()
+        log.info("model_host_closed", pid=self.pid, exit_code=self._process.exitcode)
+
+    # -- commands
+
+    async def load(
+        self,
+        key: str,
+        artifact_dir: Path | str,
+        manifest: Manifest | None = None,
+        role: str = "warm",
+        timeout_s: float | None = None,
+    ) -> LoadReport:
+        """Load an artifact under `key` (idempotent for the same artifact) in `role`."""
+        assert role in ROLES, role
+        directory = Path(artifact_dir)
+        manifest = manifest if manifest is not None else Manifest.read(directory)
+        state = self._models.get(key)
+        if state is not None and (state.name, state.version) == manifest.key:
+            if role == "serving":
+                state.role = "serving"
+            return state.report
+        if key in self._loading:
+            return await asyncio.shield(self._loading[key])
+        budget_s = timeout_s if timeout_s is not None else self.options.load_timeout_s
+        payload = {"key": key, "directory": str(directory), "manifest": manifest.to_json()}
+        future = self._submit("load", payload)
+        self._loading[key] = future
+        try:
+            report: LoadReport = await self._wait(future, budget_s, "load", key)
+        except DeadlineExceeded:
+            # The child may still finish this load: have it dropped right after.
+            unload = self._submit("unload", {"key": key})
+            unload.add_done_callback(lambda done: done.cancelled() or done.exception())
+            raise
+        finally:
+            self._loading.pop(key, None)
+        self._models[key] = ModelState(
+            key=key, name=manifest.name, version=manifest.version, format=manifest.format,
+            role=role, report=report, loaded_at_s=time.monotonic(),
+        )
+        log.info("model_loaded", key=key, name=manifest.name, version=manifest.version, role=role, load_ms=round(report.total_ms, 1))
+        return report
+
+    async def infer(
+        self, key: str, inputs: Mapping[str, np.ndarray], deadline_s: float | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run a serving model. `deadline_s` is an absolute `time.monotonic()` time."""
+        state = self._models.get(key)
+        self._check_usable()
+        if state is None:
+            raise ModelNotLoaded(key)
+        if state.role != "serving":
+            raise ModelNotServing(key, state.role)
+        now_s = time.monotonic()
+        budget_s = (deadline_s - now_s) if deadline_s is not None else self.options.control_timeout_s
+        if budget_s <= 0:
+            raise DeadlineExceeded("infer", key, 0.0)
+        self._check_capacity()
+        packed, segment = _pack(dict(inputs), self.options.inline_bytes_max)
+        future = self._submit("infer", {"key": key, "inputs": packed, "deadline_s": deadline_s}, segment)
+        result = await self._wait(future, budget_s, "infer", key)
+        state.requests_total += 1
+        state.last_request_at_s = time.monotonic()
+        return _unpack(result, unlink=True)
+
+    async def promote(self, key: str) -> None:
+        """Warm backup -> serving: a flag in this process, no message, no load."""
+        self.promote_now(key)
+
+    def promote_now(self, key: str) -> None:
+        state = self._models.get(key)
+        if state is None:
+            raise ModelNotLoaded(key)
+        state.role = "serving"
+
+    async def demote(self, key: str) -> None:
+        state = self._models.get(key)
+        if state is None:
+            raise ModelNotLoaded(key)
+        state.role = "warm"
+
+    async def unload(self, key: str, timeout_s: float | None = None) -> None:
+        """Drop a model from the host; idempotent."""
+        self._models.pop(key, None)
+        future = self._submit("unload", {"key": key})
+        await self._wait(future, timeout_s or self.options.control_timeout_s, "unload", key)
+        log.info("model_unloaded", key=key)
+
+    def models(self) -> dict[str, ModelState]:
+        return {key: replace(state) for key, state in self._models.items()}
+
+    def role(self, key: str) -> str | None:
+        state = self._models.get(key)
+        return None if state is None else state.role
+
+    def memory_bytes(self) -> int | None:
+        """Resident memory of the host process, when psutil is installed."""
+        try:
+            import psutil
+
+            return int(psutil.Process(self.pid).memory_info().rss) if self.pid else None
+        except Exception:
+            return None
+
+    # -- plumbing
+
+    def _check_usable(self) -> None:
+        if self._crashed is not None:
+            raise self._crashed
+        if self._closed:
+            raise HostClosed()
+        assert self._process is not None, "call `await host.start()` first"
+
+    def _check_capacity(self) -> None:
+        if len(self._pending) >= self.options.requests_pending_max:
+            raise HostBusy(len(self._pending), self.options.requests_pending_max)
+
+    def _submit(self, operation: str, payload: Any, segment: shared_memory.SharedMemory | None = None) -> asyncio.Future[Any]:
+        self._check_usable()
+        try:
+            self._check_capacity()
+        except HostBusy:
+            _close_segment(segment, unlink=True)
+            raise
+        assert self._loop is not None
+        request_id = next(self._request_ids)
+        future = self._loop.create_future()
+        self._pending[request_id] = _Pending(future, segment)
+        try:
+            self._outbox.put_nowait((request_id, operation, payload))
+        except queue.Full:
+            self._pending.pop(request_id)
+            _close_segment(segment, unlink=True)
+            raise HostBusy(len(self._pending), self.options.requests_pending_max) from None
+        self.counters.requests_total += 1
+        future.add_done_callback(lambda _: self._forget(request_id))
+        return future
+
+    def _forget(self, request_id: int) -> None:
+        pending = self._pending.pop(request_id, None)
+        if pending is not None:
+            _close_segment(pending.segment, unlink=True)
+
+    async def _wait(self, future: asyncio.Future[Any], budget_s: float, operation: str, key: str) -> Any:
+        try:
+            return await asyncio.wait_for(future, budget_s)
+        except TimeoutError:
+            raise DeadlineExceeded(operation, key, budget_s * 1000) from None
+
+    def _send_loop(self) -> None:
+        assert self._connection is not None
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            try:
+                self._connection.send(item)
+            except (OSError, ValueError):
+                return  # the reader reports the crash
+
+    def _read_loop(self) -> None:
+        assert self._connection is not None and self._loop is not None
+        while True:
+            try:
+                message = self._connection.recv()
+            except (EOFError, OSError):
+                break
+            except Exception as error:  # an unpicklable reply: report it, keep reading
+                log.error("model_host_reply_unreadable", error=repr(error))
+                continue
+            self._call_soon(self._on_reply, message)
+        if self._closed:
+            return
+        self._process.join(1.0)
+        exit_code = self._process.exitcode
+        self._call_soon(self._on_crash, exit_code)
+
+    def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting any more
+
+    def _on_reply(self, message: tuple[int, bool, Any]) -> None:
+        request_id, ok, payload = message
+        pending = self._pending.get(request_id)
+        if pending is None or pending.future.done():
+            _discard(payload)  # an answer after its deadline: free its shared memory
+            return
+        if ok:
+            pending.future.set_result(payload)
+        else:
+            pending.future.set_exception(payload)
+
+    def _on_crash(self, exit_code: int | None) -> None:
+        if self._closed or self._crashed is not None:
+            return
+        self._crashed = HostCrashed(exit_code, "the host process exited; its models are gone")
+        self.counters.crashes_total += 1
+        self._models.clear()
+        self._fail_all(self._crashed)
+        try:
+            self._outbox.put_nowait(None)
+        except queue.Full:
+            pass
+        log.error("model_host_crashed", pid=self.pid, exit_code=exit_code)
+        if self.on_crash is not None:
+            self.on_crash(self._crashed)
+
+    def _fail_all(self, error: RuntimeFailure) -> None:
+        for request_id, pending in list(self._pending.items()):
+            if not pending.future.done():
+                pending.future.set_exception(error)
+                pending.future.exception()  # mark retrieved: nobody may be awaiting it
+            self._forget(request_id)
+
+
+def _close_segment(segment: shared_memory.SharedMemory | None, unlink: bool) -> None:
+    if segment is None:
+        return
+    try:
+        segment.close()
+        if unlink:
+            segment.unlink()
+    except (FileNotFoundError, BufferError):
+        pass

@@ -1,0 +1,378 @@
+"""Loading artifacts into runnable models, one backend per format, with timed phases.
+
+Loading time is one of the paper's recovery metrics, and its phases tell where a slow
+recovery went, so every load returns a `LoadReport`: read (file bytes into memory),
+deserialize (bytes into a module or session), to_device, warmup (one inference on zero
+inputs so the first real request does not pay for lazy initialisation), and total.
+
+The backends, and why each loads the way it does (measured on the project's CPU):
+
+- safetensors: the architecture is built on the meta device (no memory, no random init)
+  and the tensors are assigned into it (`load_state_dict(assign=True)`) straight from
+  `safe_open`: no copy, no init, at or under the raw read time.
+- torchscript: `torch.jit.load`, fast but it holds the GIL for the whole load, which is
+  why loads run in the host process (`host.py`), never in the peer's own process.
+- onnx: ONNX Runtime, the fastest CPU inference; `threads` sets its intra-op threads.
+- tensorrt: only when `torch_tensorrt` imports and a GPU is present; engines are built
+  ahead of time, never at load.
+- pt2: `torch.export.load` works but is 20-40x slower than its read: accepted, never
+  chosen as a backup format (see `manifest.FORMATS`).
+
+Every expected failure is typed: `ArtifactCorrupt` (size or sha256), `UnknownFormat`,
+`BackendUnavailable`, `LoadFailed` (with the phase), `InvalidInput`, `InferenceFailed`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from redge.runtime.errors import (
+    ArtifactCorrupt,
+    BackendUnavailable,
+    InferenceFailed,
+    InvalidInput,
+    LoadFailed,
+    RuntimeFailure,
+)
+from redge.runtime.manifest import Architecture, Manifest, check_format
+from redge.runtime.store import verify_directory
+from redge.runtime.tensor import INPUT_BYTES_MAX_DEFAULT, check_inputs
+
+TRUSTED_MODULES_DEFAULT: tuple[str, ...] = ("torchvision", "redge.runtime")
+VERIFY_MODES = ("none", "size", "sha256")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    # Intra-op threads for ONNX Runtime sessions; torch's are process-wide (host sets them).
+    threads: int | None = None
+    warmup: bool = True
+    # "size" catches truncation for free; "sha256" re-hashes (the store hashed on add).
+    verify: str = "size"
+    # Architecture references (safetensors) may import only these module prefixes.
+    trusted_modules: tuple[str, ...] = TRUSTED_MODULES_DEFAULT
+    input_bytes_max: int = INPUT_BYTES_MAX_DEFAULT
+
+    def __post_init__(self) -> None:
+        assert self.verify in VERIFY_MODES, self.verify
+        assert self.threads is None or self.threads >= 1
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    name: str
+    version: str
+    format: str
+    device: str
+    bytes_read: int
+    verify_ms: float
+    read_ms: float
+    deserialize_ms: float
+    to_device_ms: float
+    warmup_ms: float
+    total_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Phases:
+    milliseconds: dict[str, float] = field(default_factory=dict)
+    current: str = "start"
+
+    @contextmanager
+    def measure(self, phase: str) -> Iterator[None]:
+        self.current = phase
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.milliseconds[phase] = self.milliseconds.get(phase, 0.0) + (time.perf_counter() - started) * 1000
+
+
+class LoadedModel:
+    """A model ready to run: `infer` takes and returns dicts of numpy arrays by tensor name."""
+
+    def __init__(self, manifest: Manifest, device: str, input_bytes_max: int) -> None:
+        self.manifest = manifest
+        self.device = device
+        self.input_bytes_max = input_bytes_max
+
+    @property
+    def label(self) -> str:
+        return f"{self.manifest.name}/{self.manifest.version}"
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays = check_inputs(self.manifest.inputs, inputs, self.input_bytes_max)
+        try:
+            outputs = self._run(arrays)
+        except RuntimeFailure:
+            raise
+        except Exception as error:  # the model's own code: anything can come out of forward()
+            raise InferenceFailed(self.label, f"{type(error).__name__}: {error}") from error
+        specs = self.manifest.outputs
+        if len(outputs) != len(specs):
+            raise InferenceFailed(self.label, f"model returned {len(outputs)} outputs, manifest names {len(specs)}")
+        return {spec.name: output for spec, output in zip(specs, outputs, strict=True)}
+
+    def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Drop the model's memory; the object must not be used afterwards."""
+
+
+class TorchModel(LoadedModel):
+    def __init__(self, manifest: Manifest, device: str, input_bytes_max: int, module: Any) -> None:
+        super().__init__(manifest, device, input_bytes_max)
+        self.module = module
+
+    def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            tensors = [torch.from_numpy(array).to(self.device) for array in arrays]
+            result = self.module(*tensors)
+            if isinstance(result, torch.Tensor):
+                flat = [result]
+            elif isinstance(result, dict):
+                flat = list(result.values())
+            elif isinstance(result, list | tuple):
+                flat = list(result)
+            else:
+                raise InferenceFailed(self.label, f"model returned {type(result).__name__}, not tensors")
+            return [tensor.detach().to("cpu").numpy() for tensor in flat]
+
+    def close(self) -> None:
+        self.module = None
+
+
+class OnnxModel(LoadedModel):
+    def __init__(self, manifest: Manifest, device: str, input_bytes_max: int, session: Any) -> None:
+        super().__init__(manifest, device, input_bytes_max)
+        self.session = session
+        self.input_names = [spec.name for spec in manifest.inputs]
+
+    def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        feeds = dict(zip(self.input_names, arrays, strict=True))
+        return list(self.session.run(None, feeds))
+
+    def close(self) -> None:
+        self.session = None
+
+
+Backend = Callable[[Path, Manifest, str, LoadOptions, _Phases], LoadedModel]
+
+
+def load(
+    artifact_dir: Path | str,
+    manifest: Manifest | None = None,
+    device: str = "cpu",
+    options: LoadOptions | None = None,
+) -> tuple[LoadedModel, LoadReport]:
+    """Load one artifact onto `device`; raise a typed error for anything expected."""
+    directory = Path(artifact_dir)
+    manifest = manifest if manifest is not None else Manifest.read(directory)
+    options = options or LoadOptions()
+    check_format(manifest.format)
+    backend = BACKENDS[manifest.format]
+    _check_device(manifest.format, device)
+    phases = _Phases()
+    started = time.perf_counter()
+    if options.verify != "none":
+        with phases.measure("verify"):
+            verify_directory(directory, manifest, hashes=options.verify == "sha256")
+    try:
+        model = backend(directory, manifest, device, options, phases)
+    except RuntimeFailure:
+        raise
+    except Exception as error:
+        raise LoadFailed(
+            manifest.name, manifest.version, manifest.format, phases.current, f"{type(error).__name__}: {error}"
+        ) from error
+    if options.warmup:
+        with phases.measure("warmup"):
+            try:
+                model.infer({spec.name: spec.example(1) for spec in manifest.inputs})
+            except (InferenceFailed, InvalidInput) as error:
+                raise LoadFailed(manifest.name, manifest.version, manifest.format, "warmup", str(error)) from error
+    total_ms = (time.perf_counter() - started) * 1000
+    ms = phases.milliseconds
+    report = LoadReport(
+        name=manifest.name,
+        version=manifest.version,
+        format=manifest.format,
+        device=device,
+        bytes_read=manifest.size_bytes,
+        verify_ms=ms.get("verify", 0.0),
+        read_ms=ms.get("read", 0.0),
+        deserialize_ms=ms.get("deserialize", 0.0),
+        to_device_ms=ms.get("to_device", 0.0),
+        warmup_ms=ms.get("warmup", 0.0),
+        total_ms=total_ms,
+    )
+    return model, report
+
+
+def device_kind(device: str) -> str:
+    """`cuda:1` -> `cuda`: the key of profiles and format preferences."""
+    return device.split(":", 1)[0]
+
+
+def _check_device(format_name: str, device: str) -> None:
+    kind = device_kind(device)
+    if kind not in ("cpu", "cuda"):
+        raise BackendUnavailable(format_name, device, "devices are 'cpu' or 'cuda[:index]'")
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BackendUnavailable(format_name, device, "torch sees no CUDA device")
+
+
+def _main_file(directory: Path, manifest: Manifest) -> Path:
+    # By convention the first file listed is the one the backend opens.
+    return directory / manifest.files[0].path
+
+
+def _read_bytes(path: Path, manifest: Manifest) -> bytes:
+    data = path.read_bytes()
+    if len(data) != manifest.files[0].size_bytes:
+        raise ArtifactCorrupt(
+            manifest.name, manifest.version, manifest.files[0].path,
+            f"read {len(data)} bytes, manifest says {manifest.files[0].size_bytes}",
+        )
+    return data
+
+
+def build_architecture(architecture: Architecture, trusted_modules: tuple[str, ...]) -> Any:
+    """Call the architecture's builder; the caller decides the default device (meta)."""
+    module_name = architecture.module_name
+    if not any(module_name == prefix or module_name.startswith(prefix + ".") for prefix in trusted_modules):
+        raise ValueError(
+            f"architecture module {module_name!r} is not trusted; trusted prefixes: {', '.join(trusted_modules)}"
+        )
+    if module_name == "torchvision":
+        import torchvision
+
+        return torchvision.models.get_model(architecture.callable_name, weights=None, **architecture.kwargs)
+    module = importlib.import_module(module_name)
+    builder = getattr(module, architecture.callable_name)
+    return builder(**architecture.kwargs)
+
+
+def _load_safetensors(directory: Path, manifest: Manifest, device: str, options: LoadOptions, phases: _Phases) -> LoadedModel:
+    import torch
+    from safetensors import safe_open
+
+    path = _main_file(directory, manifest)
+    with phases.measure("read"):
+        state: dict[str, Any] = {}
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                state[key] = handle.get_tensor(key)
+    with phases.measure("deserialize"):
+        assert manifest.architecture is not None
+        with torch.device("meta"):
+            module = build_architecture(manifest.architecture, options.trusted_modules)
+        module.load_state_dict(state, strict=True, assign=True)
+        for tensor_name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+            if tensor.is_meta:
+                raise LoadFailed(
+                    manifest.name, manifest.version, manifest.format, "deserialize",
+                    f"tensor {tensor_name!r} has no weights in the file (a non-persistent buffer?)",
+                )
+        module.eval()
+    with phases.measure("to_device"):
+        if device != "cpu":
+            module = module.to(device)
+    return TorchModel(manifest, device, options.input_bytes_max, module)
+
+
+def _load_torchscript(directory: Path, manifest: Manifest, device: str, options: LoadOptions, phases: _Phases) -> LoadedModel:
+    import torch
+
+    with phases.measure("read"):
+        data = _read_bytes(_main_file(directory, manifest), manifest)
+    with phases.measure("deserialize"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        module.eval()
+    with phases.measure("to_device"):
+        if device != "cpu":
+            module = module.to(device)
+    return TorchModel(manifest, device, options.input_bytes_max, module)
+
+
+def _load_pt2(directory: Path, manifest: Manifest, device: str, options: LoadOptions, phases: _Phases) -> LoadedModel:
+    import torch
+
+    with phases.measure("read"):
+        data = _read_bytes(_main_file(directory, manifest), manifest)
+    with phases.measure("deserialize"):
+        program = torch.export.load(io.BytesIO(data))
+        module = program.module()
+    with phases.measure("to_device"):
+        if device != "cpu":
+            module = module.to(device)
+    return TorchModel(manifest, device, options.input_bytes_max, module)
+
+
+def _load_onnx(directory: Path, manifest: Manifest, device: str, options: LoadOptions, phases: _Phases) -> LoadedModel:
+    import onnxruntime
+
+    session_options = onnxruntime.SessionOptions()
+    if options.threads is not None:
+        session_options.intra_op_num_threads = options.threads
+        session_options.inter_op_num_threads = 1
+    session_options.log_severity_level = 3
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device_kind(device) == "cuda" else ["CPUExecutionProvider"]
+    path = _main_file(directory, manifest)
+    with phases.measure("read"):
+        # Weights in external files are resolved relative to the path, so read only
+        # single-file models into memory.
+        source: bytes | str = _read_bytes(path, manifest) if len(manifest.files) == 1 else str(path)
+    with phases.measure("deserialize"):
+        session = onnxruntime.InferenceSession(source, sess_options=session_options, providers=providers)
+    return OnnxModel(manifest, device, options.input_bytes_max, session)
+
+
+def _load_tensorrt(directory: Path, manifest: Manifest, device: str, options: LoadOptions, phases: _Phases) -> LoadedModel:
+    try:
+        import torch_tensorrt  # noqa: F401  (registers the TensorRT engine ops with torch)
+    except Exception as error:  # ImportError, or a broken CUDA/TensorRT install
+        raise BackendUnavailable("tensorrt", device, f"torch_tensorrt does not import: {error}") from None
+    if device_kind(device) != "cuda":
+        raise BackendUnavailable("tensorrt", device, "TensorRT engines run only on a CUDA device")
+    import torch
+
+    with phases.measure("read"):
+        data = _read_bytes(_main_file(directory, manifest), manifest)
+    with phases.measure("deserialize"):
+        if manifest.files[0].path.endswith(".ep") or manifest.files[0].path.endswith(".pt2"):
+            module = torch.export.load(io.BytesIO(data)).module()
+        else:
+            module = torch.jit.load(io.BytesIO(data), map_location=device)
+    with phases.measure("to_device"):
+        module = module.to(device)
+    return TorchModel(manifest, device, options.input_bytes_max, module)
+
+
+BACKENDS: dict[str, Backend] = {
+    "safetensors": _load_safetensors,
+    "torchscript": _load_torchscript,
+    "onnx": _load_onnx,
+    "tensorrt": _load_tensorrt,
+    "pt2": _load_pt2,
+}
