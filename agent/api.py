@@ -8,6 +8,7 @@ proposal's outcome is unknown. A handler never lets an exception reach aiohttp's
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 import time
@@ -59,6 +60,7 @@ def build_app(peer: Peer) -> web.Application:
     app.router.add_post("/cluster/apps", apps_register)
     app.router.add_delete("/cluster/apps/{name}", apps_remove)
     app.router.add_post("/cluster/join", cluster_join)
+    app.router.add_post("/cluster/probe", cluster_probe)
     app.router.add_get("/metrics", metrics_text)
     return app
 
@@ -203,6 +205,72 @@ async def cluster_join(request: web.Request) -> web.Response:
     await peer.raft.add_member(raft_address, timeout_s=peer.profile.proposal_timeout_s)
     log.info("raft_member_added", raft_address=raft_address, node_id=data.get("node_id"))
     return json_response({"joined": True})
+
+
+PROBE_COUNT_MAX = 20_000
+PROBE_CONCURRENCY_MAX = 256
+PROBE_DEADLINE_S_MAX = 120.0
+
+
+async def cluster_probe(request: web.Request) -> web.Response:
+    """Commit no-op probes from this peer and report each commit's latency as this peer saw it.
+
+    A measuring tool (admin only): `count` probes, `concurrency` in flight, each attempt
+    bounded by `attempt_timeout_s` and retried until it commits or `deadline_s` passes, so
+    it also measures how long a cluster takes to commit again after losing its leader.
+    """
+    from redge.agent.peer import now_ms
+
+    _require_admin(request)
+    peer = _peer(request)
+    body = await _json_body(request)
+    try:
+        count = int(body.get("count", 1))
+        concurrency = int(body.get("concurrency", 1))
+        attempt_timeout_s = float(body.get("attempt_timeout_s", peer.profile.proposal_timeout_s))
+        deadline_s = float(body.get("deadline_s", peer.profile.proposal_timeout_s))
+    except (TypeError, ValueError) as error:
+        raise HttpError(400, f"bad probe parameter: {error}") from None
+    if not (1 <= count <= PROBE_COUNT_MAX and 1 <= concurrency <= PROBE_CONCURRENCY_MAX):
+        raise HttpError(400, f"count must be 1..{PROBE_COUNT_MAX} and concurrency 1..{PROBE_CONCURRENCY_MAX}")
+    if not (0 < attempt_timeout_s <= deadline_s <= PROBE_DEADLINE_S_MAX):
+        raise HttpError(400, f"need 0 < attempt_timeout_s <= deadline_s <= {PROBE_DEADLINE_S_MAX}")
+    started = time.monotonic()
+    deadline = started + deadline_s
+    latencies_ms: list[float] = []
+    committed_at_ms: list[int] = []
+    failures: dict[str, int] = {}
+    remaining = iter(range(count))
+
+    async def worker() -> None:
+        for index in remaining:
+            while True:
+                attempt_started = time.perf_counter()
+                try:
+                    await peer.propose(c.Probe(peer.node_id, f"{index}", now_ms()), timeout_s=attempt_timeout_s)
+                    latencies_ms.append((time.perf_counter() - attempt_started) * 1000)
+                    committed_at_ms.append(now_ms())
+                    break
+                except ConsensusError as error:
+                    failures[type(error).__name__] = failures.get(type(error).__name__, 0) + 1
+                    if time.monotonic() >= deadline:
+                        return
+                    if not isinstance(error, ProposalTimeout):
+                        await asyncio.sleep(0.005)  # no leader known yet: let the election run
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    assert peer.raft is not None
+    return json_response(
+        {
+            "node_id": peer.node_id,
+            "is_leader": peer.raft.status().is_leader,
+            "committed": len(latencies_ms),
+            "latencies_ms": latencies_ms,
+            "first_committed_at_ms": min(committed_at_ms) if committed_at_ms else None,
+            "duration_s": time.monotonic() - started,
+            "failures": failures,
+        }
+    )
 
 
 # ---------------------------------------------------------------------- apps

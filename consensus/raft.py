@@ -289,14 +289,18 @@ class RaftNode:
         partners = {}
         for node in self._sync.otherNodes:
             partners[node.address] = self._sync.isNodeConnected(node)
+        has_quorum = self._sync.hasQuorum
+        # pysyncobj keeps its last leader while it is connected to nobody (it will not even
+        # start an election then), so a node cut off from the majority would still name a
+        # dead leader. Without a quorum there is no leader this node can reach.
         return RaftStatus(
             self_address=self.self_address,
-            leader_address=leader.address if leader is not None else None,
+            leader_address=leader.address if leader is not None and has_quorum else None,
             term=self._sync.raftCurrentTerm,
             commit_index=self._sync.raftCommitIndex,
             last_applied=self._sync.raftLastApplied,
             is_leader=self._sync._isLeader(),
-            has_quorum=self._sync.hasQuorum,
+            has_quorum=has_quorum,
             partners=partners,
         )
 
