@@ -350,6 +350,7 @@ class NodeDetector:
         self.watch_started_ms = now_ms
         self.history = IntervalHistory(settings.window_size)
         self._skip_next_interval = False
+        self._reference_cache: tuple[float, float, float] | None = None
         self.suspected: SuspectReason | None = None
         self.suspected_at_ms: float | None = None
         self.heartbeats_since_suspicion = 0
@@ -368,16 +369,21 @@ class NodeDetector:
         self.history.add(estimate + estimate / 4.0)
 
     def on_heartbeat(self, incarnation: int, sequence: int, now_ms: float) -> HeartbeatOutcome:
+        self._reference_cache = None
         if incarnation < self.incarnation:
             self.heartbeats_stale += 1
             return HeartbeatOutcome.STALE
         outcome = HeartbeatOutcome.ACCEPTED
         if incarnation > self.incarnation:
+            # Incarnation 0 means "not known yet" (nothing committed, nothing
+            # heard): the first heartbeat introduces the node, it does not
+            # announce a restart.
+            if self.incarnation != 0 or self.heartbeats_accepted > 0:
+                self.restarts += 1
+                outcome = HeartbeatOutcome.RESTARTED
             self.incarnation = incarnation
             self.last_sequence = None
             self.last_arrival_ms = None
-            self.restarts += 1
-            outcome = HeartbeatOutcome.RESTARTED
         if self.last_sequence is not None and sequence <= self.last_sequence:
             self.heartbeats_duplicate += 1
             return HeartbeatOutcome.DUPLICATE
@@ -397,7 +403,13 @@ class NodeDetector:
         return outcome
 
     def _reference(self) -> tuple[float, float, float]:
-        """(silence start, mean, std) that phi is computed from."""
+        """(silence start, mean, std) that phi is computed from; cached
+        between heartbeats because the shell asks for it on every check."""
+        if self._reference_cache is None:
+            self._reference_cache = self._compute_reference()
+        return self._reference_cache
+
+    def _compute_reference(self) -> tuple[float, float, float]:
         settings = self.settings
         if self.last_arrival_ms is None:
             estimate = settings.first_heartbeat_estimate_ms
@@ -422,6 +434,7 @@ class NodeDetector:
         return start_ms + suspicion_elapsed_ms(self.settings.phi_threshold, mean_ms, std_ms)
 
     def on_self_pause(self, pause_ms: float, now_ms: float) -> None:
+        self._reference_cache = None
         if self.last_arrival_ms is None:
             self.watch_started_ms = min(now_ms, self.watch_started_ms + pause_ms)
         else:

@@ -1,0 +1,356 @@
+"""The detector core: heartbeat rules, verdict changes, slowness, who watches whom."""
+
+import ast
+import pathlib
+
+import pytest
+from hypothesis import given, settings as hypothesis_settings, strategies as st
+
+import redge.agent.detector as detector_module
+from redge.agent.clock import FakeClock
+from redge.agent.detector import (
+    ENTERPRISE,
+    IOBT,
+    Degraded,
+    DegradedReason,
+    HeartbeatOutcome,
+    IntervalHistory,
+    Monitor,
+    NodeDetector,
+    Recover,
+    Restarted,
+    Restored,
+    SlownessJudge,
+    SlownessSettings,
+    Suspect,
+    SuspectReason,
+    monitoring_targets,
+    phi,
+)
+
+INTERVAL_MS = ENTERPRISE.heartbeat_interval_ms
+
+
+def steady(monitor: Monitor, node_id: str, count: int, start_ms: float = 0.0,
+           incarnation: int = 1, first_sequence: int = 1) -> float:
+    """Feed `count` on-time heartbeats; returns the last arrival time."""
+    at_ms = start_ms
+    for i in range(count):
+        at_ms = start_ms + i * INTERVAL_MS
+        assert monitor.on_heartbeat(node_id, incarnation, first_sequence + i, at_ms) == []
+    return at_ms
+
+
+def test_core_imports_no_io():
+    tree = ast.parse(pathlib.Path(detector_module.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert not imported & {"asyncio", "time", "random", "socket", "structlog", "threading"}
+
+
+def test_fake_clock_moves_only_forward():
+    clock = FakeClock(5.0)
+    assert clock.advance(2.5) == 7.5
+    assert clock.advance_to(10.0) == 10.0
+    with pytest.raises(AssertionError):
+        clock.advance_to(9.0)
+
+
+def test_interval_history_is_bounded_and_exact():
+    history = IntervalHistory(capacity=4)
+    for value in [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]:
+        history.add(value)
+    assert len(history) == 4
+    assert history.mean_ms == pytest.approx(45.0)
+    assert history.std_deviation_ms == pytest.approx(11.1803, abs=1e-4)
+
+
+def test_steady_heartbeats_never_suspected_and_silence_is():
+    monitor = Monitor(ENTERPRISE)
+    monitor.watch("b", 1, 0.0)
+    last_ms = steady(monitor, "b", 200)
+    assert monitor.tick(last_ms + INTERVAL_MS) == []
+    assert monitor.next_check_ms(last_ms + 1.0) == last_ms + 1.0 + ENTERPRISE.max_check_interval_ms
+    deadline_ms = monitor.next_check_ms(last_ms + 80.0)
+    assert deadline_ms - last_ms == pytest.approx(ENTERPRISE.nominal_suspicion_ms, abs=0.1)
+    assert monitor.tick(deadline_ms - 0.1) == []
+    verdicts = monitor.tick(deadline_ms)
+    assert verdicts == [Suspect("b", 1, SuspectReason.PHI, verdicts[0].phi, deadline_ms)]
+    assert verdicts[0].phi >= ENTERPRISE.phi_threshold
+    assert monitor.tick(deadline_ms + 1000.0) == []  # changes only, not repeats
+
+
+def test_first_heartbeat_bootstraps_from_expected_interval():
+    node = NodeDetector("b", 0, ENTERPRISE, now_ms=0.0)
+    assert node.on_heartbeat(1, 1, 100.0) is HeartbeatOutcome.ACCEPTED
+    assert node.history.mean_ms == pytest.approx(INTERVAL_MS)
+    assert node.history.std_deviation_ms == pytest.approx(INTERVAL_MS / 4.0)
+
+
+def test_never_heard_node_is_suspected_silent_after_grace():
+    monitor = Monitor(ENTERPRISE)
+    monitor.watch("b", 0, 0.0)
+    assert monitor.tick(ENTERPRISE.first_heartbeat_grace_ms) == []
+    verdicts = monitor.tick(ENTERPRISE.first_heartbeat_grace_ms + 200.0)
+    assert [v.reason for v in verdicts] == [SuspectReason.SILENT]
+
+
+def test_sequence_duplicates_ignored_and_gaps_counted_as_loss():
+    node = NodeDetector("b", 1, ENTERPRISE, now_ms=0.0)
+    assert node.on_heartbeat(1, 1, 0.0) is HeartbeatOutcome.ACCEPTED
+    assert node.on_heartbeat(1, 2, 20.0) is HeartbeatOutcome.ACCEPTED
+    assert node.on_heartbeat(1, 2, 21.0) is HeartbeatOutcome.DUPLICATE
+    assert node.on_heartbeat(1, 5, 80.0) is HeartbeatOutcome.ACCEPTED
+    assert node.on_heartbeat(1, 4, 81.0) is HeartbeatOutcome.DUPLICATE  # reordered
+    assert (node.heartbeats_lost, node.heartbeats_duplicate) == (2, 2)
+    assert node.last_arrival_ms == 80.0
+
+
+def test_higher_incarnation_resets_history_lower_is_stale():
+    monitor = Monitor(ENTERPRISE)
+    monitor.watch("b", 1, 0.0)
+    steady(monitor, "b", 50)
+    assert monitor.on_heartbeat("b", 2, 1, 2000.0) == [Restarted("b", 1, 2, 2000.0)]
+    node_health = monitor.health(2000.0)[0]
+    assert (node_health.incarnation, node_health.restarts) == (2, 1)
+    assert monitor.on_heartbeat("b", 1, 99, 2001.0) == []
+    assert monitor.health(2001.0)[0].heartbeats_stale == 1
+    # sequence numbering starts over with the new incarnation
+    assert monitor.on_heartbeat("b", 2, 2, 2020.0) == []
+
+
+def test_restart_after_suspicion_recovers_at_once():
+    monitor = Monitor(ENTERPRISE)
+    monitor.watch("b", 1, 0.0)
+    last_ms = steady(monitor, "b", 20)
+    assert monitor.on_unreachable("b", last_ms + 5.0)[0].reason is SuspectReason.UNREACHABLE
+    verdicts = monitor.on_heartbeat("b", 2, 1, last_ms + 500.0)
+    assert verdicts == [Restarted("b", 1, 2, last_ms + 500.0), Recover("b", 2, last_ms + 500.0)]
+
+
+def test_unreachable_suspects_at_once_and_recovery_needs_fresh_heartbeats():
+    monitor = Monitor(ENTERPRISE)
+    monitor.watch("b", 1, 0.0)
+    last_ms = steady(monitor, "b", 20)
+    verdicts = monitor.on_unreachable("b", last_ms + 1.0)
+    assert [(v.node_id, v.reason) for v in verdicts] == [("b", SuspectReason.UNREACHABLE)]
+    assert monitor.on_unreachable("b", last_ms + 2.0) == []
+    # one straggler sent before the crash does not undo the suspicion
+    assert monitor.on_heartbeat("b", 1, 21, last_ms + 3.0) == []
+    assert monitor.on_heartbeat("b", 1, 22, last_ms + 20.0) == [Recover("b", 1, last_ms + 20.0)]
+    assert monitor.on_unreachable("nobody", 0.0) == []
+
+
+def test_suspected_gap_is_not_learned():
+    monitor = Monitor(ENTERPRISE)
+    monitor.watch("b", 1, 0.0)
+    last_ms = steady(monitor, "b", 100)
+    assert monitor.tick(last_ms + 5000.0)
+    monitor.on_heartbeat("b", 1, 101, last_ms + 5000.0)
+    monitor.on_heartbeat("b", 1, 102, last_ms + 5020.0)
+    assert monitor.health(last_ms + 5020.0)[0].interval_mean_ms == pytest.approx(INTERVAL_MS)
+
+
+def test_self_pause_is_not_held_against_watched_nodes():
+    monitor = Monitor(ENTERPRISE)
+    monitor.watch("b", 1, 0.0)
+    last_ms = steady(monitor, "b", 100)
+    resumed_ms = last_ms + 300.0  # the observer itself stalled for ~300 ms
+    monitor.on_self_pause(290.0, resumed_ms)
+    assert monitor.tick(resumed_ms) == []
+    # the pause excuses its own length, not more: silence afterwards is judged
+    assert monitor.tick(resumed_ms + 200.0)
+
+
+def test_unknown_sender_is_counted_not_watched():
+    monitor = Monitor(ENTERPRISE)
+    assert monitor.on_heartbeat("stranger", 1, 1, 0.0) == []
+    assert monitor.heartbeats_unknown_sender == 1 and monitor.watched() == []
+
+
+def test_set_watched_adds_and_removes():
+    monitor = Monitor(ENTERPRISE)
+    monitor.set_watched([("a", 0), ("b", 0)], 0.0)
+    monitor.set_watched([("b", 0), ("c", 3)], 10.0)
+    assert sorted(monitor.watched()) == ["b", "c"]
+    assert monitor.health(10.0)[1].incarnation == 3
+
+
+def test_watch_set_is_bounded():
+    monitor = Monitor(ENTERPRISE, max_watched=2)
+    monitor.watch("a", 0, 0.0)
+    monitor.watch("b", 0, 0.0)
+    with pytest.raises(AssertionError):
+        monitor.watch("c", 0, 0.0)
+
+
+# -- properties
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(
+    intervals=st.lists(st.floats(0.0, 500.0), min_size=0, max_size=60),
+    first_ms=st.floats(0.0, 5000.0),
+    second_ms=st.floats(0.0, 5000.0),
+    profile=st.sampled_from([ENTERPRISE, IOBT]),
+)
+def test_phi_is_monotone_in_silence(intervals, first_ms, second_ms, profile):
+    node = NodeDetector("b", 1, profile, now_ms=0.0)
+    at_ms = 0.0
+    for sequence, interval in enumerate(intervals, start=1):
+        at_ms += interval
+        node.on_heartbeat(1, sequence, at_ms)
+    earlier, later = sorted((first_ms, second_ms))
+    assert node.phi(at_ms + earlier) <= node.phi(at_ms + later)
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(
+    elapsed=st.lists(st.floats(-1e6, 1e6), min_size=2, max_size=2),
+    mean_ms=st.floats(0.0, 1e4),
+    std_ms=st.floats(1e-3, 1e4),
+)
+def test_phi_function_is_monotone_and_finite(elapsed, mean_ms, std_ms):
+    earlier, later = sorted(elapsed)
+    low, high = phi(earlier, mean_ms, std_ms), phi(later, mean_ms, std_ms)
+    assert 0.0 <= low <= high < float("inf")
+
+
+@hypothesis_settings(max_examples=150, deadline=None)
+@given(
+    profile=st.sampled_from([ENTERPRISE, IOBT]),
+    jitters=st.lists(st.floats(-1.0, 1.0), min_size=1, max_size=300),
+    check_fraction=st.floats(0.0, 1.0),
+)
+def test_no_suspicion_while_heartbeats_arrive_with_jitter_below_the_floor(
+    profile, jitters, check_fraction
+):
+    """Inter-arrival within interval +/- min_std_deviation_ms never gets a node suspected,
+    checked at any instant up to the next arrival."""
+    monitor = Monitor(profile)
+    monitor.watch("b", 1, 0.0)
+    at_ms = 0.0
+    monitor.on_heartbeat("b", 1, 1, at_ms)
+    for sequence, jitter in enumerate(jitters, start=2):
+        gap_ms = profile.heartbeat_interval_ms + jitter * profile.min_std_deviation_ms
+        assert monitor.tick(at_ms + check_fraction * gap_ms) == []
+        assert monitor.tick(at_ms + gap_ms) == []
+        at_ms += gap_ms
+        assert monitor.on_heartbeat("b", 1, sequence, at_ms) == []
+
+
+@hypothesis_settings(max_examples=100, deadline=None)
+@given(
+    gaps=st.lists(st.floats(0.0, 1000.0), min_size=1, max_size=40),
+    profile=st.sampled_from([ENTERPRISE, IOBT]),
+)
+def test_next_check_never_misses_a_suspicion(gaps, profile):
+    """Sleeping until next_check_ms suspects no later than polling would."""
+    monitor = Monitor(profile)
+    monitor.watch("b", 1, 0.0)
+    at_ms = 0.0
+    for sequence, gap in enumerate(gaps, start=1):
+        at_ms += gap
+        monitor.on_heartbeat("b", 1, sequence, at_ms)
+    check_ms = monitor.next_check_ms(at_ms)
+    assert check_ms > at_ms
+    if not monitor.is_suspected("b"):
+        before = monitor.phi("b", check_ms - 0.01)
+        after_tick = monitor.tick(check_ms)
+        if before >= profile.phi_threshold + 1e-6:
+            pytest.fail(f"phi {before} crossed the threshold before the scheduled check")
+        assert after_tick == [] or isinstance(after_tick[0], Suspect)
+
+
+# -- slowness
+
+SLOWNESS = SlownessSettings(window_ms=1000.0, latency_factor=2.0, restore_factor=1.5,
+                            min_samples=3, timeout_count_min=2)
+
+
+def test_slow_node_is_degraded_then_restored():
+    judge = SlownessJudge(SLOWNESS)
+    for i in range(5):
+        judge.on_latency("b", 250.0, 100.0, i * 10.0)
+    verdicts = judge.judge(50.0, lambda node: False)
+    assert verdicts == [Degraded("b", DegradedReason.SLOW, 2.5, 50.0)]
+    assert judge.judge(60.0, lambda node: False) == []
+    for i in range(5):  # the slow samples leave the window, fast ones replace them
+        judge.on_latency("b", 120.0, 100.0, 1100.0 + i)
+    assert judge.judge(1105.0, lambda node: False) == [Restored("b", 1105.0)]
+
+
+def test_latency_between_restore_and_degrade_factors_keeps_the_state():
+    judge = SlownessJudge(SLOWNESS)
+    for i in range(5):
+        judge.on_latency("b", 300.0, 100.0, float(i))
+    assert judge.judge(5.0, lambda node: False)
+    for i in range(5):
+        judge.on_latency("b", 180.0, 100.0, 2000.0 + i)
+    assert judge.judge(2005.0, lambda node: False) == []
+
+
+def test_timeouts_while_heartbeats_arrive_degrade_but_a_crash_is_not_slowness():
+    judge = SlownessJudge(SLOWNESS)
+    judge.on_timeout("b", 0.0)
+    judge.on_timeout("b", 10.0)
+    judge.on_timeout("c", 0.0)
+    judge.on_timeout("c", 10.0)
+    verdicts = judge.judge(20.0, lambda node: node == "c")
+    assert verdicts == [Degraded("b", DegradedReason.TIMEOUTS, 2.0, 20.0)]
+
+
+def test_monitor_reports_degraded_separately_from_suspected():
+    monitor = Monitor(ENTERPRISE, SLOWNESS)
+    monitor.watch("b", 1, 0.0)
+    last_ms = steady(monitor, "b", 10)
+    for i in range(3):
+        monitor.on_request_latency("b", 500.0, 100.0, last_ms)
+    verdicts = monitor.tick(last_ms + 1.0)
+    assert [type(v) for v in verdicts] == [Degraded]
+
+
+def test_judge_is_bounded_in_nodes():
+    judge = SlownessJudge(SlownessSettings(max_nodes=1))
+    judge.on_timeout("a", 0.0)
+    judge.on_timeout("b", 0.0)
+    assert judge.dropped_nodes == 1
+
+
+# -- who watches whom
+
+
+def members(count: int) -> list[str]:
+    return [f"n{i:02d}" for i in range(count)]
+
+
+@pytest.mark.parametrize("count", [2, 3, 5, 8])
+def test_small_clusters_watch_everyone(count):
+    nodes = members(count)
+    for node in nodes:
+        assert sorted(monitoring_targets(node, nodes)) == sorted(set(nodes) - {node})
+
+
+@pytest.mark.parametrize(("count", "fanout", "round_number"), [(9, 4, 0), (20, 4, 3), (50, 6, 7), (101, 3, 1)])
+def test_large_clusters_watch_symmetrically_with_fanout_watchers(count, fanout, round_number):
+    nodes = members(count)
+    targets = {n: monitoring_targets(n, nodes, seed=42, round_number=round_number, fanout=fanout)
+               for n in nodes}
+    expected = fanout + fanout % 2
+    for node, chosen in targets.items():
+        assert len(set(chosen)) == len(chosen) == expected and node not in chosen
+        for target in chosen:
+            assert node in targets[target], "watching must be mutual"
+
+
+def test_rotation_changes_who_watches_whom_deterministically():
+    nodes = members(30)
+    first = monitoring_targets("n05", nodes, seed=1, round_number=0)
+    assert first == monitoring_targets("n05", list(reversed(nodes)), seed=1, round_number=0)
+    rounds = {tuple(sorted(monitoring_targets("n05", nodes, seed=1, round_number=r)))
+              for r in range(10)}
+    assert len(rounds) > 5
