@@ -1,0 +1,595 @@
+"""A seeded, simulated network and heartbeat cluster for the failure detector.
+
+Real clusters make detection bugs rare and unreproducible; here time is a
+`FakeClock`, every delay, loss and stall is drawn from one seed, and the
+whole run is an ordered event queue: no threads, no sockets, no real time.
+A run with the same seed replays exactly, so a failing test prints its seed
+and that seed is the bug report (TigerBeetle's VOPR, in miniature).
+
+Two layers:
+
+- `SimNet`: datagrams between named endpoints with per-link delay, jitter,
+  loss (optionally bursty), one-way cuts and partitions. A datagram to an
+  endpoint whose process is gone but whose host is up is answered with a
+  refusal after one more delay (ICMP port unreachable); a crashed or hung
+  host is silent.
+- `DetectionSimulation`: N peers that exchange heartbeats through it and run
+  the real `Monitor` from `agent/detector.py`, plus faults as data (Jepsen's
+  nemeses): `Crash`, `Pause` (SIGSTOP / CPU starvation; long = hang),
+  `CutLink` (one-way), `Partition`, `Heal`, `Restart`. Verdicts are recorded
+  as a history; the checkers below are pure functions over it.
+
+What is modelled and what is not: the shell's behaviours that matter for
+detection are (send rhythm with scheduling lag and skipped slots after a
+stall, draining queued datagrams before judging, self-pause reports);
+kernel buffers are a bounded backlog. Raft is not simulated: a confirmation
+is approximated by the time the k-th distinct observer suspects.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from redge.agent.clock import FakeClock
+from redge.agent.detector import (
+    DetectorSettings,
+    Monitor,
+    Recover,
+    Restarted,
+    Suspect,
+    Verdict,
+    monitoring_targets,
+)
+
+# ---------------------------------------------------------------------------
+# network
+
+
+@dataclass(frozen=True, slots=True)
+class LinkProfile:
+    """One direction of a link. Delay is uniform in [delay_ms_min, delay_ms_max]
+    (jitter is their difference); loss is independent per datagram, plus an
+    optional Gilbert-Elliott burst state in which every datagram is lost."""
+
+    delay_ms_min: float = 0.05
+    delay_ms_max: float = 0.3
+    loss_probability: float = 0.0
+    burst_enter_probability: float = 0.0
+    burst_exit_probability: float = 1.0
+
+    def __post_init__(self) -> None:
+        assert 0.0 <= self.delay_ms_min <= self.delay_ms_max
+        assert 0.0 <= self.loss_probability <= 1.0
+        assert 0.0 <= self.burst_enter_probability <= 1.0
+        assert 0.0 < self.burst_exit_probability <= 1.0
+
+
+# Switched Ethernet: sub-millisecond, lossless.
+ENTERPRISE_LINK = LinkProfile(delay_ms_min=0.05, delay_ms_max=0.3)
+# WiFi as DESIGN.md states it: 5-50 ms RTT (2.5-25 ms one way), 5 % loss.
+IOBT_LINK = LinkProfile(delay_ms_min=2.5, delay_ms_max=25.0, loss_probability=0.05)
+
+
+class Endpoint(Protocol):
+    def on_datagram(self, source: str, payload: Any) -> None: ...
+
+    def on_refused(self, destination: str) -> None: ...
+
+
+@dataclass(slots=True)
+class NetStats:
+    sent: int = 0
+    delivered: int = 0
+    lost: int = 0
+    blocked: int = 0
+    refused: int = 0
+    dropped_silently: int = 0
+
+
+class SimNet:
+    """Datagrams over simulated links, delivered by an ordered event queue."""
+
+    OPEN = "open"  # process listening
+    CLOSED = "closed"  # process gone, host up: the kernel refuses
+    SILENT = "silent"  # host gone (or unplugged): nothing comes back
+
+    def __init__(self, seed: int, clock: FakeClock | None = None,
+                 link: LinkProfile = ENTERPRISE_LINK, max_events: int = 50_000_000) -> None:
+        self.seed = seed
+        self.clock = clock or FakeClock()
+        self.rng = random.Random(f"simnet/{seed}")
+        self.default_link = link
+        self.max_events = max_events
+        self.events_run = 0
+        self.stats = NetStats()
+        self._queue: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
+        self._order = 0
+        self._endpoints: dict[str, Endpoint] = {}
+        self._states: dict[str, str] = {}
+        self._links: dict[tuple[str, str], LinkProfile] = {}
+        self._bursting: set[tuple[str, str]] = set()
+        self._blocked: set[tuple[str, str]] = set()
+
+    # -- events
+
+    def schedule(self, at_ms: float, callback: Callable[..., None], *args: Any) -> None:
+        assert at_ms >= self.clock.now_ms(), "cannot schedule in the past"
+        self._order += 1
+        heapq.heappush(self._queue, (at_ms, self._order, callback, args))
+
+    def run_until(self, until_ms: float) -> None:
+        while self._queue and self._queue[0][0] <= until_ms:
+            at_ms, _, callback, args = heapq.heappop(self._queue)
+            self.clock.advance_to(at_ms)
+            self.events_run += 1
+            assert self.events_run <= self.max_events, f"event bound exceeded (seed {self.seed})"
+            callback(*args)
+        self.clock.advance_to(max(until_ms, self.clock.now_ms()))
+
+    def run_for(self, duration_ms: float) -> None:
+        self.run_until(self.clock.now_ms() + duration_ms)
+
+    # -- topology
+
+    def attach(self, address: str, endpoint: Endpoint) -> None:
+        self._endpoints[address] = endpoint
+        self._states[address] = self.OPEN
+
+    def set_state(self, address: str, state: str) -> None:
+        assert state in (self.OPEN, self.CLOSED, self.SILENT)
+        self._states[address] = state
+
+    def set_link(self, source: str, destination: str, link: LinkProfile) -> None:
+        self._links[(source, destination)] = link
+
+    def block(self, source: str, destination: str) -> None:
+        """Cut one direction: datagrams from source to destination vanish."""
+        self._blocked.add((source, destination))
+
+    def unblock(self, source: str, destination: str) -> None:
+        self._blocked.discard((source, destination))
+
+    def partition(self, groups: Sequence[Iterable[str]]) -> None:
+        membership = {a: i for i, group in enumerate(groups) for a in group}
+        for a, group_a in membership.items():
+            for b, group_b in membership.items():
+                if group_a != group_b:
+                    self._blocked.add((a, b))
+
+    def heal(self) -> None:
+        self._blocked.clear()
+
+    # -- datagrams
+
+    def send(self, source: str, destination: str, payload: Any) -> None:
+        self.stats.sent += 1
+        if (source, destination) in self._blocked:
+            self.stats.blocked += 1
+            return
+        link = self._links.get((source, destination), self.default_link)
+        if self._lost(source, destination, link):
+            self.stats.lost += 1
+            return
+        delay_ms = self.rng.uniform(link.delay_ms_min, link.delay_ms_max)
+        self.schedule(self.clock.now_ms() + delay_ms, self._arrive, source, destination, payload)
+
+    def _lost(self, source: str, destination: str, link: LinkProfile) -> bool:
+        key = (source, destination)
+        if key in self._bursting:
+            if self.rng.random() < link.burst_exit_probability:
+                self._bursting.discard(key)
+            else:
+                return True
+        elif link.burst_enter_probability and self.rng.random() < link.burst_enter_probability:
+            self._bursting.add(key)
+            return True
+        return self.rng.random() < link.loss_probability
+
+    def _arrive(self, source: str, destination: str, payload: Any) -> None:
+        state = self._states.get(destination, self.SILENT)
+        if state == self.OPEN:
+            self.stats.delivered += 1
+            self._endpoints[destination].on_datagram(source, payload)
+        elif state == self.CLOSED and (destination, source) not in self._blocked:
+            # ICMP port unreachable travels back over the reverse link.
+            link = self._links.get((destination, source), self.default_link)
+            delay_ms = self.rng.uniform(link.delay_ms_min, link.delay_ms_max)
+            self.schedule(self.clock.now_ms() + delay_ms, self._refuse, source, destination)
+        else:
+            self.stats.dropped_silently += 1
+
+    def _refuse(self, source: str, destination: str) -> None:
+        if self._states.get(source) == self.OPEN:
+            self.stats.refused += 1
+            self._endpoints[source].on_refused(destination)
+
+
+# ---------------------------------------------------------------------------
+# faults as data
+
+
+@dataclass(frozen=True, slots=True)
+class Crash:
+    node_id: str
+    at_ms: float
+    # True: the process died, the host answers ICMP port unreachable (SIGKILL).
+    # False: the host died or was unplugged: silence.
+    host_up: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """The process does not run (SIGSTOP, CPU starvation); a long one is a hang."""
+
+    node_id: str
+    at_ms: float
+    duration_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class CutLink:
+    source: str
+    destination: str
+    at_ms: float
+    until_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    groups: tuple[tuple[str, ...], ...]
+    at_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Heal:
+    at_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Restart:
+    node_id: str
+    at_ms: float
+
+
+Fault = Crash | Pause | CutLink | Partition | Heal | Restart
+
+
+@dataclass(frozen=True, slots=True)
+class CpuLoad:
+    """Scheduling noise on every node: each send runs late by an exponential
+    lag, and the process stalls now and then (Poisson), as under CPU load."""
+
+    send_lag_ms_mean: float = 0.0
+    stalls_per_s: float = 0.0
+    stall_ms_min: float = 0.0
+    stall_ms_max: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One verdict as recorded by the simulation: who said what, when."""
+
+    at_ms: float
+    observer: str
+    verdict: Verdict
+
+
+# ---------------------------------------------------------------------------
+# peers
+
+
+@dataclass(frozen=True, slots=True)
+class _Beat:
+    node_id: str
+    incarnation: int
+    sequence: int
+
+
+_BACKLOG_MAX = 512  # a paused process's socket buffer, in datagrams
+
+
+class SimPeer:
+    """A peer's heartbeat shell, simulated: same rhythm and order as heartbeat.py."""
+
+    def __init__(self, simulation: DetectionSimulation, node_id: str, incarnation: int) -> None:
+        self.simulation = simulation
+        self.node_id = node_id
+        self.incarnation = incarnation
+        self.settings = simulation.settings
+        self.monitor = Monitor(self.settings)
+        self.sequence = 0
+        self.targets: list[str] = []
+        self.crashed = False
+        self.paused_until_ms: float | None = None
+        self.paused_since_ms = 0.0
+        self.backlog: list[tuple[str, Any]] = []
+        self.backlog_dropped = 0
+        self._check_at_ms: float | None = None
+        self._life = 0  # events of a previous life are ignored after a restart
+
+    @property
+    def net(self) -> SimNet:
+        return self.simulation.net
+
+    def now_ms(self) -> float:
+        return self.net.clock.now_ms()
+
+    def start(self, targets: Iterable[tuple[str, int]], phase_ms: float) -> None:
+        now_ms = self.now_ms()
+        self.targets = [node_id for node_id, _ in targets]
+        self.monitor.set_watched(((n, i) for n, i in targets), now_ms)
+        self.net.schedule(now_ms + phase_ms, self._send, now_ms + phase_ms, self._life)
+        self._schedule_check()
+
+    # -- sending: fixed rhythm, lag from CPU load, skipped slots after a stall
+
+    def _send(self, slot_ms: float, life: int) -> None:
+        if life != self._life or self.crashed:
+            return
+        if self.paused_until_ms is not None:
+            self.net.schedule(self.paused_until_ms, self._send, slot_ms, life)
+            return
+        now_ms = self.now_ms()
+        self.sequence += 1
+        beat = _Beat(self.node_id, self.incarnation, self.sequence)
+        for target in self.targets:
+            self.net.send(self.node_id, target, beat)
+        interval_ms = self.settings.heartbeat_interval_ms
+        next_slot_ms = slot_ms + interval_ms
+        if next_slot_ms <= now_ms:
+            next_slot_ms += (int((now_ms - next_slot_ms) / interval_ms) + 1) * interval_ms
+        lag_ms = self.simulation.send_lag_ms()
+        self.net.schedule(next_slot_ms + lag_ms, self._send, next_slot_ms, life)
+
+    # -- receiving
+
+    def on_datagram(self, source: str, payload: Any) -> None:
+        if self.crashed:
+            return
+        if self.paused_until_ms is not None:
+            if len(self.backlog) < _BACKLOG_MAX:
+                self.backlog.append((source, payload))
+            else:
+                self.backlog_dropped += 1
+            return
+        beat: _Beat = payload
+        if beat.node_id not in self.targets:
+            return
+        self._record(self.monitor.on_heartbeat(
+            beat.node_id, beat.incarnation, beat.sequence, self.now_ms()))
+
+    def on_refused(self, destination: str) -> None:
+        if self.crashed or self.paused_until_ms is not None:
+            return
+        self._record(self.monitor.on_unreachable(destination, self.now_ms()))
+
+    # -- judging: sleep until the next possible suspicion, like the shell
+
+    def _schedule_check(self) -> None:
+        now_ms = self.now_ms()
+        at_ms = self.monitor.next_check_ms(now_ms)
+        if self._check_at_ms is not None and self._check_at_ms <= at_ms:
+            return
+        self._check_at_ms = at_ms
+        self.net.schedule(at_ms, self._check, self._life)
+
+    def _check(self, life: int) -> None:
+        if life != self._life or self.crashed:
+            return
+        if self.paused_until_ms is not None:
+            return  # resumed by _resume, which checks
+        if self._check_at_ms is not None and self._check_at_ms > self.now_ms():
+            return  # a stale wake-up; a later one is pending
+        self._check_at_ms = None
+        self._record(self.monitor.tick(self.now_ms()))
+        if self._check_at_ms is None:
+            self._schedule_check()
+
+    # -- faults
+
+    def pause(self, duration_ms: float) -> None:
+        if self.crashed:
+            return
+        now_ms = self.now_ms()
+        until_ms = now_ms + duration_ms
+        if self.paused_until_ms is None:
+            self.paused_since_ms = now_ms
+        elif until_ms <= self.paused_until_ms:
+            return
+        self.paused_until_ms = until_ms
+        self.net.schedule(until_ms, self._resume, until_ms, self._life)
+
+    def _resume(self, until_ms: float, life: int) -> None:
+        if life != self._life or self.crashed or self.paused_until_ms != until_ms:
+            return
+        self.paused_until_ms = None
+        now_ms = self.now_ms()
+        backlog, self.backlog = self.backlog, []
+        for source, payload in backlog:  # the shell drains the socket first
+            self.on_datagram(source, payload)
+        pause_ms = now_ms - self.paused_since_ms
+        if pause_ms > self.settings.self_pause_threshold_ms:
+            self.monitor.on_self_pause(pause_ms, now_ms)
+        self._check_at_ms = None
+        self._check(life)
+
+    def crash(self) -> None:
+        self.crashed = True
+        self._life += 1
+
+    def restart(self, incarnation: int, targets: Iterable[tuple[str, int]]) -> None:
+        self._life += 1
+        self.crashed = False
+        self.paused_until_ms = None
+        self.backlog = []
+        self.incarnation = incarnation
+        self.sequence = 0
+        self.monitor = Monitor(self.settings)
+        self._check_at_ms = None
+        self.start(targets, phase_ms=0.0)
+
+    def _record(self, verdicts: list[Verdict]) -> None:
+        if not verdicts:
+            return  # an accepted heartbeat only moves deadlines later: no new check needed
+        now_ms = self.now_ms()
+        for verdict in verdicts:
+            self.simulation.history.append(Observation(now_ms, self.node_id, verdict))
+        self._schedule_check()
+
+
+# ---------------------------------------------------------------------------
+# the cluster
+
+
+@dataclass(slots=True)
+class DetectionSimulation:
+    """N peers watching each other through a SimNet, with faults as data."""
+
+    node_ids: Sequence[str]
+    settings: DetectorSettings
+    seed: int
+    link: LinkProfile = ENTERPRISE_LINK
+    cpu_load: CpuLoad = field(default_factory=CpuLoad)
+    fanout: int = 4
+    net: SimNet = field(init=False)
+    peers: dict[str, SimPeer] = field(init=False)
+    history: list[Observation] = field(init=False)
+    faults: list[Fault] = field(init=False)
+    rng: random.Random = field(init=False)
+
+    def __post_init__(self) -> None:
+        assert len(set(self.node_ids)) == len(self.node_ids) >= 2
+        self.net = SimNet(self.seed, link=self.link)
+        self.rng = random.Random(f"simulation/{self.seed}")
+        self.history = []
+        self.faults = []
+        self.peers = {}
+        for node_id in self.node_ids:
+            peer = SimPeer(self, node_id, incarnation=1)
+            self.peers[node_id] = peer
+            self.net.attach(node_id, peer)
+        interval_ms = self.settings.heartbeat_interval_ms
+        for node_id, peer in self.peers.items():
+            peer.start(self._targets(node_id), phase_ms=self.rng.uniform(0.0, interval_ms))
+        if self.cpu_load.stalls_per_s > 0:
+            for node_id in self.node_ids:
+                self._schedule_stall(node_id)
+
+    def __str__(self) -> str:
+        return (f"DetectionSimulation(seed={self.seed}, profile={self.settings.name}, "
+                f"nodes={len(self.node_ids)}, now_ms={self.now_ms():.1f})")
+
+    def now_ms(self) -> float:
+        return self.net.clock.now_ms()
+
+    def _targets(self, node_id: str) -> list[tuple[str, int]]:
+        chosen = monitoring_targets(node_id, self.node_ids, seed=self.seed, fanout=self.fanout)
+        return [(target, self.peers[target].incarnation) for target in chosen]
+
+    def send_lag_ms(self) -> float:
+        mean = self.cpu_load.send_lag_ms_mean
+        return self.rng.expovariate(1.0 / mean) if mean > 0 else 0.0
+
+    def _schedule_stall(self, node_id: str) -> None:
+        gap_ms = self.rng.expovariate(self.cpu_load.stalls_per_s) * 1000.0
+        self.net.schedule(self.now_ms() + gap_ms, self._stall, node_id)
+
+    def _stall(self, node_id: str) -> None:
+        duration_ms = self.rng.uniform(self.cpu_load.stall_ms_min, self.cpu_load.stall_ms_max)
+        self.peers[node_id].pause(duration_ms)
+        self._schedule_stall(node_id)
+
+    # -- faults
+
+    def inject(self, fault: Fault) -> None:
+        self.faults.append(fault)
+        self.net.schedule(max(fault.at_ms, self.now_ms()), self._apply, fault)
+
+    def _apply(self, fault: Fault) -> None:
+        match fault:
+            case Crash(node_id=node_id, host_up=host_up):
+                self.peers[node_id].crash()
+                self.net.set_state(node_id, SimNet.CLOSED if host_up else SimNet.SILENT)
+            case Pause(node_id=node_id, duration_ms=duration_ms):
+                self.peers[node_id].pause(duration_ms)
+            case CutLink(source=source, destination=destination, until_ms=until_ms):
+                self.net.block(source, destination)
+                if until_ms is not None:
+                    self.net.schedule(until_ms, self.net.unblock, source, destination)
+            case Partition(groups=groups):
+                self.net.partition(groups)
+            case Heal():
+                self.net.heal()
+            case Restart(node_id=node_id):
+                peer = self.peers[node_id]
+                self.net.set_state(node_id, SimNet.OPEN)
+                peer.restart(peer.incarnation + 1, self._targets(node_id))
+
+    def run_until(self, until_ms: float) -> None:
+        self.net.run_until(until_ms)
+
+    def run_for(self, duration_ms: float) -> None:
+        self.net.run_for(duration_ms)
+
+    def watchers_of(self, node_id: str) -> list[str]:
+        return [n for n, p in self.peers.items() if node_id in p.targets]
+
+
+# ---------------------------------------------------------------------------
+# checkers: pure functions over a history
+
+
+def first_suspicions(history: Iterable[Observation], node_id: str,
+                     since_ms: float) -> dict[str, float]:
+    """Observer -> time of its first suspicion of `node_id` at or after `since_ms`."""
+    first: dict[str, float] = {}
+    for observation in history:
+        verdict = observation.verdict
+        if (isinstance(verdict, Suspect) and verdict.node_id == node_id
+                and observation.at_ms >= since_ms and observation.observer not in first):
+            first[observation.observer] = observation.at_ms
+    return first
+
+
+def suspicion_intervals(history: Iterable[Observation],
+                        end_ms: float) -> list[tuple[str, str, float, float]]:
+    """(observer, node, start_ms, end_ms) for every suspicion, closed by the
+    observer's Recover/Restarted or by `end_ms`."""
+    open_since: dict[tuple[str, str], float] = {}
+    intervals: list[tuple[str, str, float, float]] = []
+    for observation in history:
+        verdict = observation.verdict
+        if isinstance(verdict, Suspect):
+            open_since.setdefault((observation.observer, verdict.node_id), observation.at_ms)
+        elif isinstance(verdict, Recover | Restarted):
+            key = (observation.observer, verdict.node_id)
+            if key in open_since:
+                intervals.append((*key, open_since.pop(key), observation.at_ms))
+    intervals.extend((o, n, start, end_ms) for (o, n), start in open_since.items())
+    return intervals
+
+
+def max_concurrent_suspicions(history: Iterable[Observation], end_ms: float) -> dict[str, int]:
+    """Node -> the largest number of distinct observers suspecting it at once.
+    A count of 2 or more is what a quorum-of-2 confirmation would act on."""
+    edges: dict[str, list[tuple[float, int]]] = {}
+    for _, node_id, start_ms, stop_ms in suspicion_intervals(history, end_ms):
+        edges.setdefault(node_id, []).extend([(start_ms, 1), (stop_ms, -1)])
+    result: dict[str, int] = {}
+    for node_id, node_edges in edges.items():
+        current = peak = 0
+        for _, delta in sorted(node_edges, key=lambda edge: (edge[0], edge[1])):
+            current += delta
+            peak = max(peak, current)
+        result[node_id] = peak
+    return result
+
+
+def kth_suspicion_ms(first: dict[str, float], k: int) -> float | None:
+    """When the k-th distinct observer suspected, or None if fewer did."""
+    times = sorted(first.values())
+    return times[k - 1] if len(times) >= k else None

@@ -1,0 +1,209 @@
+"""Seeded simulations of heartbeats through a lossy, partitionable network.
+
+Each run is fully determined by its seed; every assertion message carries the
+simulation (seed included) so a failure can be replayed exactly.
+"""
+
+import pytest
+
+from redge.agent.detector import ENTERPRISE, IOBT, Recover, Restarted, Suspect, SuspectReason
+from redge.chaos.simnet import (
+    ENTERPRISE_LINK,
+    IOBT_LINK,
+    CpuLoad,
+    Crash,
+    CutLink,
+    DetectionSimulation,
+    Heal,
+    LinkProfile,
+    Partition,
+    Pause,
+    Restart,
+    SimNet,
+    first_suspicions,
+    kth_suspicion_ms,
+    max_concurrent_suspicions,
+    suspicion_intervals,
+)
+
+NODES = ["n0", "n1", "n2", "n3", "n4"]
+WARM_UP_MS = 3_000.0
+SEEDS = [0, 1, 2, 3, 4]
+
+
+def suspicions(simulation: DetectionSimulation) -> list[tuple[str, str]]:
+    return [(o.observer, o.verdict.node_id) for o in simulation.history
+            if isinstance(o.verdict, Suspect)]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_quiet_network_no_suspicion_and_replays_exactly(seed):
+    runs = []
+    for _ in range(2):
+        simulation = DetectionSimulation(NODES, IOBT, seed=seed, link=IOBT_LINK)
+        simulation.run_until(20_000.0)
+        runs.append((simulation.history, simulation.net.stats, simulation.net.events_run))
+    assert runs[0] == runs[1], f"not deterministic: {simulation}"
+    assert runs[0][0] == [], f"{simulation}: {runs[0][0][:5]}"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize(("settings", "link", "bound_ms"), [
+    # silence: nominal suspicion after the last heartbeat, plus delay jitter
+    (ENTERPRISE, ENTERPRISE_LINK, ENTERPRISE.nominal_suspicion_ms + 1.0),
+    (IOBT, IOBT_LINK, 550.0),
+], ids=["enterprise", "iobt"])
+def test_host_crash_every_watcher_suspects_within_bound(seed, settings, link, bound_ms):
+    simulation = DetectionSimulation(NODES, settings, seed=seed, link=link)
+    simulation.run_until(WARM_UP_MS)
+    fault_ms = WARM_UP_MS + 7.3
+    simulation.inject(Crash("n2", fault_ms, host_up=False))
+    simulation.run_until(fault_ms + 2_000.0)
+    first = first_suspicions(simulation.history, "n2", 0.0)
+    assert sorted(first) == ["n0", "n1", "n3", "n4"], simulation
+    for observer, at_ms in first.items():
+        assert 0.0 < at_ms - fault_ms <= bound_ms, f"{simulation}: {observer} at {at_ms - fault_ms} ms"
+    assert {o.verdict.reason for o in simulation.history} == {SuspectReason.PHI}, simulation
+    assert set(suspicions(simulation)) == {(o, "n2") for o in first}, simulation
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_process_crash_is_refused_within_one_interval(seed):
+    simulation = DetectionSimulation(NODES, ENTERPRISE, seed=seed, link=ENTERPRISE_LINK)
+    simulation.run_until(WARM_UP_MS)
+    fault_ms = WARM_UP_MS + 3.1
+    simulation.inject(Crash("n1", fault_ms, host_up=True))
+    simulation.run_until(fault_ms + 500.0)
+    first = first_suspicions(simulation.history, "n1", 0.0)
+    assert len(first) == 4, simulation
+    bound_ms = ENTERPRISE.heartbeat_interval_ms + 2 * ENTERPRISE_LINK.delay_ms_max
+    assert max(first.values()) - fault_ms <= bound_ms, simulation
+    assert kth_suspicion_ms(first, 2) - fault_ms <= bound_ms, simulation
+    reasons = {o.verdict.reason for o in simulation.history if isinstance(o.verdict, Suspect)}
+    assert reasons == {SuspectReason.UNREACHABLE}, simulation
+
+
+@pytest.mark.parametrize("seed", SEEDS[:3])
+def test_hang_is_suspected_and_recovered_after_resume(seed):
+    simulation = DetectionSimulation(NODES, ENTERPRISE, seed=seed)
+    simulation.run_until(WARM_UP_MS)
+    simulation.inject(Pause("n3", WARM_UP_MS, duration_ms=2_000.0))
+    simulation.run_until(WARM_UP_MS + 1_000.0)
+    first = first_suspicions(simulation.history, "n3", 0.0)
+    assert len(first) == 4 and max(first.values()) - WARM_UP_MS <= 130.0, simulation
+    simulation.run_until(WARM_UP_MS + 3_000.0)
+    recovered = {o.observer for o in simulation.history
+                 if isinstance(o.verdict, Recover) and o.verdict.node_id == "n3"}
+    assert recovered == set(first), simulation
+    # the hung node does not blame the others for its own silence
+    assert all(observer != "n3" for observer, _ in suspicions(simulation)), simulation
+
+
+@pytest.mark.parametrize("seed", SEEDS[:3])
+@pytest.mark.parametrize("settings", [ENTERPRISE, IOBT], ids=lambda s: s.name)
+def test_one_way_link_only_the_cut_observer_suspects(seed, settings):
+    link = ENTERPRISE_LINK if settings is ENTERPRISE else IOBT_LINK
+    simulation = DetectionSimulation(NODES, settings, seed=seed, link=link)
+    simulation.run_until(WARM_UP_MS)
+    # n1's heartbeats no longer reach n0; everything else, n0 -> n1 included, works
+    simulation.inject(CutLink("n1", "n0", WARM_UP_MS, until_ms=WARM_UP_MS + 3_000.0))
+    simulation.run_until(WARM_UP_MS + 6_000.0)
+    assert set(suspicions(simulation)) == {("n0", "n1")}, simulation
+    assert max(max_concurrent_suspicions(simulation.history, simulation.now_ms()).values()) == 1
+    recoveries = [o for o in simulation.history if isinstance(o.verdict, Recover)]
+    assert [(o.observer, o.verdict.node_id) for o in recoveries] == [("n0", "n1")], simulation
+
+
+@pytest.mark.parametrize("seed", SEEDS[:3])
+def test_partition_each_side_suspects_the_other_then_heals(seed):
+    simulation = DetectionSimulation(NODES, ENTERPRISE, seed=seed)
+    simulation.run_until(WARM_UP_MS)
+    simulation.inject(Partition((("n0", "n1"), ("n2", "n3", "n4")), WARM_UP_MS))
+    simulation.inject(Heal(WARM_UP_MS + 2_000.0))
+    simulation.run_until(WARM_UP_MS + 4_000.0)
+    minority, majority = {"n0", "n1"}, {"n2", "n3", "n4"}
+    expected = {(a, b) for a in minority for b in majority} | {(b, a) for a in minority for b in majority}
+    assert set(suspicions(simulation)) == expected, simulation
+    still_open = [i for i in suspicion_intervals(simulation.history, simulation.now_ms())
+                  if i[3] == simulation.now_ms()]
+    assert still_open == [], f"{simulation}: not recovered after heal: {still_open}"
+
+
+@pytest.mark.parametrize("seed", SEEDS[:3])
+def test_restart_is_announced_with_the_new_incarnation(seed):
+    simulation = DetectionSimulation(NODES, ENTERPRISE, seed=seed)
+    simulation.run_until(WARM_UP_MS)
+    simulation.inject(Crash("n4", WARM_UP_MS))
+    simulation.inject(Restart("n4", WARM_UP_MS + 500.0))
+    simulation.run_until(WARM_UP_MS + 1_500.0)
+    restarted = {o.observer for o in simulation.history if isinstance(o.verdict, Restarted)}
+    recovered = {(o.observer, o.verdict.incarnation) for o in simulation.history
+                 if isinstance(o.verdict, Recover)}
+    assert restarted == {"n0", "n1", "n2", "n3"}, simulation
+    assert recovered == {(o, 2) for o in restarted}, simulation
+
+
+@pytest.mark.parametrize("seed", SEEDS[:3])
+def test_large_cluster_crash_is_seen_by_exactly_its_watchers(seed):
+    nodes = [f"n{i:02d}" for i in range(20)]
+    simulation = DetectionSimulation(nodes, ENTERPRISE, seed=seed, fanout=4)
+    simulation.run_until(2_000.0)
+    victim = "n07"
+    watchers = simulation.watchers_of(victim)
+    assert len(watchers) == 4, simulation
+    simulation.inject(Crash(victim, 2_000.0, host_up=False))
+    simulation.run_until(2_500.0)
+    assert sorted(first_suspicions(simulation.history, victim, 0.0)) == sorted(watchers), simulation
+    assert {n for _, n in suspicions(simulation)} == {victim}, simulation
+
+
+@pytest.mark.parametrize("seed", SEEDS[:2])
+def test_stalled_observer_does_not_blame_others(seed):
+    """A 300 ms stall of n0 (GC, CPU) makes others suspect n0, as they should,
+    but n0 must not suspect anyone for silence it caused itself."""
+    simulation = DetectionSimulation(NODES, ENTERPRISE, seed=seed)
+    simulation.run_until(WARM_UP_MS)
+    simulation.inject(Pause("n0", WARM_UP_MS, duration_ms=300.0))
+    simulation.run_until(WARM_UP_MS + 2_000.0)
+    assert all(observer != "n0" for observer, _ in suspicions(simulation)), simulation
+
+
+def test_bursty_loss_on_one_link():
+    net = SimNet(seed=9, link=LinkProfile(loss_probability=0.0, burst_enter_probability=0.5,
+                                          burst_exit_probability=0.5))
+    received = []
+
+    class Sink:
+        def on_datagram(self, source, payload):
+            received.append(payload)
+
+        def on_refused(self, destination):
+            raise AssertionError("unexpected")
+
+    net.attach("a", Sink())
+    net.attach("b", Sink())
+    for i in range(1_000):
+        net.send("a", "b", i)
+    net.run_for(10.0)
+    assert 200 < len(received) < 800 and net.stats.lost == 1_000 - len(received)
+
+
+@pytest.mark.parametrize("seed", [11])
+def test_ten_minutes_of_iobt_weather_no_quorum_of_false_suspicions(seed):
+    """10 simulated minutes, 5 % loss, 2.5-25 ms one-way delay, scheduling lag
+    and stalls (CPU load), no fault: no node is ever suspected by two observers
+    at once, i.e. no confirmation with a quorum of 2."""
+    simulation = DetectionSimulation(
+        NODES, IOBT, seed=seed, link=IOBT_LINK,
+        cpu_load=CpuLoad(send_lag_ms_mean=2.0, stalls_per_s=0.2, stall_ms_min=10.0,
+                         stall_ms_max=150.0),
+    )
+    duration_ms = 600_000.0
+    simulation.run_until(duration_ms)
+    false_suspicions = len(suspicions(simulation))
+    observer_hours = len(NODES) * duration_ms / 3_600_000.0
+    print(f"{simulation}: {false_suspicions} false suspicions, "
+          f"{false_suspicions / observer_hours:.2f} per observer-hour, lost {simulation.net.stats.lost}")
+    concurrent = max_concurrent_suspicions(simulation.history, duration_ms)
+    assert max(concurrent.values(), default=0) < 2, f"{simulation}: {concurrent}"
+    assert simulation.net.stats.lost > 0.04 * simulation.net.stats.sent, simulation
