@@ -1,0 +1,512 @@
+"""The heartbeat service: UDP heartbeats in and out, around the pure detector.
+
+This is the I/O shell of failure detection (the arithmetic is in
+`agent/detector.py`). It does three things and decides nothing itself:
+
+- sends a small authenticated heartbeat to every target on a fixed rhythm,
+  measuring its own scheduling lag, because a late sender looks exactly like
+  a dying node to everyone who watches it;
+- receives heartbeats on one socket bound to this node's heartbeat address,
+  drops anything forged, foreign or malformed (counted, never raised), and
+  feeds the rest to the `Monitor`;
+- keeps one *connected* UDP socket per target, because only a connected
+  socket reports the kernel's ICMP "port unreachable" (ECONNREFUSED): when a
+  peer process dies but its host lives, the next heartbeat to it is refused
+  within one round trip, much sooner than any timeout.
+
+Verdicts go out through the `on_verdict` callback; the peer proposes them
+into Raft.
+
+Wire format (version 1, big-endian, 45 + len(node_id) bytes):
+
+    magic "RH" | version u8 | flags u8 (0) | incarnation u64 | sequence u64 |
+    sent_us u64 (sender's monotonic clock) | node_id length u8 | node_id utf-8 |
+    HMAC-SHA256(key, all of the above) truncated to 16 bytes
+
+The key is derived from the cluster secret with a fixed label, so the
+heartbeat key is never the Raft password itself. Replays are harmless: the
+detector ignores sequences it has seen and incarnations lower than the
+current one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import hmac
+import ipaddress
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import structlog
+
+from redge.agent.clock import Clock, MonotonicClock
+from redge.agent.detector import (
+    Degraded,
+    DetectorSettings,
+    Monitor,
+    NodeHealth,
+    Recover,
+    Restarted,
+    Restored,
+    SlownessSettings,
+    Suspect,
+    Verdict,
+)
+
+log = structlog.get_logger("redge.heartbeat")
+
+# ---------------------------------------------------------------------------
+# wire format (pure)
+
+MAGIC = b"RH"
+VERSION = 1
+MAC_BYTES = 16
+MAX_NODE_ID_BYTES = 64
+_HEADER = struct.Struct(">2sBBQQQB")
+MIN_PACKET_BYTES = _HEADER.size + 1 + MAC_BYTES
+MAX_PACKET_BYTES = _HEADER.size + MAX_NODE_ID_BYTES + MAC_BYTES
+_KEY_LABEL = b"redge/heartbeat/v1"
+_U64_MAX = 2**64 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    node_id: str
+    incarnation: int
+    sequence: int
+    sent_us: int
+
+
+class HeartbeatRejected(Exception):
+    """A datagram that is not a valid heartbeat; `reason` is a metric label."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def heartbeat_key(secret: bytes) -> bytes:
+    """The HMAC key for heartbeats, derived from the cluster secret."""
+    assert secret, "the cluster secret must not be empty"
+    return hmac.new(secret, _KEY_LABEL, hashlib.sha256).digest()
+
+
+def encode_heartbeat(key: bytes, heartbeat: Heartbeat) -> bytes:
+    node_id = heartbeat.node_id.encode()
+    assert 1 <= len(node_id) <= MAX_NODE_ID_BYTES, "node id must be 1..64 bytes of utf-8"
+    for value in (heartbeat.incarnation, heartbeat.sequence, heartbeat.sent_us):
+        assert 0 <= value <= _U64_MAX
+    body = _HEADER.pack(
+        MAGIC, VERSION, 0, heartbeat.incarnation, heartbeat.sequence, heartbeat.sent_us,
+        len(node_id),
+    ) + node_id
+    return body + hmac.new(key, body, hashlib.sha256).digest()[:MAC_BYTES]
+
+
+def decode_heartbeat(key: bytes, data: bytes) -> Heartbeat:
+    """Parse and authenticate one datagram; raises only HeartbeatRejected."""
+    if len(data) < MIN_PACKET_BYTES:
+        raise HeartbeatRejected("truncated")
+    if len(data) > MAX_PACKET_BYTES:
+        raise HeartbeatRejected("oversized")
+    magic, version, _flags, incarnation, sequence, sent_us, id_length = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise HeartbeatRejected("bad_magic")
+    if version != VERSION:
+        raise HeartbeatRejected("bad_version")
+    if id_length < 1 or len(data) != _HEADER.size + id_length + MAC_BYTES:
+        raise HeartbeatRejected("bad_length")
+    body, mac = data[:-MAC_BYTES], data[-MAC_BYTES:]
+    expected = hmac.new(key, body, hashlib.sha256).digest()[:MAC_BYTES]
+    if not hmac.compare_digest(mac, expected):
+        raise HeartbeatRejected("bad_mac")
+    try:
+        node_id = body[_HEADER.size:].decode()
+    except UnicodeDecodeError:
+        raise HeartbeatRejected("bad_node_id") from None
+    return Heartbeat(node_id, incarnation, sequence, sent_us)
+
+
+# ---------------------------------------------------------------------------
+# the service (I/O)
+
+Address = tuple[str, int]
+Target = tuple[str, Address, int]
+
+# Datagrams read per readiness callback: enough to drain a burst queued during
+# a stall before the detector judges, small enough not to starve the loop.
+_DRAIN_MAX = 256
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatStats:
+    heartbeats_sent: int
+    send_errors: int
+    refusals: int  # ECONNREFUSED seen on a target's socket
+    packets_received: int
+    heartbeats_accepted: int
+    packets_rejected: dict[str, int]
+    # Scheduling lag of the send rhythm: how late each send ran versus its slot.
+    send_lag_ms_last: float
+    send_lag_ms_max: float
+    sends_late: int  # lag above half an interval
+    send_slots_skipped: int  # slots dropped after a stall instead of a burst
+    self_pauses: int
+    self_pause_ms_max: float
+    targets: int
+    suspected: list[str]
+
+
+@dataclass(slots=True)
+class _Peer:
+    node_id: str
+    address: Address
+    incarnation: int
+    sock: socket.socket | None = None
+
+
+def _family(host: str) -> socket.AddressFamily:
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return socket.AF_INET
+
+
+class HeartbeatService:
+    """UDP heartbeats for one peer: send to targets, watch what they send back.
+
+    `set_targets` takes (node_id, (host, port), incarnation) for each node to
+    exchange heartbeats with (see `detector.monitoring_targets`); the
+    incarnation is the one the cluster last committed for it (0 if unknown).
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        bind_address: Address,
+        secret: bytes,
+        settings: DetectorSettings,
+        clock: Clock | None = None,
+        on_verdict: Callable[[Verdict], None] | None = None,
+        *,
+        incarnation: int | None = None,
+        slowness: SlownessSettings | None = None,
+        max_targets: int = 1024,
+    ) -> None:
+        encoded = node_id.encode()
+        if not 1 <= len(encoded) <= MAX_NODE_ID_BYTES:
+            raise ValueError("node id must be 1..64 bytes of utf-8")
+        self.node_id = node_id
+        self.bind_address = bind_address
+        self.settings = settings
+        self.clock: Clock = clock or MonotonicClock()
+        self.on_verdict = on_verdict
+        # Wall-clock microseconds make a restarted process's incarnation
+        # higher than its previous one without any stored state.
+        self.incarnation = incarnation if incarnation is not None else time.time_ns() // 1000
+        self.monitor = Monitor(settings, slowness, max_watched=max_targets)
+        self._key = heartbeat_key(secret)
+        self._max_targets = max_targets
+        self._peers: dict[str, _Peer] = {}
+        self._sequence = 0
+        self._socket: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._heartbeats_sent = 0
+        self._send_errors = 0
+        self._refusals = 0
+        self._packets_received = 0
+        self._heartbeats_accepted = 0
+        self._rejected: dict[str, int] = {}
+        self._send_lag_ms_last = 0.0
+        self._send_lag_ms_max = 0.0
+        self._sends_late = 0
+        self._send_slots_skipped = 0
+        self._log = log.bind(node=node_id)
+
+    # -- lifecycle
+
+    @property
+    def address(self) -> Address:
+        """The bound heartbeat address (the real port when bound to port 0)."""
+        assert self._socket is not None, "not started"
+        host, port = self._socket.getsockname()[:2]
+        return host, port
+
+    async def start(self) -> None:
+        assert self._socket is None, "already started"
+        self._loop = asyncio.get_running_loop()
+        host, port = self.bind_address
+        sock = socket.socket(_family(host), socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        self._socket = sock
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+        now_ms = self.clock.now_ms()
+        for peer in self._peers.values():
+            self._open(peer)
+            self.monitor.watch(peer.node_id, peer.incarnation, now_ms)
+        self._tasks = [
+            asyncio.create_task(self._send_loop(), name=f"heartbeat-send-{self.node_id}"),
+            asyncio.create_task(self._check_loop(), name=f"heartbeat-check-{self.node_id}"),
+        ]
+        self._log.info(
+            "heartbeat_service_started", address=self.address, incarnation=self.incarnation,
+            profile=self.settings.name, targets=len(self._peers),
+        )
+
+    async def stop(self) -> None:
+        """Stop sending and receiving; idempotent."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        for peer in self._peers.values():
+            self._close(peer)
+        if self._socket is not None:
+            assert self._loop is not None
+            self._loop.remove_reader(self._socket.fileno())
+            self._socket.close()
+            self._socket = None
+            self._log.info("heartbeat_service_stopped")
+
+    # -- targets
+
+    def set_targets(self, targets: Iterable[Target]) -> None:
+        wanted: dict[str, _Peer] = {}
+        for node_id, (host, port), incarnation in targets:
+            if node_id == self.node_id:
+                continue
+            if not 1 <= len(node_id.encode()) <= MAX_NODE_ID_BYTES:
+                raise ValueError(f"node id {node_id!r} must be 1..64 bytes of utf-8")
+            wanted[node_id] = _Peer(node_id, (host, int(port)), int(incarnation))
+        if len(wanted) > self._max_targets:
+            raise ValueError(f"{len(wanted)} targets exceed the bound of {self._max_targets}")
+        started = self._socket is not None
+        now_ms = self.clock.now_ms()
+        for node_id in [n for n in self._peers if n not in wanted]:
+            self._close(self._peers.pop(node_id))
+            self.monitor.unwatch(node_id)
+        for node_id, peer in wanted.items():
+            current = self._peers.get(node_id)
+            if current is not None and current.address == peer.address:
+                current.incarnation = max(current.incarnation, peer.incarnation)
+                peer = current
+            else:
+                if current is not None:
+                    self._close(current)
+                self._peers[node_id] = peer
+                if started:
+                    self._open(peer)
+            if started:
+                self.monitor.watch(node_id, peer.incarnation, now_ms)
+
+    def _open(self, peer: _Peer) -> None:
+        assert self._loop is not None and peer.sock is None
+        sock = socket.socket(_family(peer.address[0]), socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(peer.address)
+        except OSError as error:
+            sock.close()
+            self._send_errors += 1
+            self._log.warning("heartbeat_target_unusable", target=peer.node_id,
+                              address=peer.address, error=str(error))
+            return
+        peer.sock = sock
+        self._loop.add_reader(sock.fileno(), self._on_target_readable, peer)
+
+    def _close(self, peer: _Peer) -> None:
+        if peer.sock is None:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(peer.sock.fileno())
+        peer.sock.close()
+        peer.sock = None
+
+    # -- sending
+
+    async def _send_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval_s = self.settings.heartbeat_interval_ms / 1000.0
+        slot_s = loop.time()
+        while True:
+            now_s = loop.time()
+            lag_ms = max(0.0, (now_s - slot_s) * 1000.0)
+            self._send_lag_ms_last = lag_ms
+            self._send_lag_ms_max = max(self._send_lag_ms_max, lag_ms)
+            if lag_ms > self.settings.heartbeat_interval_ms / 2.0:
+                self._sends_late += 1
+            self._send_all()
+            slot_s += interval_s
+            if slot_s <= now_s:
+                # After a stall, resume the rhythm rather than send a burst:
+                # a burst of stale heartbeats tells the watchers nothing new.
+                skipped = int((now_s - slot_s) / interval_s) + 1
+                self._send_slots_skipped += skipped
+                slot_s += skipped * interval_s
+            await asyncio.sleep(slot_s - loop.time())
+
+    def _send_all(self) -> None:
+        self._sequence += 1
+        sent_us = max(0, int(self.clock.now_ms() * 1000.0))
+        payload = encode_heartbeat(
+            self._key, Heartbeat(self.node_id, self.incarnation, self._sequence, sent_us)
+        )
+        for peer in list(self._peers.values()):
+            if peer.sock is None:
+                continue
+            try:
+                peer.sock.send(payload)
+                self._heartbeats_sent += 1
+            except ConnectionRefusedError:
+                self._on_refused(peer)
+            except BlockingIOError:
+                self._send_errors += 1  # socket buffer full: this heartbeat is lost
+            except OSError as error:
+                self._send_errors += 1
+                if error.errno not in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+                    self._log.debug("heartbeat_send_failed", target=peer.node_id,
+                                    error=str(error))
+
+    # -- receiving
+
+    def _on_readable(self) -> None:
+        sock = self._socket
+        if sock is None:
+            return
+        for _ in range(_DRAIN_MAX):
+            try:
+                data = sock.recv(MAX_PACKET_BYTES + 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                self._reject("socket_error")
+                self._log.debug("heartbeat_receive_failed", error=str(error))
+                return
+            self._on_datagram(data)
+
+    def _on_datagram(self, data: bytes) -> None:
+        self._packets_received += 1
+        try:
+            heartbeat = decode_heartbeat(self._key, data)
+        except HeartbeatRejected as rejection:
+            self._reject(rejection.reason)
+            return
+        if heartbeat.node_id not in self._peers:
+            self._reject("unknown_sender")
+            return
+        self._heartbeats_accepted += 1
+        verdicts = self.monitor.on_heartbeat(
+            heartbeat.node_id, heartbeat.incarnation, heartbeat.sequence, self.clock.now_ms()
+        )
+        self._emit(verdicts)
+
+    def _on_target_readable(self, peer: _Peer) -> None:
+        sock = peer.sock
+        if sock is None:
+            return
+        for _ in range(_DRAIN_MAX):
+            try:
+                sock.recv(MAX_PACKET_BYTES + 1)
+                self._reject("unexpected_on_target_socket")
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionRefusedError:
+                self._on_refused(peer)
+            except OSError as error:
+                self._send_errors += 1
+                self._log.debug("heartbeat_target_error", target=peer.node_id, error=str(error))
+                return
+
+    def _on_refused(self, peer: _Peer) -> None:
+        self._refusals += 1
+        self._emit(self.monitor.on_unreachable(peer.node_id, self.clock.now_ms()))
+
+    def _reject(self, reason: str) -> None:
+        count = self._rejected.get(reason, 0) + 1
+        self._rejected[reason] = count
+        if count & (count - 1) == 0:  # log the 1st, 2nd, 4th, 8th...: bounded under a flood
+            self._log.warning("heartbeat_rejected", reason=reason, count=count)
+
+    # -- judging
+
+    async def _check_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now_ms = self.clock.now_ms()
+            self._emit(self.monitor.tick(now_ms))
+            delay_s = (self.monitor.next_check_ms(now_ms) - now_ms) / 1000.0
+            wake_s = loop.time() + delay_s
+            await asyncio.sleep(delay_s)
+            lag_ms = (loop.time() - wake_s) * 1000.0
+            if lag_ms > self.settings.self_pause_threshold_ms:
+                # This process did not run: the silence is ours, not theirs.
+                self.monitor.on_self_pause(lag_ms, self.clock.now_ms())
+                self._log.warning("self_pause_detected", pause_ms=round(lag_ms, 1))
+
+    def _emit(self, verdicts: list[Verdict]) -> None:
+        for verdict in verdicts:
+            _log_verdict(self._log, verdict)
+            if self.on_verdict is None:
+                continue
+            try:
+                self.on_verdict(verdict)
+            except Exception:
+                # The consumer's bug must not stop failure detection.
+                self._log.exception("verdict_handler_failed", verdict=repr(verdict))
+
+    # -- observation
+
+    def stats(self) -> HeartbeatStats:
+        return HeartbeatStats(
+            heartbeats_sent=self._heartbeats_sent,
+            send_errors=self._send_errors,
+            refusals=self._refusals,
+            packets_received=self._packets_received,
+            heartbeats_accepted=self._heartbeats_accepted,
+            packets_rejected=dict(self._rejected),
+            send_lag_ms_last=self._send_lag_ms_last,
+            send_lag_ms_max=self._send_lag_ms_max,
+            sends_late=self._sends_late,
+            send_slots_skipped=self._send_slots_skipped,
+            self_pauses=self.monitor.self_pauses,
+            self_pause_ms_max=self.monitor.self_pause_ms_max,
+            targets=len(self._peers),
+            suspected=[n for n in self._peers if self.monitor.is_suspected(n)],
+        )
+
+    def health(self) -> list[NodeHealth]:
+        return self.monitor.health(self.clock.now_ms())
+
+
+def _log_verdict(bound_log: structlog.typing.FilteringBoundLogger, verdict: Verdict) -> None:
+    match verdict:
+        case Suspect():
+            bound_log.warning("node_suspected", target=verdict.node_id, reason=str(verdict.reason),
+                              phi=round(verdict.phi, 2), incarnation=verdict.incarnation)
+        case Recover():
+            bound_log.info("node_recovered", target=verdict.node_id,
+                           incarnation=verdict.incarnation)
+        case Restarted():
+            bound_log.info("node_restarted", target=verdict.node_id,
+                           previous_incarnation=verdict.previous_incarnation,
+                           incarnation=verdict.incarnation)
+        case Degraded():
+            bound_log.warning("node_degraded", target=verdict.node_id,
+                              reason=str(verdict.reason), measure=round(verdict.measure, 2))
+        case Restored():
+            bound_log.info("node_restored", target=verdict.node_id)

@@ -1,0 +1,227 @@
+"""The heartbeat wire format, and the service on real sockets (127.0.0.1 only)."""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import given, settings as hypothesis_settings, strategies as st
+
+from redge.agent.detector import ENTERPRISE, Recover, Suspect, SuspectReason
+from redge.agent.heartbeat import (
+    MAC_BYTES,
+    Heartbeat,
+    HeartbeatRejected,
+    HeartbeatService,
+    decode_heartbeat,
+    encode_heartbeat,
+    heartbeat_key,
+)
+
+KEY = heartbeat_key(b"s3cret")
+BEAT = Heartbeat("n1", incarnation=7, sequence=42, sent_us=123_456)
+LOOPBACK = "127.0.0.1"
+
+
+# -- wire format
+
+
+def test_round_trip():
+    data = encode_heartbeat(KEY, BEAT)
+    assert len(data) == 29 + len("n1") + MAC_BYTES
+    assert decode_heartbeat(KEY, data) == BEAT
+
+
+@pytest.mark.parametrize(("mangle", "reason"), [
+    (lambda d: d[:10], "truncated"),
+    (lambda d: d + b"x" * 100, "oversized"),
+    (lambda d: b"XX" + d[2:], "bad_magic"),
+    (lambda d: d[:2] + b"\x09" + d[3:], "bad_version"),
+    (lambda d: d[:-1], "bad_length"),
+    (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "bad_mac"),
+    (lambda d: d[:20] + bytes([d[20] ^ 1]) + d[21:], "bad_mac"),  # tampered sequence
+])
+def test_rejections(mangle, reason):
+    with pytest.raises(HeartbeatRejected) as caught:
+        decode_heartbeat(KEY, mangle(encode_heartbeat(KEY, BEAT)))
+    assert caught.value.reason == reason
+
+
+def test_foreign_cluster_key_is_rejected():
+    foreign = encode_heartbeat(heartbeat_key(b"another cluster"), BEAT)
+    with pytest.raises(HeartbeatRejected, match="bad_mac"):
+        decode_heartbeat(KEY, foreign)
+
+
+@hypothesis_settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_only_ever_rejected(data):
+    try:
+        decode_heartbeat(KEY, data)
+    except HeartbeatRejected:
+        pass
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(
+    node_id=st.text(min_size=1, max_size=16),
+    incarnation=st.integers(0, 2**64 - 1),
+    sequence=st.integers(0, 2**64 - 1),
+    sent_us=st.integers(0, 2**64 - 1),
+)
+def test_round_trip_property(node_id, incarnation, sequence, sent_us):
+    beat = Heartbeat(node_id, incarnation, sequence, sent_us)
+    assert decode_heartbeat(KEY, encode_heartbeat(KEY, beat)) == beat
+
+
+# -- real sockets
+
+
+async def wait_until(condition, timeout_s: float, what: str) -> None:
+    """Wait on a condition with a deadline (no fixed sleeps)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def free_udp_port() -> int:
+    """A port nobody listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+def service(node_id: str, verdicts: list, secret: bytes = b"s3cret") -> HeartbeatService:
+    return HeartbeatService(node_id, (LOOPBACK, 0), secret, ENTERPRISE,
+                            on_verdict=verdicts.append, incarnation=1)
+
+
+@pytest.mark.timeout(30)
+def test_two_services_see_each_other_then_a_stop_is_refused():
+    async def scenario():
+        seen_by_a, seen_by_b = [], []
+        a, b = service("a", seen_by_a), service("b", seen_by_b)
+        await a.start()
+        await b.start()
+        try:
+            a.set_targets([("b", b.address, 0)])
+            b.set_targets([("a", a.address, 0)])
+            await wait_until(lambda: a.stats().heartbeats_accepted >= 10
+                             and b.stats().heartbeats_accepted >= 10, 5.0, "heartbeats both ways")
+            assert seen_by_a == [] and seen_by_b == []
+            health = a.health()[0]
+            assert health.node_id == "b" and health.suspected is None and health.phi < 1.0
+            await b.stop()
+            stopped_at = time.monotonic()
+            await wait_until(lambda: seen_by_a, 2.0, "a suspects b")
+            elapsed_ms = (time.monotonic() - stopped_at) * 1000.0
+            verdict = seen_by_a[0]
+            assert isinstance(verdict, Suspect) and verdict.reason is SuspectReason.UNREACHABLE
+            assert elapsed_ms < 500.0, elapsed_ms
+            assert a.stats().refusals >= 1 and a.stats().suspected == ["b"]
+        finally:
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(30)
+def test_closed_port_is_suspected_at_once():
+    async def scenario():
+        verdicts = []
+        a = service("a", verdicts)
+        await a.start()
+        try:
+            a.set_targets([("ghost", (LOOPBACK, free_udp_port()), 0)])
+            started = time.monotonic()
+            await wait_until(lambda: verdicts, 2.0, "unreachable suspicion")
+            elapsed_ms = (time.monotonic() - started) * 1000.0
+            assert verdicts[0].reason is SuspectReason.UNREACHABLE and verdicts[0].node_id == "ghost"
+            # one heartbeat interval plus scheduling, far below any timeout
+            assert elapsed_ms < 200.0, elapsed_ms
+        finally:
+            await a.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(30)
+def test_forged_and_garbage_packets_are_dropped_and_counted():
+    async def scenario():
+        verdicts = []
+        a = service("a", verdicts)
+        await a.start()
+        try:
+            a.set_targets([("b", (LOOPBACK, free_udp_port()), 0)])
+            forged = encode_heartbeat(heartbeat_key(b"wrong secret"), Heartbeat("b", 1, 1, 0))
+            stranger = encode_heartbeat(KEY, Heartbeat("mallory", 1, 1, 0))
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+                for payload in (forged, forged, b"\x00" * 3, stranger):
+                    attacker.sendto(payload, a.address)
+                rejected = lambda: a.stats().packets_rejected  # noqa: E731
+                await wait_until(lambda: sum(rejected().values()) >= 4, 2.0, "rejections")
+            assert rejected() == {"bad_mac": 2, "truncated": 1, "unknown_sender": 1}
+            assert a.stats().heartbeats_accepted == 0
+            assert not any(isinstance(v, Recover) for v in verdicts)
+        finally:
+            await a.stop()
+
+    asyncio.run(scenario())
+
+
+_CHILD = """
+import asyncio, sys
+from redge.agent.detector import ENTERPRISE
+from redge.agent.heartbeat import HeartbeatService
+async def main():
+    s = HeartbeatService("child", ("127.0.0.1", 0), b"s3cret", ENTERPRISE, incarnation=1)
+    await s.start()
+    s.set_targets([("parent", ("127.0.0.1", int(sys.argv[1])), 0)])
+    print("PORT", s.address[1], flush=True)
+    await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(60)
+def test_sigkilled_process_is_suspected_within_a_few_intervals():
+    async def scenario():
+        verdicts = []
+        parent = service("parent", verdicts)
+        await parent.start()
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(parent.address[1])],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        try:
+            port = None
+            for _ in range(20):  # structlog writes to stdout too: find our line
+                line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 20.0)
+                if line.startswith("PORT "):
+                    port = int(line.split()[1])
+                    break
+            assert port is not None, "the child did not report its port"
+            parent.set_targets([("child", (LOOPBACK, port), 0)])
+            await wait_until(lambda: parent.stats().heartbeats_accepted >= 5, 10.0, "child alive")
+            os.kill(child.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            await wait_until(lambda: any(isinstance(v, Suspect) for v in verdicts), 2.0,
+                             "suspicion of the killed child")
+            elapsed_ms = (time.monotonic() - killed_at) * 1000.0
+            suspect = next(v for v in verdicts if isinstance(v, Suspect))
+            print(f"SIGKILL -> suspicion ({suspect.reason}) in {elapsed_ms:.1f} ms")
+            assert suspect.node_id == "child" and elapsed_ms < 250.0
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait(timeout=10)
+            await parent.stop()
+
+    asyncio.run(scenario())
