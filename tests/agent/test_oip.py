@@ -1,0 +1,153 @@
+"""The Open Inference Protocol codec: round trips, every malformed request a BadRequest, fuzzed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from redge.agent.oip import (
+    HEADER_LENGTH,
+    BadRequest,
+    RequestedOutput,
+    decode_infer_response,
+    encode_infer_request,
+    encode_infer_response,
+    parse_infer_request,
+)
+
+LIMIT = 1 << 20
+
+dtypes = st.sampled_from([np.float32, np.float64, np.int64, np.int32, np.uint8, np.float16, np.bool_])
+arrays = dtypes.flatmap(lambda dtype: hnp.arrays(dtype, hnp.array_shapes(min_dims=1, max_dims=4, max_side=5)))
+
+
+@given(array=arrays, binary=st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_request_round_trip(array, binary):
+    # JSON has no inf or nan: only the binary extension carries them.
+    assume(binary or array.dtype.kind != "f" or bool(np.isfinite(array).all()))
+    body, headers = encode_infer_request({"x": array}, binary=binary)
+    parsed = parse_infer_request(body, headers.get(HEADER_LENGTH), LIMIT)
+    assert parsed.inputs["x"].dtype == array.dtype
+    assert parsed.inputs["x"].shape == array.shape
+    np.testing.assert_array_equal(parsed.inputs["x"], array)
+
+
+@given(array=arrays, binary=st.booleans())
+@settings(max_examples=100, deadline=None)
+def test_response_round_trip(array, binary):
+    assume(binary or array.dtype.kind != "f" or bool(np.isfinite(array).all()))
+    request = parse_infer_request(*_json_request(), LIMIT)
+    request.binary_output_default = binary
+    body, headers = encode_infer_response("app", "1", {"y": array}, request, {"node_id": "n1", "epoch": 3})
+    header, outputs = decode_infer_response(body, headers.get(HEADER_LENGTH))
+    assert header["parameters"] == {"node_id": "n1", "epoch": 3}
+    np.testing.assert_array_equal(outputs["y"], array)
+
+
+def _json_request(data=None):
+    body = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": data or [1.0, 2.0]}]})
+    return body, None
+
+
+def test_nested_data_is_row_major():
+    body = orjson.dumps({"inputs": [{"name": "x", "datatype": "INT64", "shape": [2, 2], "data": [[1, 2], [3, 4]]}]})
+    parsed = parse_infer_request(body, None, LIMIT)
+    np.testing.assert_array_equal(parsed.inputs["x"], np.array([[1, 2], [3, 4]]))
+
+
+def test_requested_outputs_choose_binary_per_output():
+    body = orjson.dumps({
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}],
+        "outputs": [{"name": "a", "parameters": {"binary_data": True}}, {"name": "b"}],
+    })
+    request = parse_infer_request(body, None, LIMIT)
+    assert request.outputs == [RequestedOutput("a", True), RequestedOutput("b", False)]
+    response, headers = encode_infer_response(
+        "m", "1", {"a": np.zeros(2, np.float32), "b": np.ones(1, np.int64)}, request
+    )
+    header, _ = decode_infer_response(response, headers[HEADER_LENGTH])
+    assert "data" not in header["outputs"][0] and header["outputs"][1]["data"] == [1]
+
+
+def binary_request(declared_size: int, payload: bytes, header_length: int | None = None) -> tuple[bytes, str]:
+    header = orjson.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": declared_size}}]}
+    )
+    return header + payload, str(header_length if header_length is not None else len(header))
+
+
+BAD = [
+    ("not json", b"{nope", None, "not valid JSON"),
+    ("array at top", b"[]", None, "JSON object"),
+    ("no inputs", b"{}", None, "non-empty 'inputs'"),
+    ("unknown datatype", orjson.dumps({"inputs": [{"name": "x", "datatype": "FP8", "shape": [1], "data": [1]}]}), None, "unknown datatype"),
+    ("bytes datatype", orjson.dumps({"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}), None, "BYTES"),
+    ("shape mismatch", orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [3], "data": [1, 2]}]}), None, "3 expected"),
+    ("negative dim", orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1], "data": [1]}]}), None, "non-negative"),
+    ("string data", orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": ["a"]}]}), None, "FP32"),
+    ("float for int", orjson.dumps({"inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": [1.5]}]}), None, "integers"),
+    ("overflow", orjson.dumps({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1], "data": [300]}]}), None, "UINT8"),
+    ("duplicate input", orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}] * 2}), None, "twice"),
+    ("no data", orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}), None, "needs 'data'"),
+    ("header length not int", *binary_request(8, b"\0" * 8)[:1], "abc", "must be an integer"),
+    ("header length too long", binary_request(8, b"\0" * 8)[0], "100000", "outside the body"),
+    ("binary size wrong", *binary_request(4, b"\0" * 4), "does not match"),
+    ("binary truncated", *binary_request(8, b"\0" * 4), "ends after the body"),
+    ("binary trailing", *binary_request(8, b"\0" * 12), "after the last binary input"),
+    ("huge shape", orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1 << 30, 1 << 30], "data": [1]}]}), None, "size limit"),
+]
+
+
+@pytest.mark.parametrize("name,body,header_length,message", BAD, ids=[case[0] for case in BAD])
+def test_malformed_requests_are_bad_requests(name, body, header_length, message):
+    with pytest.raises(BadRequest, match=message):
+        parse_infer_request(body, header_length, LIMIT)
+
+
+def test_body_over_the_limit():
+    body, headers = encode_infer_request({"x": np.zeros(1000, np.float32)})
+    with pytest.raises(BadRequest, match="exceeds the limit"):
+        parse_infer_request(body, headers[HEADER_LENGTH], 100)
+
+
+@given(body=st.binary(max_size=512), header_length=st.one_of(st.none(), st.integers(-5, 600).map(str), st.text(max_size=5)))
+@settings(max_examples=500, deadline=None)
+def test_fuzzed_bytes_never_raise_anything_but_bad_request(body, header_length):
+    try:
+        parse_infer_request(body, header_length, LIMIT)
+    except BadRequest:
+        pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(
+    inputs=st.lists(
+        st.fixed_dictionaries(
+            {"name": st.text(max_size=4), "datatype": st.sampled_from(["FP32", "INT64", "BOOL", "UINT8", "X"]),
+             "shape": st.lists(st.integers(-2, 4), max_size=3), "data": json_values},
+            optional={"parameters": st.dictionaries(st.just("binary_data_size"), st.integers(-1, 64))},
+        ),
+        max_size=3,
+    ),
+    trailing=st.binary(max_size=64),
+)
+@settings(max_examples=500, deadline=None)
+def test_fuzzed_structured_requests_never_raise_anything_but_bad_request(inputs, trailing):
+    header = json.dumps({"inputs": inputs}).encode()
+    try:
+        parse_infer_request(header + trailing, str(len(header)), LIMIT)
+    except BadRequest:
+        pass
