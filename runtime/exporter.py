@@ -58,7 +58,10 @@ def export_module(
     module = module.eval()
     examples = tuple(torch.from_numpy(spec.example(EXAMPLE_BATCH_SIZE)) for spec in inputs)
     main = directory / MAIN_FILENAMES[format_name]
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # torch.jit.trace/save warn that TorchScript is deprecated; it is still the
+        # fastest self-contained format to load, and one we measure.
+        warnings.simplefilter("ignore", FutureWarning)
         if format_name == "safetensors":
             _write_safetensors(module, main)
         elif format_name == "torchscript":

@@ -38,6 +38,7 @@ import numpy as np
 
 from redge.runtime.errors import (
     ArtifactCorrupt,
+    ArtifactNotFound,
     BackendUnavailable,
     InferenceFailed,
     InvalidInput,
@@ -183,6 +184,9 @@ def load(
 ) -> tuple[LoadedModel, LoadReport]:
     """Load one artifact onto `device`; raise a typed error for anything expected."""
     directory = Path(artifact_dir)
+    if not directory.is_dir():
+        name, version = (manifest.name, manifest.version) if manifest else (directory.parent.name, directory.name)
+        raise ArtifactNotFound(name, version, str(directory))
     manifest = manifest if manifest is not None else Manifest.read(directory)
     options = options or LoadOptions()
     check_format(manifest.format)

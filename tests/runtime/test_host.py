@@ -1,0 +1,169 @@
+"""The model host process: load, infer, promote, unload, deadlines, bounds and crashes.
+
+Starting a host costs seconds (a spawned interpreter imports torch), so one host serves
+the whole module, on one event loop; the crash tests start their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from redge.runtime import errors
+from redge.runtime.host import HostOptions, ModelHost
+from redge.runtime.manifest import Manifest
+from redge.runtime.testing import EXIT_BELOW, EXIT_CODE, RAISE_ABOVE, SLOW_FROM
+
+SMALL = {"input": np.ones((2, 16), np.float32)}
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def host(loop: asyncio.AbstractEventLoop) -> Iterator[ModelHost]:
+    host = ModelHost(HostOptions(threads=1, requests_pending_max=4, inline_bytes_max=1024))
+    loop.run_until_complete(host.start())
+    yield host
+    host.close()
+
+
+def artifact(source_and_manifests: tuple[Path, list[Manifest]], name: str, format_name: str) -> tuple[Path, Manifest]:
+    source, manifests = source_and_manifests
+    manifest = next(m for m in manifests if m.name == name and m.format == format_name)
+    return source / manifest.name / manifest.version, manifest
+
+
+def test_load_warm_refuses_traffic_until_promoted(loop, host: ModelHost, family_source) -> None:
+    directory, manifest = artifact(family_source, "mlp-medium", "onnx")
+
+    async def scenario() -> None:
+        report = await host.load("medium", directory, manifest, role="warm")
+        assert report.format == "onnx" and report.total_ms > 0
+        assert host.role("medium") == "warm"
+        with pytest.raises(errors.ModelNotServing, match="warm"):
+            await host.infer("medium", SMALL)
+        started = time.perf_counter()
+        await host.promote("medium")
+        promote_ms = (time.perf_counter() - started) * 1000
+        assert promote_ms < 1.0
+        output = await host.infer("medium", SMALL, deadline_s=time.monotonic() + 10)
+        assert output["output"].shape == (2, 4)
+        assert (await host.load("medium", directory, manifest)) == report  # idempotent, no reload
+        assert host.role("medium") == "serving"
+        await host.demote("medium")
+        assert host.role("medium") == "warm"
+        await host.unload("medium")
+        await host.unload("medium")  # idempotent
+        with pytest.raises(errors.ModelNotLoaded):
+            await host.infer("medium", SMALL)
+
+    loop.run_until_complete(scenario())
+
+
+def test_large_tensors_travel_through_shared_memory(loop, host: ModelHost, family_source) -> None:
+    directory, manifest = artifact(family_source, "mlp-small", "safetensors")
+    batch = np.random.default_rng(0).standard_normal((4096, 16)).astype(np.float32)
+
+    async def scenario() -> dict[str, np.ndarray]:
+        await host.load("small", directory, manifest, role="serving")
+        return await host.infer("small", {"input": batch}, deadline_s=time.monotonic() + 10)
+
+    output = loop.run_until_complete(scenario())
+    from redge.runtime.loader import load
+
+    local, _ = load(directory, manifest)
+    np.testing.assert_allclose(output["output"], local.infer({"input": batch})["output"], rtol=1e-5, atol=1e-6)
+
+
+def test_typed_errors_cross_the_process_boundary(loop, host: ModelHost, tripwire_source, tmp_path: Path) -> None:
+    directory, manifest = artifact(tripwire_source, "trip", "safetensors")
+
+    async def scenario() -> None:
+        await host.load("trip", directory, manifest, role="serving")
+        with pytest.raises(errors.InferenceFailed, match="tripwire"):
+            await host.infer("trip", {"input": np.full((1, 16), RAISE_ABOVE * 2, np.float32)})
+        with pytest.raises(errors.InvalidInput, match="FP64"):
+            await host.infer("trip", {"input": np.zeros((1, 16), np.float64)})
+        with pytest.raises(errors.ArtifactNotFound):
+            await host.load("ghost", tmp_path / "absent", manifest)
+        assert (await host.infer("trip", SMALL))["output"].shape == (2, 4)  # still serving
+
+    loop.run_until_complete(scenario())
+
+
+def test_deadline_and_bounded_queue(loop, host: ModelHost, tripwire_source) -> None:
+    directory, manifest = artifact(tripwire_source, "trip", "safetensors")
+    slow = {"input": np.full((1, 16), SLOW_FROM + 300, np.float32)}  # a 300 ms inference
+
+    async def scenario() -> None:
+        await host.load("trip", directory, manifest, role="serving")
+        with pytest.raises(errors.DeadlineExceeded):
+            await host.infer("trip", slow, deadline_s=time.monotonic() + 0.05)
+        with pytest.raises(errors.DeadlineExceeded):
+            await host.infer("trip", SMALL, deadline_s=time.monotonic() - 1)
+        requests = [asyncio.ensure_future(host.infer("trip", slow, time.monotonic() + 10)) for _ in range(4)]
+        await asyncio.sleep(0)
+        with pytest.raises(errors.HostBusy, match="limit 4"):
+            await host.infer("trip", SMALL)
+        await asyncio.gather(*requests)
+        assert (await host.infer("trip", SMALL))["output"].shape == (2, 4)
+
+    loop.run_until_complete(scenario())
+
+
+def test_host_crash_fails_pending_calls_at_once(tripwire_source) -> None:
+    directory, manifest = artifact(tripwire_source, "trip", "safetensors")
+    crashes: list[errors.HostCrashed] = []
+
+    async def scenario() -> None:
+        host = ModelHost(HostOptions(threads=1), on_crash=crashes.append)
+        await host.start()
+        try:
+            await host.load("trip", directory, manifest, role="serving")
+            slow = asyncio.ensure_future(host.infer("trip", {"input": np.full((1, 16), SLOW_FROM + 200, np.float32)}, time.monotonic() + 30))
+            started = time.monotonic()
+            with pytest.raises(errors.HostCrashed) as caught:
+                await host.infer("trip", {"input": np.full((1, 16), EXIT_BELOW * 2, np.float32)}, time.monotonic() + 30)
+            assert caught.value.exit_code == EXIT_CODE
+            with pytest.raises(errors.HostCrashed):
+                await slow
+            assert time.monotonic() - started < 5
+            assert not host.alive and host.models() == {}
+            with pytest.raises(errors.HostCrashed):
+                await host.infer("trip", SMALL)
+        finally:
+            await host.aclose()
+
+    asyncio.run(scenario())
+    assert len(crashes) == 1
+
+
+def test_killed_host_is_reported(tripwire_source) -> None:
+    import os
+    import signal
+
+    async def scenario() -> None:
+        host = ModelHost(HostOptions(threads=1))
+        await host.start()
+        try:
+            os.kill(host.pid, signal.SIGKILL)
+            with pytest.raises(errors.HostCrashed) as caught:
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    await host.unload("nothing", timeout_s=10)
+                    await asyncio.sleep(0.01)
+            assert caught.value.exit_code == -signal.SIGKILL
+        finally:
+            host.close()
+
+    asyncio.run(scenario())
