@@ -265,7 +265,7 @@ Verdict = Suspect | Recover | Restarted | Degraded | Restored
 class IntervalHistory:
     """A bounded window of inter-arrival times with O(1) mean and variance."""
 
-    __slots__ = ("_capacity", "_samples", "_sum_ms", "_sum_squares", "_since_recompute")
+    __slots__ = ("_capacity", "_samples", "_since_recompute", "_sum_ms", "_sum_squares")
 
     def __init__(self, capacity: int) -> None:
         assert capacity >= 2

@@ -43,7 +43,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import structlog
-
 from redge.agent.clock import Clock, MonotonicClock
 from redge.agent.detector import (
     Degraded,
@@ -465,7 +464,7 @@ class HeartbeatService:
                 continue
             try:
                 self.on_verdict(verdict)
-            except Exception:
+            except Exception:  # noqa: BLE001
                 # The consumer's bug must not stop failure detection.
                 self._log.exception("verdict_handler_failed", verdict=repr(verdict))
 

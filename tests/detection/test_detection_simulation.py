@@ -5,7 +5,6 @@ simulation (seed included) so a failure can be replayed exactly.
 """
 
 import pytest
-
 from redge.agent.detector import ENTERPRISE, IOBT, Recover, Restarted, Suspect, SuspectReason
 from redge.chaos.simnet import (
     ENTERPRISE_LINK,

@@ -4,9 +4,10 @@ import ast
 import pathlib
 
 import pytest
-from hypothesis import given, settings as hypothesis_settings, strategies as st
-
 import redge.agent.detector as detector_module
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from redge.agent.clock import FakeClock
 from redge.agent.detector import (
     ENTERPRISE,

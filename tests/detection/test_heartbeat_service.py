@@ -4,13 +4,13 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 
 import pytest
-from hypothesis import given, settings as hypothesis_settings, strategies as st
-
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from redge.agent.detector import ENTERPRISE, Recover, Suspect, SuspectReason
 from redge.agent.heartbeat import (
     MAC_BYTES,
@@ -165,7 +165,7 @@ def test_forged_and_garbage_packets_are_dropped_and_counted():
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
                 for payload in (forged, forged, b"\x00" * 3, stranger):
                     attacker.sendto(payload, a.address)
-                rejected = lambda: a.stats().packets_rejected  # noqa: E731
+                rejected = lambda: a.stats().packets_rejected
                 await wait_until(lambda: sum(rejected().values()) >= 4, 2.0, "rejections")
             assert rejected() == {"bad_mac": 2, "truncated": 1, "unknown_sender": 1}
             assert a.stats().heartbeats_accepted == 0
@@ -196,14 +196,14 @@ def test_sigkilled_process_is_suspected_within_a_few_intervals():
         verdicts = []
         parent = service("parent", verdicts)
         await parent.start()
-        child = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, str(parent.address[1])],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _CHILD, str(parent.address[1]),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
         )
         try:
             port = None
             for _ in range(20):  # structlog writes to stdout too: find our line
-                line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 20.0)
+                line = (await asyncio.wait_for(child.stdout.readline(), 20.0)).decode()
                 if line.startswith("PORT "):
                     port = int(line.split()[1])
                     break
@@ -219,9 +219,9 @@ def test_sigkilled_process_is_suspected_within_a_few_intervals():
             print(f"SIGKILL -> suspicion ({suspect.reason}) in {elapsed_ms:.1f} ms")
             assert suspect.node_id == "child" and elapsed_ms < 250.0
         finally:
-            if child.poll() is None:
+            if child.returncode is None:
                 child.kill()
-            child.wait(timeout=10)
+            await asyncio.wait_for(child.wait(), 10.0)
             await parent.stop()
 
     asyncio.run(scenario())

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-
 from redge.agent.detector import (
     ENTERPRISE,
     IOBT,
