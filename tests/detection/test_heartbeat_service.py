@@ -225,3 +225,32 @@ def test_sigkilled_process_is_suspected_within_a_few_intervals():
             await parent.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.timeout(30)
+def test_a_stalled_event_loop_does_not_suspect_its_peers():
+    """Both services share one event loop; blocking it for 300 ms (3x the
+    enterprise suspicion silence) stalls everyone. The observers must notice
+    their own pause and not blame each other."""
+    async def scenario():
+        verdicts = []
+        a, b = service("a", verdicts), service("b", verdicts)
+        await a.start()
+        await b.start()
+        try:
+            a.set_targets([("b", b.address, 0)])
+            b.set_targets([("a", a.address, 0)])
+            await wait_until(lambda: a.stats().heartbeats_accepted >= 20
+                             and b.stats().heartbeats_accepted >= 20, 5.0, "warm-up")
+            time.sleep(0.3)  # the fault under test: this process does not run
+            accepted = a.stats().heartbeats_accepted
+            await wait_until(lambda: a.stats().heartbeats_accepted >= accepted + 10, 5.0,
+                             "heartbeats after the stall")
+            assert [v for v in verdicts if isinstance(v, Suspect)] == []
+            assert a.stats().self_pauses >= 1 and a.stats().self_pause_ms_max >= 200.0
+            assert a.stats().send_slots_skipped >= 10  # resumed the rhythm, no burst
+        finally:
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(scenario())
