@@ -10,6 +10,7 @@ replicated log holds plain data that any version of the code can read and reject
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass
@@ -177,11 +178,16 @@ def decode(data: bytes) -> Command:
     return _build(cls, payload, type_name)
 
 
+@functools.cache
+def _schema(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field]]:
+    # get_type_hints evaluates string annotations: far too slow to run on every commit.
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+
+
 def _build(cls: type, payload: Any, where: str) -> Any:
     if not isinstance(payload, dict):
         raise MalformedCommand(f"{where}: expected an object")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
+    hints, known = _schema(cls)
     unknown = set(payload) - set(known)
     if unknown:
         raise MalformedCommand(f"{where}: unknown fields {sorted(unknown)}")

@@ -13,6 +13,7 @@ Raft traffic: pysyncobj speaks pickle, so an open Raft port would run anyone's c
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import threading
 from collections import deque
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj.monotonic import monotonic as raft_clock_s
 
 from redge.consensus import commands
 from redge.consensus.errors import (
@@ -50,7 +52,13 @@ class RaftTiming:
     append_entries_period_s: float
     tick_period_s: float = 0.005
     connection_retry_s: float = 0.1
-    connection_timeout_s: float | None = None  # defaults to the election timeout max
+    # pysyncobj drops a connection that carried nothing for this long. Followers never talk to
+    # each other between elections, so a short timeout keeps tearing down exactly the links
+    # that the next election's vote requests need (and splits the vote). Dead peers are found
+    # by the election timeout and TCP keepalive instead.
+    connection_timeout_s: float = 30.0
+    # After the leader's connection drops, elect within this random delay (seconds).
+    fast_election_delay_s: tuple[float, float] = (0.01, 0.06)
 
     def to_conf_kwargs(self) -> dict[str, Any]:
         return {
@@ -59,7 +67,7 @@ class RaftTiming:
             "appendEntriesPeriod": self.append_entries_period_s,
             "autoTickPeriod": self.tick_period_s,
             "connectionRetryTime": self.connection_retry_s,
-            "connectionTimeout": self.connection_timeout_s or self.election_timeout_max_s,
+            "connectionTimeout": max(self.connection_timeout_s, self.election_timeout_max_s),
             "leaderFallbackTimeout": self.election_timeout_max_s,
         }
 
@@ -193,6 +201,33 @@ class RaftNode:
         self._sync = _SyncObj(self_address, partners, conf=conf, consumers=[self._machine])
         self._sync.waitBinded()
         self._sync.addOnTickCallback(self._on_tick_thread)
+        self._install_fast_election(timing)
+
+    def _install_fast_election(self, timing: RaftTiming) -> None:
+        """Start an election soon after the leader's connection drops, not a full timeout later.
+
+        When a leader's process dies its host closes the TCP connection at once; waiting out
+        the election timeout after that only adds downtime. pysyncobj has no hook for this, so
+        the transport's disconnect callback is wrapped (this module is the one place that
+        knows pysyncobj's internals). Starting an election early is always safe in Raft; the
+        random delay keeps followers that saw the same drop from splitting the vote. A hung
+        leader keeps its connections open and is still caught by the normal timeout.
+        """
+        transport = self._sync._SyncObj__transport
+        original = transport._onNodeDisconnectedCallback
+        delay_min_s, delay_max_s = timing.fast_election_delay_s
+
+        def on_disconnected(node: Any) -> None:  # tick thread
+            if original is not None:
+                original(node)
+            leader = self._sync._getLeader()
+            if leader is not None and node == leader and not self._sync._isLeader():
+                # pysyncobj keeps time with CLOCK_MONOTONIC_RAW, not time.monotonic().
+                deadline = raft_clock_s() + random.uniform(delay_min_s, delay_max_s)
+                if deadline < self._sync._SyncObj__raftElectionDeadline:
+                    self._sync._SyncObj__raftElectionDeadline = deadline
+
+        transport.setOnNodeDisconnectedCallback(on_disconnected)
 
     # ------------------------------------------------------------------ tick thread side
 
