@@ -445,7 +445,7 @@ class SimPeer:
 # the cluster
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, repr=False)
 class DetectionSimulation:
     """N peers watching each other through a SimNet, with faults as data."""
 
@@ -479,9 +479,10 @@ class DetectionSimulation:
             for node_id in self.node_ids:
                 self._schedule_stall(node_id)
 
-    def __str__(self) -> str:
+    def __repr__(self) -> str:
+        # Short on purpose: assertion messages show it, and the seed must be visible.
         return (f"DetectionSimulation(seed={self.seed}, profile={self.settings.name}, "
-                f"nodes={len(self.node_ids)}, now_ms={self.now_ms():.1f})")
+                f"nodes={len(self.node_ids)}, now_ms={self.now_ms():.1f}, faults={self.faults})")
 
     def now_ms(self) -> float:
         return self.net.clock.now_ms()

@@ -167,6 +167,19 @@ def test_stalled_observer_does_not_blame_others(seed):
     assert all(observer != "n0" for observer, _ in suspicions(simulation)), simulation
 
 
+@pytest.mark.parametrize("seed", SEEDS[:3])
+def test_host_wide_stall_suspects_nobody(seed):
+    """Every process on the machine stalls at once for 300 ms (CPU starvation,
+    VM steal): nobody heard anybody, and nobody may blame anybody for it."""
+    simulation = DetectionSimulation(NODES, ENTERPRISE, seed=seed)
+    simulation.run_until(WARM_UP_MS)
+    for node in NODES:
+        simulation.inject(Pause(node, WARM_UP_MS, duration_ms=300.0))
+    simulation.run_until(WARM_UP_MS + 2_000.0)
+    assert suspicions(simulation) == [], simulation
+    assert all(p.monitor.self_pauses == 1 for p in simulation.peers.values()), simulation
+
+
 def test_bursty_loss_on_one_link():
     net = SimNet(seed=9, link=LinkProfile(loss_probability=0.0, burst_enter_probability=0.5,
                                           burst_exit_probability=0.5))
