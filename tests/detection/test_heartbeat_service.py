@@ -242,7 +242,7 @@ def test_a_stalled_event_loop_does_not_suspect_its_peers():
             b.set_targets([("a", a.address, 0)])
             await wait_until(lambda: a.stats().heartbeats_accepted >= 20
                              and b.stats().heartbeats_accepted >= 20, 5.0, "warm-up")
-            time.sleep(0.3)  # the fault under test: this process does not run
+            time.sleep(0.3)  # noqa: ASYNC251 -- the fault under test: this process does not run
             accepted = a.stats().heartbeats_accepted
             await wait_until(lambda: a.stats().heartbeats_accepted >= accepted + 10, 5.0,
                              "heartbeats after the stall")
