@@ -297,8 +297,8 @@ class Peer:
         if status.leader_address is None:
             return False, "no Raft leader known"
         view = self.raft.read(self._membership_view)
-        if view is None or view[1] not in (ALIVE, "suspected"):
-            return False, "not yet registered in the cluster state"
+        if view is None or view[0] < self.incarnation or view[1] not in (ALIVE, "suspected"):
+            return False, "this incarnation is not yet registered in the cluster state"
         return True, "ready"
 
     def snapshot(self, events_max: int = 0) -> dict[str, Any]:
