@@ -129,6 +129,38 @@ class Report:
 
 
 @dataclass(frozen=True)
+class ArtifactProfile:
+    device_kind: str
+    load_ms: float
+    latency_ms: float
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class ArtifactSummary:
+    """What the planner needs to know of a stored artifact (its manifest, without file hashes)."""
+
+    name: str
+    version: str
+    format: str
+    size_bytes: int
+    parameter_count: int
+    family: str
+    accuracy: float | None = None
+    profiles: tuple[ArtifactProfile, ...] = ()
+
+
+@dataclass(frozen=True)
+class StoreReport:
+    """A peer's model store changed: here is everything it holds now, and how full it is."""
+
+    node_id: str
+    artifacts: tuple[ArtifactSummary, ...]
+    used_bytes: int
+    at_ms: int
+
+
+@dataclass(frozen=True)
 class Probe:
     """A no-op that still goes through the log: used to measure commits and check liveness."""
 
@@ -137,7 +169,7 @@ class Probe:
     at_ms: int
 
 
-Command = Union[Join, Leave, Suspect, Unsuspect, RegisterApp, RemoveApp, CommitPlan, Report, Probe]
+Command = Union[Join, Leave, Suspect, Unsuspect, RegisterApp, RemoveApp, CommitPlan, Report, StoreReport, Probe]
 
 COMMAND_TYPES: dict[str, type] = {
     "join": Join,
@@ -148,6 +180,7 @@ COMMAND_TYPES: dict[str, type] = {
     "remove_app": RemoveApp,
     "commit_plan": CommitPlan,
     "report": Report,
+    "store_report": StoreReport,
     "probe": Probe,
 }
 TYPE_NAMES: dict[type, str] = {cls: name for name, cls in COMMAND_TYPES.items()}
@@ -242,6 +275,8 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
 
 __all__ = [
     "AppPlacement",
+    "ArtifactProfile",
+    "ArtifactSummary",
     "BACKUP_POLICIES",
     "COMMAND_TYPES",
     "Command",
@@ -256,6 +291,7 @@ __all__ = [
     "RemoveApp",
     "Replica",
     "Report",
+    "StoreReport",
     "Suspect",
     "Unsuspect",
     "decode",

@@ -102,6 +102,10 @@ class ClusterState:
     suspicions: dict[str, dict[str, tuple[int, str]]] = field(default_factory=dict)
     # (app, node) -> last reported replica state (load_started, serving, ...)
     replica_reports: dict[tuple[str, str], str] = field(default_factory=dict)
+    # (name, version) -> summary, as first reported; node -> what its store holds
+    catalog: dict[tuple[str, str], c.ArtifactSummary] = field(default_factory=dict)
+    stores: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    store_used_bytes: dict[str, int] = field(default_factory=dict)
     events: deque[Event] = field(default_factory=deque)
     event_seq: int = 0
     applied_count: int = 0
@@ -446,6 +450,30 @@ class ClusterState:
         self._record(command.at_ms, command.kind, **fields)
         return ACCEPTED
 
+    def _on_store_report(self, command: c.StoreReport) -> Outcome:
+        if command.node_id not in self.members:
+            return self._reject("store_report", command.at_ms, f"unknown member {command.node_id}")
+        held = tuple(sorted((a.name, a.version) for a in command.artifacts))
+        if len(set(held)) != len(held):
+            return self._reject("store_report", command.at_ms, "an artifact is listed twice")
+        for artifact in command.artifacts:
+            if not NAME_PATTERN.match(artifact.name) or not NAME_PATTERN.match(artifact.version):
+                return self._reject("store_report", command.at_ms, f"invalid artifact name {artifact.name!r}")
+        unchanged = self.stores.get(command.node_id) == held
+        for artifact in command.artifacts:
+            self.catalog.setdefault((artifact.name, artifact.version), artifact)
+        self.stores[command.node_id] = held
+        self.store_used_bytes[command.node_id] = command.used_bytes
+        if unchanged:
+            return Outcome(True, "store unchanged", duplicate=True)
+        self._record(command.at_ms, "store_changed", node=command.node_id, artifacts=len(held), used_bytes=command.used_bytes)
+        return ACCEPTED
+
+    def nodes_holding(self, name: str) -> list[str]:
+        """Live members whose store holds any version of artifact `name`."""
+        live = set(self.live_member_ids())
+        return sorted(node for node, held in self.stores.items() if node in live and any(n == name for n, _ in held))
+
     def _on_probe(self, command: c.Probe) -> Outcome:
         return ACCEPTED
 
@@ -480,6 +508,9 @@ class ClusterState:
                 {"app": app, "node_id": node, "state": state}
                 for (app, node), state in sorted(self.replica_reports.items())
             ],
+            "catalog": [dataclasses.asdict(a) for _, a in sorted(self.catalog.items())],
+            "stores": {node: [list(key) for key in held] for node, held in sorted(self.stores.items())},
+            "store_used_bytes": dict(sorted(self.store_used_bytes.items())),
             "events": [dataclasses.asdict(e) for e in events],
             "event_seq": self.event_seq,
             "applied_count": self.applied_count,
@@ -503,6 +534,14 @@ class ClusterState:
             for target, by in data["suspicions"].items()
         }
         state.replica_reports = {(r["app"], r["node_id"]): r["state"] for r in data["replica_reports"]}
+        state.catalog = {}
+        for raw in data["catalog"]:
+            summary = c.ArtifactSummary(
+                **{**raw, "profiles": tuple(c.ArtifactProfile(**p) for p in raw["profiles"])}
+            )
+            state.catalog[(summary.name, summary.version)] = summary
+        state.stores = {node: tuple(tuple(key) for key in held) for node, held in data["stores"].items()}
+        state.store_used_bytes = dict(data["store_used_bytes"])
         state.events = deque(Event(**e) for e in data["events"])
         state.event_seq = data["event_seq"]
         state.applied_count = data["applied_count"]
@@ -523,5 +562,6 @@ _HANDLERS = {
     c.RemoveApp: ClusterState._on_remove_app,
     c.CommitPlan: ClusterState._on_commit_plan,
     c.Report: ClusterState._on_report,
+    c.StoreReport: ClusterState._on_store_report,
     c.Probe: ClusterState._on_probe,
 }

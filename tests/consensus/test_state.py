@@ -267,3 +267,33 @@ def test_state_round_trips_through_bytes():
     )
     copy = ClusterState.from_bytes(state.to_bytes())
     assert copy.to_dict() == state.to_dict()
+
+
+def artifact(name: str, version: str = "1-onnx") -> c.ArtifactSummary:
+    return c.ArtifactSummary(
+        name=name, version=version, format=version.split("-")[1], size_bytes=1000, parameter_count=10,
+        family="f", accuracy=0.7, profiles=(c.ArtifactProfile("cpu", 5.0, 2.0, 4000),),
+    )
+
+
+def test_store_reports_build_the_catalog_and_locations():
+    state, outcomes = run(
+        cluster("n1", "n2")
+        + [
+            c.StoreReport("n1", (artifact("big"), artifact("small")), 2000, 1),
+            c.StoreReport("n2", (artifact("small"),), 1000, 2),
+            c.StoreReport("n2", (artifact("small"),), 1000, 3),
+        ]
+    )
+    assert [o.accepted for o in outcomes[-3:]] == [True, True, True]
+    assert outcomes[-1].duplicate
+    assert state.nodes_holding("small") == ["n1", "n2"]
+    assert state.nodes_holding("big") == ["n1"]
+    assert state.catalog[("big", "1-onnx")].profiles[0].latency_ms == 2.0
+    assert ClusterState.from_bytes(state.to_bytes()).to_dict() == state.to_dict()
+    assert c.decode(c.encode(c.StoreReport("n1", (artifact("big"),), 1, 1))) == c.StoreReport("n1", (artifact("big"),), 1, 1)
+
+
+def test_store_report_from_a_stranger_is_refused():
+    state, outcomes = run([c.StoreReport("n9", (artifact("big"),), 1, 1)])
+    assert not outcomes[-1].accepted and not state.stores
