@@ -680,7 +680,9 @@ class Monitor:
         for detector in self._detectors.values():
             detector.on_self_pause(pause_ms, now_ms)
 
-    def on_request_latency(self, node_id: str, latency_ms: float, slo_ms: float, now_ms: float):
+    def on_request_latency(
+        self, node_id: str, latency_ms: float, slo_ms: float, now_ms: float
+    ) -> None:
         self.judge.on_latency(node_id, latency_ms, slo_ms, now_ms)
 
     def on_request_timeout(self, node_id: str, now_ms: float) -> None:

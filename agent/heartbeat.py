@@ -153,6 +153,7 @@ class HeartbeatStats:
     # Scheduling lag of the send rhythm: how late each send ran versus its slot.
     send_lag_ms_last: float
     send_lag_ms_max: float
+    send_gap_ms_max: float  # longest time between two consecutive sends
     sends_late: int  # lag above half an interval
     send_slots_skipped: int  # slots dropped after a stall instead of a burst
     self_pauses: int
@@ -226,6 +227,7 @@ class HeartbeatService:
         self._send_lag_ms_max = 0.0
         self._sends_late = 0
         self._send_slots_skipped = 0
+        self._send_gap_ms_max = 0.0
         self._log = log.bind(node=node_id)
 
     # -- lifecycle
@@ -342,8 +344,13 @@ class HeartbeatService:
         loop = asyncio.get_running_loop()
         interval_s = self.settings.heartbeat_interval_ms / 1000.0
         slot_s = loop.time()
+        previous_send_s: float | None = None
         while True:
             now_s = loop.time()
+            if previous_send_s is not None:
+                self._send_gap_ms_max = max(self._send_gap_ms_max,
+                                            (now_s - previous_send_s) * 1000.0)
+            previous_send_s = now_s
             lag_ms = max(0.0, (now_s - slot_s) * 1000.0)
             self._send_lag_ms_last = lag_ms
             self._send_lag_ms_max = max(self._send_lag_ms_max, lag_ms)
@@ -480,6 +487,7 @@ class HeartbeatService:
             packets_rejected=dict(self._rejected),
             send_lag_ms_last=self._send_lag_ms_last,
             send_lag_ms_max=self._send_lag_ms_max,
+            send_gap_ms_max=self._send_gap_ms_max,
             sends_late=self._sends_late,
             send_slots_skipped=self._send_slots_skipped,
             self_pauses=self.monitor.self_pauses,

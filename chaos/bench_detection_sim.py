@@ -10,8 +10,9 @@ with the peer wiring. Usage:
 
 Measured per trial: a random node of a 5-node cluster crashes at a random
 phase after warm-up; for each observer, the time from the fault to its first
-suspicion, and the time until 2 distinct observers suspect (what a quorum of
-2 needs before the Raft commit). Then long no-fault runs count suspicions
+suspicion, and the time until 2 (and 3) distinct observers suspect: what a
+quorum of 2 (or 3, the majority of 4 that consensus/ asks in a 5-node
+cluster) waits for before the Raft commit. Then long no-fault runs count suspicions
 (all false by construction) per observer-hour and whether any node was ever
 suspected by 2 observers at once.
 """
@@ -41,7 +42,9 @@ from redge.chaos.simnet import (
 )
 
 NODES = [f"n{i}" for i in range(5)]
-QUORUM = 2
+# consensus/ confirms with a majority of the other live members, at least 2:
+# 3 of the 4 observers in a 5-node cluster. Both are reported.
+QUORUMS = (2, 3)
 
 # The load model: exponential send lag, and Poisson stalls of the whole process.
 ENTERPRISE_LOAD = CpuLoad(send_lag_ms_mean=0.5, stalls_per_s=0.2, stall_ms_min=5.0,
@@ -82,7 +85,7 @@ def crash_trials(name: str, host_up: bool, trials: int, seed_base: int,
                  warm_up_ms: float) -> dict:
     settings, link, load = SCENARIOS[name]
     per_observer: list[float] = []
-    quorum: list[float] = []
+    quorum: dict[int, list[float]] = {k: [] for k in QUORUMS}
     missed = 0
     reasons: dict[str, int] = {}
     for trial in range(trials):
@@ -99,9 +102,10 @@ def crash_trials(name: str, host_up: bool, trials: int, seed_base: int,
         first = first_suspicions(after_fault, victim, fault_ms)
         missed += len(NODES) - 1 - len(first)
         per_observer.extend(at_ms - fault_ms for at_ms in first.values())
-        second = kth_suspicion_ms(first, QUORUM)
-        if second is not None:
-            quorum.append(second - fault_ms)
+        for k in QUORUMS:
+            kth = kth_suspicion_ms(first, k)
+            if kth is not None:
+                quorum[k].append(kth - fault_ms)
         for observation in after_fault:
             if isinstance(observation.verdict, Suspect) and observation.verdict.node_id == victim:
                 reason = str(observation.verdict.reason)
@@ -112,7 +116,8 @@ def crash_trials(name: str, host_up: bool, trials: int, seed_base: int,
         "trials": trials,
         "seeds": [seed_base, seed_base + trials - 1],
         "first_suspicion_per_observer_ms": summary(per_observer),
-        "second_observer_suspicion_ms": summary(quorum),
+        "second_observer_suspicion_ms": summary(quorum[2]),
+        "third_observer_suspicion_ms": summary(quorum[3]),
         "observers_that_never_suspected": missed,
         "suspicion_reasons": reasons,
     }
@@ -121,15 +126,16 @@ def crash_trials(name: str, host_up: bool, trials: int, seed_base: int,
 def no_fault_run(name: str, link: LinkProfile, load: CpuLoad, settings: DetectorSettings,
                  seeds: list[int], duration_ms: float) -> dict:
     false_suspicions = 0
-    quorum_episodes = 0
+    quorum_episodes = dict.fromkeys(QUORUMS, 0)
     max_concurrent = 0
     for seed in seeds:
         simulation = DetectionSimulation(NODES, settings, seed=seed, link=link, cpu_load=load)
         simulation.run_until(duration_ms)
         false_suspicions += sum(isinstance(o.verdict, Suspect) for o in simulation.history)
-        episodes, peak = _quorum_episodes(simulation, duration_ms)
-        quorum_episodes += episodes
-        max_concurrent = max(max_concurrent, peak)
+        for k in QUORUMS:
+            episodes, peak = _quorum_episodes(simulation, duration_ms, k)
+            quorum_episodes[k] += episodes
+            max_concurrent = max(max_concurrent, peak)
     observer_hours = len(NODES) * len(seeds) * duration_ms / 3_600_000.0
     return {
         "scenario": name,
@@ -142,12 +148,15 @@ def no_fault_run(name: str, link: LinkProfile, load: CpuLoad, settings: Detector
         "false_suspicions": false_suspicions,
         "false_suspicions_per_observer_hour": round(false_suspicions / observer_hours, 3),
         "max_observers_suspecting_one_node_at_once": max_concurrent,
-        "quorum_of_2_false_confirmations": quorum_episodes,
+        "quorum_of_2_false_confirmations": quorum_episodes[2],
+        "quorum_of_3_false_confirmations": quorum_episodes[3],
     }
 
 
-def _quorum_episodes(simulation: DetectionSimulation, end_ms: float) -> tuple[int, int]:
-    """How often some node went from <2 to >=2 observers suspecting it, and the peak."""
+def _quorum_episodes(simulation: DetectionSimulation, end_ms: float,
+                     quorum: int) -> tuple[int, int]:
+    """How often some node went from fewer than `quorum` observers suspecting it
+    to `quorum` or more, and the peak count."""
     edges: dict[str, list[tuple[float, int]]] = {}
     for _, node_id, start_ms, stop_ms in suspicion_intervals(simulation.history, end_ms):
         edges.setdefault(node_id, []).extend([(start_ms, 1), (stop_ms, -1)])
@@ -155,7 +164,7 @@ def _quorum_episodes(simulation: DetectionSimulation, end_ms: float) -> tuple[in
     for node_edges in edges.values():
         current = 0
         for _, delta in sorted(node_edges, key=lambda edge: (edge[0], edge[1])):
-            if current < QUORUM <= current + delta:
+            if current < quorum <= current + delta:
                 episodes += 1
             current += delta
             peak = max(peak, current)

@@ -260,6 +260,7 @@ def test_a_stalled_event_loop_does_not_suspect_its_peers():
             assert [v for v in verdicts if isinstance(v, Suspect)] == []
             assert a.stats().self_pauses >= 1 and a.stats().self_pause_ms_max >= 200.0
             assert a.stats().send_slots_skipped >= 10  # resumed the rhythm, no burst
+            assert a.stats().send_gap_ms_max >= 250.0
         finally:
             await a.stop()
             await b.stop()
