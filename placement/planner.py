@@ -110,6 +110,11 @@ class _State:
         self.utilisation_limit = keep
         self.memory_used = np.zeros(count)
         self.storage_used = np.zeros(count)
+        # New load is judged against the storage *claimed*, every replica's
+        # artifact counted even when replicas share it: with sharing, a later
+        # replica could make an earlier refused one fit, and planning again
+        # would then change the plan.
+        self.storage_claimed = np.zeros(count)
         self.utilisation_used = np.zeros(count)
         self.primaries = np.zeros(count)
         self.warm = np.zeros(count)
@@ -194,6 +199,7 @@ class _State:
         if references[i] == 0:
             self.storage_used[i] += self.artifact_size[variant.name]
         references[i] += 1
+        self.storage_claimed[i] += self.artifact_size[variant.name]
         if role is Role.COLD:
             self.backup[name] = (i, index, role)
             self._refresh(i)
@@ -217,6 +223,7 @@ class _State:
         references[i] -= 1
         if references[i] == 0:
             self.storage_used[i] -= self.artifact_size[variant.name]
+        self.storage_claimed[i] -= self.artifact_size[variant.name]
         if role is Role.PRIMARY:
             del self.primary[name]
         else:
@@ -274,15 +281,10 @@ class _State:
                 warm -= 1
         # A limit binds only where this change grows a total: promoting a warm
         # backup or loading a cold one in place takes no new disk.
-        storage = self.storage_used[i]
+        storage = self.storage_claimed[i] + self.artifact_size[variant.name]
         for dropped_name, count in dropped.items():
-            if self.references[dropped_name][i] == count:
-                storage -= self.artifact_size[dropped_name]
-        references = self.references.get(variant.name)
-        left = 0 if references is None else references[i] - dropped.get(variant.name, 0)
-        if left == 0:
-            storage += self.artifact_size[variant.name]
-        if storage > self.storage_used[i] + TOLERANCE and storage > self.storage_limit[i] + TOLERANCE:
+            storage -= count * self.artifact_size[dropped_name]
+        if storage > self.storage_claimed[i] + TOLERANCE and storage > self.storage_limit[i] + TOLERANCE:
             return False
         if role is Role.COLD:
             return True
@@ -337,12 +339,7 @@ class _State:
             )
         else:
             mask = self.backup_rows[row].copy()
-        size = self.artifact_size[variant.name]
-        references = self.references.get(variant.name)
-        if references is None:
-            mask &= self.storage_room >= size
-        else:
-            mask &= (references > 0) | (self.storage_room >= size)
+        mask &= self.storage_room >= self.artifact_size[variant.name]
         for i in exclude:
             mask[i] = False
         return mask
@@ -350,7 +347,7 @@ class _State:
     def _refresh(self, i: int) -> None:
         """Recompute node i's room vectors after a change (TOLERANCE folded in)."""
         self.memory_room[i] = self.memory_limit[i] - self.memory_used[i] + TOLERANCE
-        self.storage_room[i] = self.storage_limit[i] - self.storage_used[i] + TOLERANCE
+        self.storage_room[i] = self.storage_limit[i] - self.storage_claimed[i] + TOLERANCE
         self.utilisation_room[i] = self.utilisation_limit - self.utilisation_used[i] + TOLERANCE
         self.inflation[i] = (
             self.settings.inflation_per_primary * self.primaries[i]
@@ -369,7 +366,7 @@ class _State:
         if local is not None and (mask & local).any():
             mask = mask & local
         if role is Role.COLD:
-            room = self.storage_limit - self.storage_used
+            room = self.storage_room
         else:
             room = self.memory_limit - self.memory_used
         if self.packing:
@@ -405,6 +402,7 @@ class _Planner:
         maximum = self.settings.prefetches_per_plan_max
         self.prefetches_left = float("inf") if maximum is None else maximum
         self.placed_new: set[str] = set()
+        self.evictions = 0
 
     def reason(self, app: str, kind: ReasonKind, detail: str) -> None:
         self.reasons.append(Reason(app, kind, detail))
@@ -419,9 +417,20 @@ class _Planner:
             (priority, [a for a in self.problem.apps if a.priority is priority])
             for priority in sorted(Priority, reverse=True)
         ]
-        for _, apps in classes:
-            self.fail_over(apps)
-            self.cover(apps)
+        # An eviction for a lower class can free room that a higher class's
+        # app was refused earlier; so repeat until a round evicts nothing.
+        # Each eviction serves one more app at the expense of lower classes
+        # only, so the rounds end (bounded besides by the number of apps).
+        for _ in range(len(self.problem.apps) + 1):
+            evictions = self.evictions
+            for _, apps in classes:
+                self.cover(apps)
+            if self.evictions == evictions:
+                break
+        deferred = {r.app for r in self.reasons if r.kind is ReasonKind.DEFERRED}
+        for app in self.problem.apps:
+            if app.name not in self.state.primary and app.name not in deferred:
+                self.reason(app.name, ReasonKind.SHED, "no node can take even its smallest variant")
         for priority, apps in classes:
             self.grow(apps, priority)
         ordered = sorted(self.problem.apps, key=lambda a: (-int(a.priority), a.name))
@@ -437,7 +446,8 @@ class _Planner:
         changed = draft.assignment() != current.assignment()
         target = dataclasses.replace(draft, epoch=current.epoch + 1) if changed else draft
         actions = actions_between(self.problem, current, target)
-        return PlanResult(target, actions, tuple(self.reasons), self.complete, changed)
+        reasons = tuple(dict.fromkeys(self.reasons))  # repeated passes repeat reasons
+        return PlanResult(target, actions, reasons, self.complete, changed)
 
     # -- 1. keep what is still valid
 
@@ -532,18 +542,24 @@ class _Planner:
     # -- 2b. cover
 
     def cover(self, apps: list[App]) -> None:
+        """Fail over and place this class's apps. An eviction frees room that
+        an app tried earlier in the pass may now use, so passes repeat until
+        one evicts nothing (at most one more pass than there are apps)."""
         state = self.state
-        unplaced = [a for a in apps if a.name not in state.primary]
-        unplaced.sort(key=lambda a: (min(v.memory_bytes for v in a.variants), a.name))
-        for app in unplaced:
-            if self.loads_left <= 0:
-                self.defer(app.name, "load bound reached before placing a primary")
-                continue
-            if self.place_primary(app) or self.evict_for(app):
-                self.loads_left -= 1
-                self.placed_new.add(app.name)
-            else:
-                self.reason(app.name, ReasonKind.SHED, "no node can take even its smallest variant")
+        for _ in range(len(apps) + 1):
+            self.fail_over(apps)
+            evictions = self.evictions
+            unplaced = [a for a in apps if a.name not in state.primary]
+            unplaced.sort(key=lambda a: (min(v.memory_bytes for v in a.variants), a.name))
+            for app in unplaced:
+                if self.loads_left <= 0:
+                    self.defer(app.name, "load bound reached before placing a primary")
+                    continue
+                if self.place_primary(app) or self.evict_for(app):
+                    self.loads_left -= 1
+                    self.placed_new.add(app.name)
+            if self.evictions == evictions:
+                break
 
     def place_primary(self, app: App) -> bool:
         state = self.state
@@ -623,6 +639,7 @@ class _Planner:
                         node_id = self.problem.nodes[i].node_id
                         self.reason(name, ReasonKind.EVICTED, f"{role.value} on {node_id} made room for {app.name}")
                     state.add(app.name, i, index, Role.PRIMARY)
+                    self.evictions += 1
                     return True
         return False
 
