@@ -37,6 +37,17 @@ class PeerMetrics:
         self.proposal_failures = Counter(
             "redge_proposal_failures_total", "Proposals that failed or timed out", ["command", "error"], **labels
         )
+        self.verdicts = Counter(
+            "redge_detector_verdicts_total", "Local detector verdicts by kind (Suspect, Recover, ...)", ["kind"], **labels
+        )
+        self.heartbeats_sent = Gauge("redge_heartbeats_sent", "Heartbeats sent since start", **labels)
+        self.heartbeats_accepted = Gauge("redge_heartbeats_accepted", "Heartbeats accepted since start", **labels)
+        self.heartbeats_rejected = Gauge(
+            "redge_heartbeats_rejected", "Packets dropped by reason (forged, foreign, malformed)", ["reason"], **labels
+        )
+        self.heartbeat_send_gap_ms_max = Gauge(
+            "redge_heartbeat_send_gap_ms_max", "Longest gap between two heartbeat sends", **labels
+        )
         self.http_requests = Counter(
             "redge_http_requests_total", "HTTP requests by route and status", ["route", "status"], **labels
         )

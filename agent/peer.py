@@ -27,6 +27,7 @@ import structlog
 from aiohttp import web
 
 from redge.agent.config import PeerConfig
+from redge.agent.detection import FailureDetection
 from redge.agent.errors import JoinFailed
 from redge.agent.metrics import PeerMetrics
 from redge.agent.profile import Profile, get_profile
@@ -58,6 +59,7 @@ class Peer:
         self.profile: Profile = get_profile(config.profile)
         self.metrics = PeerMetrics(config.node_id)
         self.raft: RaftNode | None = None
+        self.detection: FailureDetection | None = None
         self.incarnation = 0
         self.started_at_ms = now_ms()
         self._runner: web.AppRunner | None = None
@@ -90,6 +92,8 @@ class Peer:
         self.raft.on_commit(self._on_commit)
         self.raft.on_leader_change(self._on_leader_change)
         try:
+            self.detection = FailureDetection(self)
+            await self.detection.start()
             app = build_app(self)
             self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await self._runner.setup()
@@ -100,6 +104,8 @@ class Peer:
             except OSError as error:
                 raise OSError(f"cannot bind the HTTP address {config.http}: {error.strerror or error}") from None
         except BaseException:
+            if self.detection is not None:
+                await self.detection.stop()
             self.raft.close()
             raise
         log.info(
@@ -196,6 +202,8 @@ class Peer:
             if view is not None and view[1] in (FAILED, LEFT) and view[0] >= self.incarnation:
                 self.incarnation = view[0] + 1
                 self._write_incarnation(self.incarnation)
+                if self.detection is not None:
+                    self.detection.set_incarnation(self.incarnation)
                 log.warning("refuting_failure", status=view[1], incarnation=self.incarnation)
             if not needs_join:
                 self._registered.set()
@@ -237,6 +245,13 @@ class Peer:
             for member_status in ("alive", "suspected", "failed", "left"):
                 self.metrics.members.labels(status=member_status).set(counts.get(member_status, 0))
             self.metrics.epoch.set(self.raft.read(lambda s: s.epoch))
+            if self.detection is not None and self.detection.service is not None:
+                stats = self.detection.service.stats()
+                self.metrics.heartbeats_sent.set(stats.heartbeats_sent)
+                self.metrics.heartbeats_accepted.set(stats.heartbeats_accepted)
+                self.metrics.heartbeat_send_gap_ms_max.set(stats.send_gap_ms_max)
+                for reason, count in stats.packets_rejected.items():
+                    self.metrics.heartbeats_rejected.labels(reason=reason).set(count)
             await asyncio.sleep(1.0)
 
     def _on_commit(self, command: c.Command | None, outcome: Outcome) -> None:
@@ -244,6 +259,8 @@ class Peer:
         self.metrics.commands_applied.labels(command=name, outcome="accepted" if outcome.accepted else "rejected").inc()
         if isinstance(command, (c.Join, c.Leave, c.Suspect)):
             self._state_changed.set()
+        if isinstance(command, (c.Join, c.Leave, c.Suspect, c.Unsuspect)) and self.detection is not None:
+            self.detection.refresh_targets()
         for hook in list(self._commit_hooks):
             hook(command, outcome)
         signal_, self._commit_signal = self._commit_signal, asyncio.Event()
@@ -359,6 +376,8 @@ class Peer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.detection is not None:
+            await self.detection.stop()
         if self.raft is not None:
             self.raft.close()
         self._closed.set()

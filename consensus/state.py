@@ -40,6 +40,11 @@ class Settings:
     confirm_observers_min: int = 2
     # A node that comes back after a confirmed failure takes no primaries for this long.
     hold_down_ms: int = 10_000
+    # Up to this many members everyone watches everyone; above it each node has
+    # `watchers_per_node` watchers (agent/detector.monitoring_targets), and a failure needs a
+    # majority of those, since the other members never hear from the node at all.
+    watch_all_members_max: int = 8
+    watchers_per_node: int = 4
 
 
 @dataclass
@@ -105,6 +110,7 @@ class ClusterState:
     # (name, version) -> summary, as first reported; node -> what its store holds
     catalog: dict[tuple[str, str], c.ArtifactSummary] = field(default_factory=dict)
     stores: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    sources: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     store_used_bytes: dict[str, int] = field(default_factory=dict)
     events: deque[Event] = field(default_factory=deque)
     event_seq: int = 0
@@ -235,8 +241,13 @@ class ClusterState:
     def observers_needed(self, target_id: str) -> int:
         """Distinct live observers (other than the target) needed to confirm its failure."""
         others = [node for node in self.live_member_ids() if node != target_id]
-        majority = len(others) // 2 + 1
-        return min(len(others), max(majority, self.settings.confirm_observers_min)) if others else 1
+        if not others:
+            return 1
+        watchers = len(others)
+        if len(others) + 1 > self.settings.watch_all_members_max:
+            watchers = min(watchers, self.settings.watchers_per_node)
+        majority = watchers // 2 + 1
+        return min(watchers, max(majority, self.settings.confirm_observers_min))
 
     def _on_suspect(self, command: c.Suspect) -> Outcome:
         target = self.members.get(command.target_id)
@@ -285,15 +296,21 @@ class ClusterState:
             return self._reject("unsuspect", command.at_ms, f"unknown target {command.target_id}")
         by_observer = self.suspicions.get(command.target_id, {})
         if command.observer_id not in by_observer:
+            if target.degraded and target.status in (ALIVE, SUSPECTED):
+                # An observer that judged the node slow sees it well again.
+                target.degraded = False
+                self._record(command.at_ms, "member_restored", node=command.target_id, observer=command.observer_id)
+                return ACCEPTED
             return Outcome(True, "no suspicion to withdraw", duplicate=True)
         del by_observer[command.observer_id]
         self._record(command.at_ms, "suspicion_withdrawn", node=command.target_id, observer=command.observer_id)
-        if not by_observer:
-            self.suspicions.pop(command.target_id, None)
-            if target.status == SUSPECTED:
-                target.status = ALIVE
-                target.status_changed_at_ms = command.at_ms
-                self._record(command.at_ms, "member_cleared", node=command.target_id)
+        if by_observer:
+            return ACCEPTED
+        self.suspicions.pop(command.target_id, None)
+        if target.status == SUSPECTED:
+            target.status = ALIVE
+            target.status_changed_at_ms = command.at_ms
+            self._record(command.at_ms, "member_cleared", node=command.target_id)
         return ACCEPTED
 
     def _live_observers_of(self, target_id: str) -> list[str]:
@@ -459,10 +476,13 @@ class ClusterState:
         for artifact in command.artifacts:
             if not NAME_PATTERN.match(artifact.name) or not NAME_PATTERN.match(artifact.version):
                 return self._reject("store_report", command.at_ms, f"invalid artifact name {artifact.name!r}")
-        unchanged = self.stores.get(command.node_id) == held
-        for artifact in command.artifacts:
+        from_source = tuple(sorted((a.name, a.version) for a in command.source_artifacts))
+        unchanged = self.stores.get(command.node_id) == held and self.sources.get(command.node_id, ()) == from_source
+        for artifact in command.artifacts + command.source_artifacts:
             self.catalog.setdefault((artifact.name, artifact.version), artifact)
         self.stores[command.node_id] = held
+        if from_source:
+            self.sources[command.node_id] = from_source
         self.store_used_bytes[command.node_id] = command.used_bytes
         if unchanged:
             return Outcome(True, "store unchanged", duplicate=True)
@@ -510,6 +530,7 @@ class ClusterState:
             ],
             "catalog": [dataclasses.asdict(a) for _, a in sorted(self.catalog.items())],
             "stores": {node: [list(key) for key in held] for node, held in sorted(self.stores.items())},
+            "sources": {node: [list(key) for key in held] for node, held in sorted(self.sources.items())},
             "store_used_bytes": dict(sorted(self.store_used_bytes.items())),
             "events": [dataclasses.asdict(e) for e in events],
             "event_seq": self.event_seq,
@@ -541,6 +562,7 @@ class ClusterState:
             )
             state.catalog[(summary.name, summary.version)] = summary
         state.stores = {node: tuple(tuple(key) for key in held) for node, held in data["stores"].items()}
+        state.sources = {node: tuple(tuple(key) for key in held) for node, held in data["sources"].items()}
         state.store_used_bytes = dict(data["store_used_bytes"])
         state.events = deque(Event(**e) for e in data["events"])
         state.event_seq = data["event_seq"]

@@ -297,3 +297,22 @@ def test_store_reports_build_the_catalog_and_locations():
 def test_store_report_from_a_stranger_is_refused():
     state, outcomes = run([c.StoreReport("n9", (artifact("big"),), 1, 1)])
     assert not outcomes[-1].accepted and not state.stores
+
+
+@pytest.mark.parametrize("live,needed", [(9, 3), (12, 3), (20, 3)])
+def test_large_clusters_need_a_majority_of_the_watchers(live, needed):
+    state, _ = run(cluster(*[f"n{i}" for i in range(1, live + 1)]))
+    assert state.observers_needed("n1") == needed
+
+
+def test_settings_match_the_detectors_watch_sets():
+    from redge.agent import detector
+
+    settings = Settings()
+    assert settings.watch_all_members_max == detector.SMALL_CLUSTER_MAX
+    assert settings.watchers_per_node == detector.DEFAULT_FANOUT
+
+
+def test_degraded_node_is_restored_by_the_observer():
+    state, outcomes = run(cluster("n1", "n2") + [suspect("n1", "n2", reason="degraded"), c.Unsuspect("n1", "n2", 20)])
+    assert outcomes[-1].accepted and not state.members["n2"].degraded

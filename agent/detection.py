@@ -1,0 +1,152 @@
+"""Failure detection in the peer: heartbeats out, verdicts into Raft as suspicions.
+
+The heartbeat service (heartbeat.py) and the detector (detector.py) decide, locally, that a
+node looks dead or slow. That is one observer's opinion. This module turns each verdict into
+a replicated `Suspect` / `Unsuspect`, so that the state machine can confirm a failure only
+when enough distinct observers agree. It keeps the watch list equal to the committed live
+members, retries a proposal that could not commit (an election is running, or this node is
+on the minority side of a partition) for as long as the verdict stands, and stops at once
+when the verdict changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+import structlog
+
+from redge.agent.detector import Degraded, Recover, Restarted, Restored, Suspect, Verdict, monitoring_targets, profile
+from redge.agent.heartbeat import HeartbeatService
+from redge.consensus import commands as c
+from redge.consensus.errors import ConsensusError
+from redge.consensus.raft import split_address
+from redge.consensus.state import ALIVE, SUSPECTED, ClusterState
+
+if TYPE_CHECKING:
+    from redge.agent.peer import Peer
+
+log = structlog.get_logger("redge.detection")
+
+RETRY_S_FIRST = 0.02
+RETRY_S_MAX = 0.5
+ATTEMPTS_MAX = 200
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class FailureDetection:
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+        self.service: HeartbeatService | None = None
+        # target -> the verdict this observer currently holds about it ("down" or "slow")
+        self._opinions: dict[str, str] = {}
+        self._proposals: dict[str, asyncio.Task[None]] = {}
+
+    async def start(self) -> None:
+        config = self.peer.config
+        host, port = split_address(config.heartbeat)
+        self.service = HeartbeatService(
+            self.peer.node_id,
+            (host, port),
+            config.secret.encode(),
+            profile(self.peer.profile.name),
+            on_verdict=self._on_verdict,
+            incarnation=self.peer.incarnation,
+        )
+        try:
+            await self.service.start()
+        except OSError as error:
+            raise OSError(f"cannot bind the heartbeat address {config.heartbeat}: {error.strerror or error}") from None
+        self.refresh_targets()
+
+    async def stop(self) -> None:
+        for task in self._proposals.values():
+            task.cancel()
+        if self.service is not None:
+            await self.service.stop()
+
+    def set_incarnation(self, incarnation: int) -> None:
+        if self.service is not None:
+            self.service.incarnation = incarnation
+
+    def refresh_targets(self) -> None:
+        """Watch the committed live members (other than this node)."""
+        if self.service is None or self.peer.raft is None:
+            return
+        members = self.peer.raft.read(_live_members)
+        watched_ids = set(monitoring_targets(self.peer.node_id, [m[0] for m in members]))
+        targets = []
+        for node_id, heartbeat_address, incarnation in members:
+            if node_id == self.peer.node_id or node_id not in watched_ids:
+                continue
+            try:
+                targets.append((node_id, split_address(heartbeat_address), incarnation))
+            except ValueError:
+                log.warning("bad_heartbeat_address", node=node_id, address=heartbeat_address)
+        self.service.set_targets(targets)
+        for node_id in list(self._opinions):
+            if node_id not in watched_ids:
+                self._opinions.pop(node_id, None)
+
+    # ------------------------------------------------------------------ verdicts
+
+    def _on_verdict(self, verdict: Verdict) -> None:
+        self.peer.metrics.verdicts.labels(kind=type(verdict).__name__).inc()
+        if isinstance(verdict, Suspect):
+            self._hold(verdict.node_id, "down", str(verdict.reason))
+        elif isinstance(verdict, Degraded):
+            self._hold(verdict.node_id, "slow", "degraded")
+        elif isinstance(verdict, (Recover, Restarted, Restored)):
+            if self._opinions.pop(verdict.node_id, None) is not None:
+                self._propose_until_done(verdict.node_id, None)
+
+    def _hold(self, node_id: str, opinion: str, reason: str) -> None:
+        if self._opinions.get(node_id) == opinion:
+            return
+        self._opinions[node_id] = opinion
+        log.info("node_suspected_locally", target=node_id, reason=reason)
+        self._propose_until_done(node_id, reason)
+
+    def _propose_until_done(self, node_id: str, reason: str | None) -> None:
+        previous = self._proposals.pop(node_id, None)
+        if previous is not None:
+            previous.cancel()
+        self._proposals[node_id] = asyncio.create_task(self._propose(node_id, reason))
+
+    async def _propose(self, node_id: str, reason: str | None) -> None:
+        """Commit this observer's opinion; retried while it stands (bounded)."""
+        delay_s = RETRY_S_FIRST
+        for _ in range(ATTEMPTS_MAX):
+            command: c.Command
+            if reason is None:
+                command = c.Unsuspect(self.peer.node_id, node_id, now_ms())
+            else:
+                incarnation = self.peer.raft.read(lambda s: s.members[node_id].incarnation if node_id in s.members else 0)
+                command = c.Suspect(self.peer.node_id, node_id, incarnation, reason, now_ms())
+            try:
+                outcome = await self.peer.propose(command, timeout_s=self.peer.profile.proposal_timeout_s)
+                if not outcome.accepted:
+                    log.info("suspicion_refused", target=node_id, reason=outcome.reason)
+                return
+            except ConsensusError as error:
+                log.debug("suspicion_retry", target=node_id, error=type(error).__name__)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, RETRY_S_MAX)
+        log.warning("suspicion_not_committed", target=node_id)
+
+    def stats(self) -> dict[str, object]:
+        if self.service is None:
+            return {}
+        return {"stats": self.service.stats(), "opinions": dict(self._opinions)}
+
+
+def _live_members(state: ClusterState) -> list[tuple[str, str, int]]:
+    return [
+        (m.node_id, m.heartbeat_address, m.incarnation)
+        for m in sorted(state.members.values(), key=lambda m: m.node_id)
+        if m.status in (ALIVE, SUSPECTED)
+    ]
