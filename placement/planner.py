@@ -115,6 +115,9 @@ class _State:
         # replica could make an earlier refused one fit, and planning again
         # would then change the plan.
         self.storage_claimed = np.zeros(count)
+        # memory held per node by [priority][0: primaries, 1: warm backups],
+        # so that eviction can rule out most nodes with one vector bound
+        self.memory_by_class = np.zeros((len(Priority), 2, count))
         self.utilisation_used = np.zeros(count)
         self.primaries = np.zeros(count)
         self.warm = np.zeros(count)
@@ -205,6 +208,7 @@ class _State:
             self._refresh(i)
             return
         self.memory_used[i] += variant.memory_bytes
+        self.memory_by_class[int(app.priority), int(role is Role.WARM), i] += variant.memory_bytes
         self.threshold[i] = min(self.threshold[i], self._inflation_threshold(app, index, role, i))
         if role is Role.PRIMARY:
             self.primaries[i] += 1
@@ -232,6 +236,7 @@ class _State:
             self._refresh(i)
             return role, index
         self.memory_used[i] -= variant.memory_bytes
+        self.memory_by_class[int(app.priority), int(role is Role.WARM), i] -= variant.memory_bytes
         if role is Role.PRIMARY:
             self.primaries[i] -= 1
             self.utilisation_used[i] -= self.busy[self.first_row[name] + index, i]
@@ -590,11 +595,15 @@ class _Planner:
         weight = self.settings.weight
         exclude = set(state.nodes_of(app.name))
         for index in reversed(range(len(app.variants))):
-            budget = state.profile(app, index)[1]
             memory = app.variants[index].memory_bytes
+            priority = int(app.priority)
+            freeable = state.memory_by_class[:priority, 0].sum(axis=0) + state.memory_by_class[: priority + 1, 1].sum(axis=0)
+            possible = state.primary_rows[state.first_row[app.name] + index] & (
+                state.memory_used - freeable + memory <= state.memory_limit + TOLERANCE
+            )
             options = []
-            for i in range(len(self.problem.nodes)):
-                if i in exclude or not state.primary_allowed[i] or budget[i] < -TOLERANCE:
+            for i in np.flatnonzero(possible).tolist():
+                if i in exclude:
                     continue
                 evictable = sorted(
                     (_ROLE_RANK[role], int(state.apps[name].priority), -state.apps[name].variants[x].memory_bytes, name)
