@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -276,6 +277,36 @@ def build_architecture(architecture: Architecture, trusted_modules: tuple[str, .
     return builder(**architecture.kwargs)
 
 
+_INIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _initialisation_skipped() -> Iterator[None]:
+    """Make `torch.nn.init.*_` no-ops while an architecture is built on the meta device.
+
+    The weights are assigned from the file right after, so initialising is wasted work,
+    and on the meta device each init call still pays torch's function-mode dispatch:
+    skipping it builds resnet152 in 90 ms instead of 790 ms on the project's CPU.
+    Process-wide, so builds are serialised by a lock.
+    """
+    import torch.nn.init as init
+
+    names = [name for name in dir(init) if name.endswith("_") and not name.startswith("_")]
+    with _INIT_LOCK:
+        saved = {name: getattr(init, name) for name in names}
+        try:
+            for name in names:
+                setattr(init, name, _identity_init)
+            yield
+        finally:
+            for name, function in saved.items():
+                setattr(init, name, function)
+
+
+def _identity_init(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+    return tensor
+
+
 def _load_safetensors(directory: Path, manifest: Manifest, device: str, options: LoadOptions, phases: _Phases) -> LoadedModel:
     import torch
     from safetensors import safe_open
@@ -288,7 +319,7 @@ def _load_safetensors(directory: Path, manifest: Manifest, device: str, options:
                 state[key] = handle.get_tensor(key)
     with phases.measure("deserialize"):
         assert manifest.architecture is not None
-        with torch.device("meta"):
+        with torch.device("meta"), _initialisation_skipped():
             module = build_architecture(manifest.architecture, options.trusted_modules)
         module.load_state_dict(state, strict=True, assign=True)
         for tensor_name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
