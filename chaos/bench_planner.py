@@ -26,11 +26,10 @@ import sys
 import time
 
 import orjson
-
 from redge.placement.capacity import violations
 from redge.placement.objective import objective, served_accuracy
 from redge.placement.planner import plan_for
-from redge.placement.problem import Health, Problem, Settings
+from redge.placement.problem import DEFAULT_SETTINGS, Health, Problem, Settings
 from redge.placement.solver import solve
 from redge.placement.testbed import random_problem, testbed_problem
 
@@ -43,7 +42,7 @@ def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     if not ordered:
         return float("nan")
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -56,10 +55,14 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def cluster(node_count: int, app_count: int, seed: int, settings: Settings = Settings()) -> Problem:
+def cluster(
+    node_count: int, app_count: int, seed: int, settings: Settings = DEFAULT_SETTINGS
+) -> Problem:
     if (node_count, app_count) == (5, 27):
         return testbed_problem(settings)
-    return random_problem(random.Random(seed), node_count, app_count, memory_pressure=0.8, settings=settings)
+    return random_problem(
+        random.Random(seed), node_count, app_count, memory_pressure=0.8, settings=settings
+    )
 
 
 def settle(problem: Problem) -> tuple[Problem, int]:
@@ -84,7 +87,10 @@ def timed_ms(problem: Problem, repeats: int) -> list[float]:
 
 
 def with_failed(problem: Problem, node_ids: tuple[str, ...]) -> Problem:
-    nodes = tuple(dataclasses.replace(n, health=Health.FAILED) if n.node_id in node_ids else n for n in problem.nodes)
+    nodes = tuple(
+        dataclasses.replace(n, health=Health.FAILED) if n.node_id in node_ids else n
+        for n in problem.nodes
+    )
     return dataclasses.replace(problem, nodes=nodes, restore_allowed=False)
 
 
@@ -95,7 +101,11 @@ def bench_time(repeats: int) -> list[dict]:
         bounded = dataclasses.replace(initial, settings=Settings())
         settled, _ = settle(bounded)
         busiest = max(
-            settled.nodes, key=lambda n: (sum(r.node_id == n.node_id for r in settled.current.replicas), n.node_id)
+            settled.nodes,
+            key=lambda n: (
+                sum(r.node_id == n.node_id for r in settled.current.replicas),
+                n.node_id,
+            ),
         )
         failed = with_failed(settled, (busiest.node_id,))
         first = plan_for(failed)
@@ -110,14 +120,22 @@ def bench_time(repeats: int) -> list[dict]:
                 "one_node_failed_actions": len(first.actions),
             }
         )
-        print(f"time {node_count}x{app_count}: {rows[-1]['one_node_failed_ms']['p50']:.1f} ms p50", file=sys.stderr)
+        print(
+            f"time {node_count}x{app_count}: {rows[-1]['one_node_failed_ms']['p50']:.1f} ms p50",
+            file=sys.stderr,
+        )
     return rows
 
 
 def small_instance(seed: int) -> Problem:
     rng = random.Random(seed)
     return random_problem(
-        rng, rng.randint(2, 4), rng.randint(3, 7), memory_pressure=0.6 + rng.random(), settings=UNBOUNDED, variants_max=3
+        rng,
+        rng.randint(2, 4),
+        rng.randint(3, 7),
+        memory_pressure=0.6 + rng.random(),
+        settings=UNBOUNDED,
+        variants_max=3,
     )
 
 
@@ -136,7 +154,9 @@ def bench_gap(instances: int) -> dict:
         exact = solve(problem, time_limit_s=60.0)
         solver_ms.append((time.perf_counter() - start) * 1000.0)
         optimal += exact.optimal
-        best = sum(problem.settings.weight(a.priority) * a.variants[0].accuracy for a in problem.apps)
+        best = sum(
+            problem.settings.weight(a.priority) * a.variants[0].accuracy for a in problem.apps
+        )
         normalised.append((exact.objective - heuristic) / best)
         if exact.objective > 0:
             relative.append((exact.objective - heuristic) / exact.objective)
@@ -157,6 +177,7 @@ def bench_failures(pairs_max: int) -> list[dict]:
     for node_count, app_count in ((5, 27), (25, 125), (100, 500)):
         settled, _ = settle(cluster(node_count, app_count, seed=2))
         before = served_accuracy(settled, settled.current)
+        unserved_before = sum(settled.current.primary_of(a.name) is None for a in settled.apps)
         node_ids = [n.node_id for n in settled.nodes]
         rng = random.Random(3)
         singles = [(n,) for n in node_ids]
@@ -176,7 +197,9 @@ def bench_failures(pairs_max: int) -> list[dict]:
                 recovered, plans = settle(hurt)
                 plans_needed.append(plans)
                 settled_loss.append(1.0 - served_accuracy(recovered, recovered.current) / before)
-                unserved = [a for a in recovered.apps if recovered.current.primary_of(a.name) is None]
+                unserved = [
+                    a for a in recovered.apps if recovered.current.primary_of(a.name) is None
+                ]
                 shed.append(len(unserved))
                 critical_unserved.append(sum(a.priority.label == "critical" for a in unserved))
             rows.append(
@@ -185,6 +208,7 @@ def bench_failures(pairs_max: int) -> list[dict]:
                     "apps": app_count,
                     "failure": label,
                     "cases": len(cases),
+                    "apps_unserved_before": unserved_before,
                     "accuracy_lost_after_first_plan": summary(first_loss),
                     "accuracy_lost_when_settled": summary(settled_loss),
                     "plans_to_settle": summary([float(p) for p in plans_needed]),
@@ -205,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     started = time.time()
     report = {
-        "command": "python -m redge.chaos.bench_planner " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m redge.chaos.bench_planner "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {
             "python": platform.python_version(),
             "platform": platform.platform(),

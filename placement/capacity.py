@@ -17,7 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from redge.placement.problem import HEALTH_KEEPS_REPLICAS, App, Plan, Problem, Role, Settings, Variant
+from redge.placement.problem import (
+    HEALTH_KEEPS_REPLICAS,
+    App,
+    Plan,
+    Problem,
+    Role,
+    Settings,
+    Variant,
+)
 
 TOLERANCE = 1e-9
 """Slack for float comparisons: sums of latencies and fractions."""
@@ -31,7 +39,9 @@ def predicted_latency_ms(
     base_ms = variant.latency_ms(device_kind)
     if base_ms is None:
         return None
-    inflation = settings.inflation_per_primary * primaries_other + settings.inflation_per_warm * warm_other
+    inflation = (
+        settings.inflation_per_primary * primaries_other + settings.inflation_per_warm * warm_other
+    )
     return base_ms * (1.0 + inflation)
 
 

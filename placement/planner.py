@@ -42,7 +42,6 @@ import dataclasses
 import enum
 
 import numpy as np
-
 from redge.placement.capacity import TOLERANCE
 from redge.placement.objective import objective
 from redge.placement.problem import (
@@ -186,7 +185,11 @@ class _State:
         if role is Role.COLD:
             return np.inf
         budget = float(self.budget[self.first_row[app.name] + index, i])
-        bonus = self.settings.inflation_per_primary if role is Role.PRIMARY else self.settings.inflation_per_warm
+        bonus = (
+            self.settings.inflation_per_primary
+            if role is Role.PRIMARY
+            else self.settings.inflation_per_warm
+        )
         return budget + bonus
 
     # -- changes
@@ -243,7 +246,10 @@ class _State:
         else:
             self.warm[i] -= 1
         self.threshold[i] = min(
-            (self._inflation_threshold(self.apps[n], x, r, i) for n, (r, x) in self.hosted[i].items()),
+            (
+                self._inflation_threshold(self.apps[n], x, r, i)
+                for n, (r, x) in self.hosted[i].items()
+            ),
             default=np.inf,
         )
         self._refresh(i)
@@ -289,7 +295,10 @@ class _State:
         storage = self.storage_claimed[i] + self.artifact_size[variant.name]
         for dropped_name, count in dropped.items():
             storage -= count * self.artifact_size[dropped_name]
-        if storage > self.storage_claimed[i] + TOLERANCE and storage > self.storage_limit[i] + TOLERANCE:
+        if (
+            storage > self.storage_claimed[i] + TOLERANCE
+            and storage > self.storage_limit[i] + TOLERANCE
+        ):
             return False
         if role is Role.COLD:
             return True
@@ -469,11 +478,19 @@ class _Planner:
             if app is None:
                 continue  # the app was removed: its replicas simply go
             if i is None or self.problem.nodes[i].health not in HEALTH_KEEPS_REPLICAS:
-                self.reason(app.name, ReasonKind.DROPPED, f"{replica.role.value} lost with {replica.node_id}")
+                self.reason(
+                    app.name,
+                    ReasonKind.DROPPED,
+                    f"{replica.role.value} lost with {replica.node_id}",
+                )
                 continue
             index = app.variant_index(replica.variant)
             if index is None or np.isnan(state.profile(app, index)[0][i]):
-                self.reason(app.name, ReasonKind.DROPPED, f"{replica.variant} not runnable on {replica.node_id}")
+                self.reason(
+                    app.name,
+                    ReasonKind.DROPPED,
+                    f"{replica.variant} not runnable on {replica.node_id}",
+                )
                 continue
             if app.name in state.hosted[i]:
                 continue
@@ -500,7 +517,8 @@ class _Planner:
             loaded_over = (
                 state.memory_used[i] > state.memory_capacity[i] + TOLERANCE
                 or state.utilisation_used[i] > 1.0 + TOLERANCE
-                or alpha * state.primaries[i] + beta * state.warm[i] > state.threshold[i] + TOLERANCE
+                or alpha * state.primaries[i] + beta * state.warm[i]
+                > state.threshold[i] + TOLERANCE
             )
             storage_over = state.storage_used[i] > state.storage_capacity[i] + TOLERANCE
             if not loaded_over and not storage_over:
@@ -512,7 +530,11 @@ class _Planner:
             )
             name = victims[0][2]
             role, _ = state.remove(name, i)
-            self.reason(name, ReasonKind.DROPPED, f"{role.value} no longer fits on {self.problem.nodes[i].node_id}")
+            self.reason(
+                name,
+                ReasonKind.DROPPED,
+                f"{role.value} no longer fits on {self.problem.nodes[i].node_id}",
+            )
 
     # -- 2a. fail over
 
@@ -582,7 +604,9 @@ class _Planner:
                 if roomy.any():
                     mask = roomy
                     break
-            state.add(app.name, state.choose(app.name, index, Role.PRIMARY, mask), index, Role.PRIMARY)
+            state.add(
+                app.name, state.choose(app.name, index, Role.PRIMARY, mask), index, Role.PRIMARY
+            )
             return True
         return False
 
@@ -597,7 +621,9 @@ class _Planner:
         for index in reversed(range(len(app.variants))):
             memory = app.variants[index].memory_bytes
             priority = int(app.priority)
-            freeable = state.memory_by_class[:priority, 0].sum(axis=0) + state.memory_by_class[: priority + 1, 1].sum(axis=0)
+            freeable = state.memory_by_class[:priority, 0].sum(axis=0) + state.memory_by_class[
+                : priority + 1, 1
+            ].sum(axis=0)
             possible = state.primary_rows[state.first_row[app.name] + index] & (
                 state.memory_used - freeable + memory <= state.memory_limit + TOLERANCE
             )
@@ -606,7 +632,12 @@ class _Planner:
                 if i in exclude:
                     continue
                 evictable = sorted(
-                    (_ROLE_RANK[role], int(state.apps[name].priority), -state.apps[name].variants[x].memory_bytes, name)
+                    (
+                        _ROLE_RANK[role],
+                        int(state.apps[name].priority),
+                        -state.apps[name].variants[x].memory_bytes,
+                        name,
+                    )
                     for name, (role, x) in state.hosted[i].items()
                     if (role is Role.PRIMARY and state.apps[name].priority < app.priority)
                     or (role is not Role.PRIMARY and state.apps[name].priority <= app.priority)
@@ -622,9 +653,15 @@ class _Planner:
                     prefix.append(name)
                     other = state.apps[name]
                     if rank == _ROLE_RANK[Role.PRIMARY]:
-                        cost += 1000.0 * weight(other.priority) * other.variants[state.hosted[i][name][1]].accuracy
+                        cost += (
+                            1000.0
+                            * weight(other.priority)
+                            * other.variants[state.hosted[i][name][1]].accuracy
+                        )
                     else:
-                        cost += weight(other.priority) * (1.0 if rank == _ROLE_RANK[Role.WARM] else 0.1)
+                        cost += weight(other.priority) * (
+                            1.0 if rank == _ROLE_RANK[Role.WARM] else 0.1
+                        )
                     if rank != _ROLE_RANK[Role.COLD]:
                         need += negative_memory
                 if need > TOLERANCE:
@@ -646,7 +683,11 @@ class _Planner:
                     for name in chosen:
                         role, _ = state.remove(name, i)
                         node_id = self.problem.nodes[i].node_id
-                        self.reason(name, ReasonKind.EVICTED, f"{role.value} on {node_id} made room for {app.name}")
+                        self.reason(
+                            name,
+                            ReasonKind.EVICTED,
+                            f"{role.value} on {node_id} made room for {app.name}",
+                        )
                     state.add(app.name, i, index, Role.PRIMARY)
                     self.evictions += 1
                     return True
@@ -670,7 +711,9 @@ class _Planner:
                     continue
                 if not new:
                     waiting = sum(
-                        1 for a in self.problem.apps if a.priority <= priority and a.name not in state.primary
+                        1
+                        for a in self.problem.apps
+                        if a.priority <= priority and a.name not in state.primary
                     )
                     if self.loads_left <= waiting:
                         self.defer(app.name, "load bound reached before restoring a larger variant")
@@ -700,19 +743,27 @@ class _Planner:
             for index in range(primary_index, len(app.variants)):
                 mask = state.candidates(app.name, index, Role.WARM, (primary_node,))
                 if mask.any():
-                    state.add(app.name, state.choose(app.name, index, Role.WARM, mask), index, Role.WARM)
+                    state.add(
+                        app.name, state.choose(app.name, index, Role.WARM, mask), index, Role.WARM
+                    )
                     self.loads_left -= 1
                     placed = True
                     break
             if not placed:
                 if existing is not None:
                     state.add(app.name, existing[0], existing[1], existing[2])
-                self.reason(app.name, ReasonKind.BACKUP_COLD, "no node has memory for a warm backup")
+                self.reason(
+                    app.name, ReasonKind.BACKUP_COLD, "no node has memory for a warm backup"
+                )
 
     def add_cold_backups(self, apps: list[App]) -> None:
         state = self.state
         for app in apps:
-            if app.backup_role() is None or app.name not in state.primary or app.name in state.backup:
+            if (
+                app.backup_role() is None
+                or app.name not in state.primary
+                or app.name in state.backup
+            ):
                 continue
             primary_node, primary_index = state.primary[app.name]
             placed = False

@@ -229,6 +229,8 @@ class Settings:
         return 1000.0 * variant.size_bytes / self.transfer_bytes_per_s
 
 
+DEFAULT_SETTINGS = Settings()
+
 APPS_MAX = 10_000
 NODES_MAX = 10_000
 VARIANTS_PER_APP_MAX = 64
@@ -256,7 +258,7 @@ class Problem:
         default_factory=lambda: MappingProxyType({})
     )
     restore_allowed: bool = True
-    settings: Settings = Settings()
+    settings: Settings = DEFAULT_SETTINGS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nodes", tuple(sorted(self.nodes, key=lambda n: n.node_id)))

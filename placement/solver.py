@@ -18,12 +18,11 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import coo_matrix
-
 from redge.placement.errors import ProblemTooLarge, SolverFailed
 from redge.placement.objective import objective, remote_recovery_ms
 from redge.placement.problem import Health, Plan, Problem, Replica, Role
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_matrix
 
 VARIABLES_MAX = 20_000
 
@@ -35,7 +34,9 @@ class SolverResult:
     optimal: bool  # False when the time limit stopped HiGHS at a feasible plan
 
 
-def solve(problem: Problem, time_limit_s: float = 10.0, variables_max: int = VARIABLES_MAX) -> SolverResult:
+def solve(
+    problem: Problem, time_limit_s: float = 10.0, variables_max: int = VARIABLES_MAX
+) -> SolverResult:
     """The plan that maximises the shared objective, from scratch."""
     settings = problem.settings
     alpha = settings.inflation_per_primary
@@ -122,8 +123,12 @@ def solve(problem: Problem, time_limit_s: float = 10.0, variables_max: int = VAR
         by_node.setdefault(n, []).append(k)
     for a in range(app_count):
         # one primary exactly when served; one backup at most, only when served
-        constraint([(k, 1.0) for k in by_app_role.get((a, True), [])] + [(served_base + a, -1.0)], 0, 0)
-        constraint([(k, 1.0) for k in by_app_role.get((a, False), [])] + [(backup_base + a, -1.0)], 0, 0)
+        constraint(
+            [(k, 1.0) for k in by_app_role.get((a, True), [])] + [(served_base + a, -1.0)], 0, 0
+        )
+        constraint(
+            [(k, 1.0) for k in by_app_role.get((a, False), [])] + [(backup_base + a, -1.0)], 0, 0
+        )
         constraint([(backup_base + a, 1.0), (served_base + a, -1.0)], -np.inf, 0)
     for ks in by_app_node.values():
         if len(ks) > 1:
@@ -133,7 +138,10 @@ def solve(problem: Problem, time_limit_s: float = 10.0, variables_max: int = VAR
         ks = by_node.get(n, [])
         loaded = [k for k in ks if replicas[k][3] is not Role.COLD]
         constraint(
-            [(k, float(apps[replicas[k][0]].variants[replicas[k][1]].memory_bytes)) for k in loaded],
+            [
+                (k, float(apps[replicas[k][0]].variants[replicas[k][1]].memory_bytes))
+                for k in loaded
+            ],
             -np.inf,
             keep * node.model_memory_bytes,
         )
@@ -145,14 +153,19 @@ def solve(problem: Problem, time_limit_s: float = 10.0, variables_max: int = VAR
                 busy.append((k, apps[a].request_rate_per_s * base_ms / 1000.0))
         constraint(busy, -np.inf, keep)
         constraint(
-            [(artifact_base + name_index[name] * len(nodes) + n, float(size_of[name])) for name in names],
+            [
+                (artifact_base + name_index[name] * len(nodes) + n, float(size_of[name]))
+                for name in names
+            ],
             -np.inf,
             keep * node.storage_bytes,
         )
         for k in ks:
             a, v, _, role = replicas[k]
             name = apps[a].variants[v].name
-            constraint([(artifact_base + name_index[name] * len(nodes) + n, 1.0), (k, -1.0)], 0, np.inf)
+            constraint(
+                [(artifact_base + name_index[name] * len(nodes) + n, 1.0), (k, -1.0)], 0, np.inf
+            )
         # co-location: every loaded replica within its SLO (a warm one as if promoted)
         inflation = [(k, alpha if replicas[k][3] is Role.PRIMARY else beta) for k in loaded]
         for k in loaded:
@@ -176,5 +189,8 @@ def solve(problem: Problem, time_limit_s: float = 10.0, variables_max: int = VAR
             chosen.append(Replica(apps[a].name, nodes[n].node_id, apps[a].variants[v].name, role))
     plan = Plan(epoch=problem.current.epoch + 1, replicas=tuple(chosen))
     value = objective(problem, plan)
-    assert abs(value - (constant - result.fun)) < 1e-4 * max(1.0, abs(value)), (value, constant - result.fun)
+    assert abs(value - (constant - result.fun)) < 1e-4 * max(1.0, abs(value)), (
+        value,
+        constant - result.fun,
+    )
     return SolverResult(plan=plan, objective=value, optimal=result.status == 0)

@@ -13,7 +13,16 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from redge.placement.problem import App, BackupPolicy, Node, Priority, Problem, Settings, Variant
+from redge.placement.problem import (
+    DEFAULT_SETTINGS,
+    App,
+    BackupPolicy,
+    Node,
+    Priority,
+    Problem,
+    Settings,
+    Variant,
+)
 
 MB = 1_000_000
 GB = 1_000_000_000
@@ -22,7 +31,7 @@ GB = 1_000_000_000
 class Rng(Protocol):
     def random(self) -> float: ...
     def randint(self, a: int, b: int) -> int: ...
-    def choice(self, seq): ...  # noqa: ANN001, ANN201
+    def choice(self, seq): ...
 
 
 def _variant(name: str, params_millions: float, accuracy: float, gpu_ms: float) -> Variant:
@@ -65,7 +74,7 @@ def enterprise_node(node_id: str) -> Node:
     return Node(node_id, "gpu", 256 * GB, 16 * GB, 400 * GB)
 
 
-def testbed_problem(settings: Settings = Settings()) -> Problem:
+def testbed_problem(settings: Settings = DEFAULT_SETTINGS) -> Problem:
     """Five enterprise-edge nodes and 27 apps across the families, a third
     of them critical: the scale of FailLite's testbed."""
     nodes = tuple(enterprise_node(f"n{i + 1}") for i in range(5))
@@ -92,7 +101,7 @@ def random_problem(
     node_count: int,
     app_count: int,
     memory_pressure: float = 1.0,
-    settings: Settings = Settings(),
+    settings: Settings = DEFAULT_SETTINGS,
     variants_max: int = 4,
 ) -> Problem:
     """A random cluster. `memory_pressure` is the ratio of the apps' largest
@@ -113,7 +122,13 @@ def random_problem(
                 variants=variants,
                 request_rate_per_s=round(rng.random() * 20.0, 2),
                 backup=rng.choice(
-                    (BackupPolicy.AUTO, BackupPolicy.AUTO, BackupPolicy.WARM, BackupPolicy.COLD, BackupPolicy.NONE)
+                    (
+                        BackupPolicy.AUTO,
+                        BackupPolicy.AUTO,
+                        BackupPolicy.WARM,
+                        BackupPolicy.COLD,
+                        BackupPolicy.NONE,
+                    )
                 ),
             )
         )

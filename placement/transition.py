@@ -72,7 +72,10 @@ def actions_between(problem: Problem, current: Plan, target: Plan) -> tuple[Acti
         if old is None or old.role is Role.COLD:
             if new.role is Role.COLD:
                 if not on_disk and (old is None or old.variant != new.variant):
-                    add("prefetch", Action(ActionKind.PREFETCH, app, node_id, new.variant, Role.COLD))
+                    add(
+                        "prefetch",
+                        Action(ActionKind.PREFETCH, app, node_id, new.variant, Role.COLD),
+                    )
             else:
                 stage = "load_primary" if new.role is Role.PRIMARY else "load_warm"
                 add(stage, Action(ActionKind.LOAD, app, node_id, new.variant, new.role))
@@ -82,7 +85,10 @@ def actions_between(problem: Problem, current: Plan, target: Plan) -> tuple[Acti
             if new.role is Role.COLD:
                 add("unload", Action(ActionKind.UNLOAD, app, node_id, old.variant, None))
                 if not on_disk:
-                    add("prefetch", Action(ActionKind.PREFETCH, app, node_id, new.variant, Role.COLD))
+                    add(
+                        "prefetch",
+                        Action(ActionKind.PREFETCH, app, node_id, new.variant, Role.COLD),
+                    )
                 continue
             stage = "load_primary" if new.role is Role.PRIMARY else "load_warm"
             add(stage, Action(ActionKind.LOAD, app, node_id, new.variant, new.role))

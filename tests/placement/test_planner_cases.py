@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from redge.placement.capacity import violations
 from redge.placement.planner import ReasonKind, plan_for
 from redge.placement.problem import (
@@ -26,7 +25,9 @@ from redge.placement.transition import ActionKind
 MB = 1_000_000
 
 
-def variant(name: str, memory_mb: int, gpu_ms: float = 5.0, accuracy: float = 0.8, size_mb: int = 10) -> Variant:
+def variant(
+    name: str, memory_mb: int, gpu_ms: float = 5.0, accuracy: float = 0.8, size_mb: int = 10
+) -> Variant:
     return Variant(name, memory_mb * MB, (("gpu", gpu_ms),), accuracy, size_mb * MB)
 
 
@@ -34,20 +35,32 @@ BIG = variant("big", 600, 10.0, 0.80)
 SMALL = variant("small", 200, 4.0, 0.70)
 
 
-def app(name: str, priority: Priority = Priority.STANDARD, backup: BackupPolicy = BackupPolicy.AUTO,
-        variants: tuple[Variant, ...] = (BIG, SMALL), slo_ms: float = 50.0) -> App:
+def app(
+    name: str,
+    priority: Priority = Priority.STANDARD,
+    backup: BackupPolicy = BackupPolicy.AUTO,
+    variants: tuple[Variant, ...] = (BIG, SMALL),
+    slo_ms: float = 50.0,
+) -> App:
     return App(name, priority, slo_ms, variants, request_rate_per_s=1.0, backup=backup)
 
 
-def node(node_id: str, memory_mb: int = 1000, storage_mb: int = 1000, health: Health = Health.ALIVE,
-         hold_down: bool = False) -> Node:
+def node(
+    node_id: str,
+    memory_mb: int = 1000,
+    storage_mb: int = 1000,
+    health: Health = Health.ALIVE,
+    hold_down: bool = False,
+) -> Node:
     return Node(node_id, "gpu", memory_mb * MB, memory_mb * MB, storage_mb * MB, health, hold_down)
 
 
 SETTINGS = Settings(headroom_fraction=0.0)
 
 
-def problem(nodes, apps, current=(), artifacts=None, settings=SETTINGS, restore_allowed=True) -> Problem:
+def problem(
+    nodes, apps, current=(), artifacts=None, settings=SETTINGS, restore_allowed=True
+) -> Problem:
     return Problem(
         nodes=tuple(nodes),
         apps=tuple(apps),
@@ -70,7 +83,10 @@ def test_failed_primary_node_promotes_warm_backup_in_one_plan() -> None:
     before = problem(
         [node("a"), node("b"), node("c")],
         [app("detector", Priority.CRITICAL)],
-        current=[Replica("detector", "a", "big", Role.PRIMARY), Replica("detector", "b", "small", Role.WARM)],
+        current=[
+            Replica("detector", "a", "big", Role.PRIMARY),
+            Replica("detector", "b", "small", Role.WARM),
+        ],
     )
     # Right after a failure the leader holds restores down: no reshuffling yet.
     failed = dataclasses.replace(
@@ -91,19 +107,26 @@ def test_failed_primary_node_promotes_warm_backup_in_one_plan() -> None:
 
 
 def test_short_memory_gives_smaller_warm_backup() -> None:
-    result = plan_for(problem([node("a", 700), node("b", 300)], [app("detector", Priority.CRITICAL)]))
+    result = plan_for(
+        problem([node("a", 700), node("b", 300)], [app("detector", Priority.CRITICAL)])
+    )
     assert roles(result.plan, "detector") == {"a": ("big", Role.PRIMARY), "b": ("small", Role.WARM)}
 
 
 def test_no_memory_for_warm_backup_falls_back_to_cold() -> None:
-    result = plan_for(problem([node("a", 700), node("b", 100)], [app("detector", Priority.CRITICAL)]))
+    result = plan_for(
+        problem([node("a", 700), node("b", 100)], [app("detector", Priority.CRITICAL)])
+    )
     assert roles(result.plan, "detector") == {"a": ("big", Role.PRIMARY), "b": ("big", Role.COLD)}
     assert ReasonKind.BACKUP_COLD in {r.kind for r in result.reasons}
     assert any(a.kind is ActionKind.PREFETCH and a.node_id == "b" for a in result.actions)
 
 
 def test_smaller_variants_before_shedding() -> None:
-    apps = [app("x", Priority.STANDARD, BackupPolicy.NONE), app("y", Priority.STANDARD, BackupPolicy.NONE)]
+    apps = [
+        app("x", Priority.STANDARD, BackupPolicy.NONE),
+        app("y", Priority.STANDARD, BackupPolicy.NONE),
+    ]
     result = plan_for(problem([node("a", 800)], apps))
     variants = sorted(r.variant for r in result.plan.replicas)
     assert variants == ["big", "small"]
@@ -133,20 +156,30 @@ def test_critical_app_is_never_shed_for_a_standard_one() -> None:
             app("critical", Priority.CRITICAL, BackupPolicy.NONE, variants=(BIG,)),
             app("standard", Priority.STANDARD, BackupPolicy.NONE, variants=(BIG,)),
         ],
-        current=[Replica("critical", "a", "big", Role.PRIMARY), Replica("standard", "b", "big", Role.PRIMARY)],
+        current=[
+            Replica("critical", "a", "big", Role.PRIMARY),
+            Replica("standard", "b", "big", Role.PRIMARY),
+        ],
     )
-    failed = dataclasses.replace(before, nodes=(node("a", 700, health=Health.FAILED), node("b", 700)))
+    failed = dataclasses.replace(
+        before, nodes=(node("a", 700, health=Health.FAILED), node("b", 700))
+    )
     result = plan_for(failed)
     assert result.plan.primary_of("critical") is not None
     assert result.plan.primary_of("standard") is None
-    assert {(r.app, r.kind) for r in result.reasons} >= {("standard", ReasonKind.EVICTED), ("standard", ReasonKind.SHED)}
+    assert {(r.app, r.kind) for r in result.reasons} >= {
+        ("standard", ReasonKind.EVICTED),
+        ("standard", ReasonKind.SHED),
+    }
     assert [a.kind for a in result.actions] == [ActionKind.UNLOAD, ActionKind.LOAD]
 
 
 @pytest.mark.parametrize("health", [Health.SUSPECTED, Health.DEGRADED, Health.FAILED, Health.LEFT])
 def test_unhealthy_node_gets_no_new_load(health) -> None:
     apps = [app(f"app{k}", Priority.CRITICAL) for k in range(3)]
-    result = plan_for(problem([node("a", 5000), node("sick", 5000, health=health), node("c", 5000)], apps))
+    result = plan_for(
+        problem([node("a", 5000), node("sick", 5000, health=health), node("c", 5000)], apps)
+    )
     assert all(r.node_id != "sick" for r in result.plan.replicas)
 
 
@@ -154,7 +187,10 @@ def test_suspected_node_keeps_its_replicas_but_gets_nothing_new() -> None:
     result = plan_for(
         problem(
             [node("a", 5000, health=Health.SUSPECTED), node("b", 5000)],
-            [app("kept", Priority.STANDARD, BackupPolicy.NONE), app("new", Priority.STANDARD, BackupPolicy.NONE)],
+            [
+                app("kept", Priority.STANDARD, BackupPolicy.NONE),
+                app("new", Priority.STANDARD, BackupPolicy.NONE),
+            ],
             current=[Replica("kept", "a", "big", Role.PRIMARY)],
         )
     )
@@ -164,12 +200,16 @@ def test_suspected_node_keeps_its_replicas_but_gets_nothing_new() -> None:
 
 def test_node_near_capacity_gets_no_new_load() -> None:
     settings = Settings(headroom_fraction=0.2)
-    result = plan_for(problem([node("a", 700)], [app("x", backup=BackupPolicy.NONE)], settings=settings))
+    result = plan_for(
+        problem([node("a", 700)], [app("x", backup=BackupPolicy.NONE)], settings=settings)
+    )
     assert roles(result.plan, "x") == {"a": ("small", Role.PRIMARY)}  # 600 MB > 80 % of 700 MB
 
 
 def test_hold_down_node_takes_backups_not_primaries() -> None:
-    result = plan_for(problem([node("a", 5000, hold_down=True), node("b", 5000)], [app("x", Priority.CRITICAL)]))
+    result = plan_for(
+        problem([node("a", 5000, hold_down=True), node("b", 5000)], [app("x", Priority.CRITICAL)])
+    )
     assert roles(result.plan, "x") == {"b": ("big", Role.PRIMARY), "a": ("big", Role.WARM)}
 
 
@@ -180,7 +220,9 @@ def test_cold_backup_is_loaded_in_place_on_failover() -> None:
         current=[Replica("x", "a", "big", Role.PRIMARY), Replica("x", "c", "big", Role.COLD)],
         artifacts={"c": frozenset({"big"})},
     )
-    failed = dataclasses.replace(before, nodes=(node("a", health=Health.FAILED), node("b"), node("c")))
+    failed = dataclasses.replace(
+        before, nodes=(node("a", health=Health.FAILED), node("b"), node("c"))
+    )
     result = plan_for(failed)
     assert result.plan.primary_of("x") == Replica("x", "c", "big", Role.PRIMARY)
     assert roles(result.plan, "x")["b"] == ("big", Role.COLD)
@@ -225,7 +267,12 @@ def test_load_bound_defers_work_to_the_next_plan() -> None:
 
 def test_restore_waits_for_the_hold_down() -> None:
     current = [Replica("x", "b", "small", Role.PRIMARY)]
-    held = problem([node("a"), node("b")], [app("x", backup=BackupPolicy.NONE)], current=current, restore_allowed=False)
+    held = problem(
+        [node("a"), node("b")],
+        [app("x", backup=BackupPolicy.NONE)],
+        current=current,
+        restore_allowed=False,
+    )
     assert plan_for(held).plan.primary_of("x").variant == "small"
     assert not plan_for(held).changed
     released = dataclasses.replace(held, restore_allowed=True)
@@ -235,7 +282,9 @@ def test_restore_waits_for_the_hold_down() -> None:
 def test_co_location_that_would_break_an_slo_is_avoided() -> None:
     # Each alone meets a 5.2 ms SLO at 5 ms; together (8 % inflation) neither would.
     tight = variant("only", 100, 5.0)
-    apps = [app(f"app{k}", variants=(tight,), slo_ms=5.2, backup=BackupPolicy.NONE) for k in range(2)]
+    apps = [
+        app(f"app{k}", variants=(tight,), slo_ms=5.2, backup=BackupPolicy.NONE) for k in range(2)
+    ]
     result = plan_for(problem([node("a", 5000), node("b", 5000)], apps))
     assert {r.node_id for r in result.plan.replicas} == {"a", "b"}
     result = plan_for(problem([node("a", 5000)], apps))
@@ -245,8 +294,10 @@ def test_co_location_that_would_break_an_slo_is_avoided() -> None:
 def test_removed_app_is_unloaded_and_unchanged_plan_keeps_its_epoch() -> None:
     current = [Replica("gone", "a", "big", Role.PRIMARY), Replica("x", "a", "small", Role.PRIMARY)]
     result = plan_for(problem([node("a")], [app("x", backup=BackupPolicy.NONE)], current=current))
-    assert [(a.kind, a.app) for a in result.actions][0] == (ActionKind.UNLOAD, "gone")
-    again = plan_for(problem([node("a")], [app("x", backup=BackupPolicy.NONE)], current=result.plan.replicas))
+    assert (result.actions[0].kind, result.actions[0].app) == (ActionKind.UNLOAD, "gone")
+    again = plan_for(
+        problem([node("a")], [app("x", backup=BackupPolicy.NONE)], current=result.plan.replicas)
+    )
     assert not again.changed and not again.actions and again.plan.epoch == 7
 
 

@@ -8,7 +8,18 @@ import pathlib
 import pytest
 
 PLACEMENT = pathlib.Path(__file__).resolve().parents[2] / "placement"
-FORBIDDEN = {"asyncio", "aiohttp", "torch", "time", "random", "socket", "threading", "pysyncobj", "os", "subprocess"}
+FORBIDDEN = {
+    "asyncio",
+    "aiohttp",
+    "torch",
+    "time",
+    "random",
+    "socket",
+    "threading",
+    "pysyncobj",
+    "os",
+    "subprocess",
+}
 
 
 def imported(path: pathlib.Path) -> set[str]:
@@ -27,7 +38,9 @@ def test_module_imports_nothing_impure(path: pathlib.Path) -> None:
         top = name.split(".")[0]
         assert top not in FORBIDDEN, f"{path.name} imports {name}"
         if top == "redge":
-            assert name.startswith(("redge.placement", "redge.consensus")), f"{path.name} imports {name}"
+            assert name.startswith(("redge.placement", "redge.consensus")), (
+                f"{path.name} imports {name}"
+            )
 
 
 @pytest.mark.parametrize("path", sorted(PLACEMENT.glob("*.py")), ids=lambda p: p.name)

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import pytest
-
 from redge.placement.capacity import violations
 from redge.placement.errors import ProblemTooLarge
 from redge.placement.objective import objective
 from redge.placement.planner import plan_for
-from redge.placement.problem import App, BackupPolicy, Node, Priority, Problem, Role, Settings, Variant
+from redge.placement.problem import (
+    App,
+    BackupPolicy,
+    Node,
+    Priority,
+    Problem,
+    Role,
+    Settings,
+    Variant,
+)
 from redge.placement.solver import solve
 
 MB = 1_000_000
@@ -26,7 +34,9 @@ def app(name: str, priority: Priority, backup: BackupPolicy = BackupPolicy.AUTO)
 
 
 def test_warm_backup_and_largest_variant_when_room() -> None:
-    problem = Problem((node("a", 1000), node("b", 1000)), (app("x", Priority.CRITICAL),), settings=SETTINGS)
+    problem = Problem(
+        (node("a", 1000), node("b", 1000)), (app("x", Priority.CRITICAL),), settings=SETTINGS
+    )
     result = solve(problem)
     assert result.optimal
     assert not violations(problem, result.plan)
@@ -36,12 +46,19 @@ def test_warm_backup_and_largest_variant_when_room() -> None:
 
 
 def test_solver_sheds_lowest_priority_like_the_planner() -> None:
-    apps = (app("c", Priority.CRITICAL, BackupPolicy.NONE), app("s", Priority.STANDARD, BackupPolicy.NONE),
-            app("b", Priority.BEST_EFFORT, BackupPolicy.NONE))
+    apps = (
+        app("c", Priority.CRITICAL, BackupPolicy.NONE),
+        app("s", Priority.STANDARD, BackupPolicy.NONE),
+        app("b", Priority.BEST_EFFORT, BackupPolicy.NONE),
+    )
     problem = Problem((node("a", 450),), apps, settings=SETTINGS)
     exact = solve(problem)
     heuristic = plan_for(problem)
-    assert {r.app for r in exact.plan.replicas} == {r.app for r in heuristic.plan.replicas} == {"c", "s"}
+    assert (
+        {r.app for r in exact.plan.replicas}
+        == {r.app for r in heuristic.plan.replicas}
+        == {"c", "s"}
+    )
     assert objective(problem, heuristic.plan) == pytest.approx(exact.objective)
 
 
