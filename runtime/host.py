@@ -76,6 +76,9 @@ class HostOptions:
     control_timeout_s: float = 30.0
     close_timeout_s: float = 5.0
     verify: str = "size"
+    # Scheduling priority of the host below the peer's: on a busy node the heartbeats
+    # and Raft of the (mostly idle) peer process win the CPU over loading and inference.
+    nice: int = 5
     trusted_modules: tuple[str, ...] = TRUSTED_MODULES_DEFAULT
 
     def __post_init__(self) -> None:
@@ -163,6 +166,8 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
 
     from redge.runtime.loader import load
 
+    if options.nice:
+        os.nice(options.nice)
     torch.set_num_threads(options.threads)
     try:
         torch.set_num_interop_threads(1)

@@ -83,6 +83,9 @@ class LoadReport:
     to_device_ms: float
     warmup_ms: float
     total_ms: float
+    # safetensors reads the file while it builds the architecture: read and deserialize
+    # then overlap, and total is less than the sum of the phases.
+    read_overlaps_deserialize: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -226,6 +229,7 @@ def load(
         to_device_ms=ms.get("to_device", 0.0),
         warmup_ms=ms.get("warmup", 0.0),
         total_ms=total_ms,
+        read_overlaps_deserialize=manifest.format == "safetensors",
     )
     return model, report
 
@@ -307,21 +311,98 @@ def _identity_init(tensor: Any, *args: Any, **kwargs: Any) -> Any:
     return tensor
 
 
+SAFETENSORS_HEADER_BYTES_MAX = 100 * 1024 * 1024
+READ_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+def _read_safetensors(path: Path, manifest: Manifest) -> dict[str, Any]:
+    """Read the whole file in one sequential pass and view its tensors without copying.
+
+    `safe_open` reads tensor by tensor and measured up to 1.6x the raw read time cold;
+    one `readinto` into one buffer is the raw read, and the tensors are views into it
+    (the format puts each tensor at an aligned offset after a JSON header).
+    """
+    import orjson
+    import torch
+
+    dtypes = {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+        "U8": torch.uint8, "BOOL": torch.bool,
+    }
+    size_bytes = manifest.files[0].size_bytes
+    buffer = np.empty(size_bytes, dtype=np.uint8)
+    view = memoryview(buffer)
+    offset = 0
+    with open(path, "rb", buffering=0) as handle:
+        while offset < size_bytes:
+            count = handle.readinto(view[offset : offset + READ_CHUNK_BYTES])
+            if not count:
+                raise ArtifactCorrupt(manifest.name, manifest.version, manifest.files[0].path, f"ends at byte {offset} of {size_bytes}")
+            offset += count
+    if size_bytes < 8:
+        raise ValueError("file too short for a safetensors header")
+    header_bytes = int.from_bytes(buffer[:8].tobytes(), "little")
+    if header_bytes > min(SAFETENSORS_HEADER_BYTES_MAX, size_bytes - 8):
+        raise ValueError(f"safetensors header length {header_bytes} is beyond the file")
+    header = orjson.loads(buffer[8 : 8 + header_bytes].tobytes())
+    if not isinstance(header, dict):
+        raise ValueError("safetensors header is not a JSON object")
+    data = torch.from_numpy(buffer)
+    base = 8 + header_bytes
+    state: dict[str, Any] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = dtypes.get(info.get("dtype")) if isinstance(info, dict) else None
+        if dtype is None:
+            raise ValueError(f"tensor {name!r}: unsupported or missing dtype")
+        start, end = info["data_offsets"]
+        shape = [int(dimension) for dimension in info["shape"]]
+        if not 0 <= start <= end <= size_bytes - base:
+            raise ValueError(f"tensor {name!r}: data offsets {start}..{end} are outside the file")
+        piece = data[base + start : base + end]
+        if end == start:
+            state[name] = torch.empty(shape, dtype=dtype)
+            continue
+        try:
+            state[name] = piece.view(dtype).reshape(shape)
+        except RuntimeError:  # misaligned for its dtype: copy instead of view
+            state[name] = piece.clone().view(dtype).reshape(shape)
+    return state
+
+
 def _load_safetensors(directory: Path, manifest: Manifest, device: str, options: LoadOptions, phases: _Phases) -> LoadedModel:
     import torch
-    from safetensors import safe_open
 
     path = _main_file(directory, manifest)
-    with phases.measure("read"):
-        state: dict[str, Any] = {}
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            for key in handle.keys():
-                state[key] = handle.get_tensor(key)
+    assert manifest.architecture is not None
+    # Reading is I/O (no GIL) and building the architecture is Python (GIL): overlap
+    # them, so a cold load costs about max(read, build) instead of their sum.
+    read_result: dict[str, Any] = {}
+
+    def read() -> None:
+        started = time.perf_counter()
+        try:
+            read_result["state"] = _read_safetensors(path, manifest)
+        except BaseException as error:  # re-raised in the loading thread below
+            read_result["error"] = error
+        read_result["ms"] = (time.perf_counter() - started) * 1000
+
+    reader = threading.Thread(target=read, name="safetensors-read", daemon=True)
+    reader.start()
+    try:
+        with phases.measure("deserialize"):
+            with torch.device("meta"), _initialisation_skipped():
+                module = build_architecture(manifest.architecture, options.trusted_modules)
+    finally:
+        reader.join()
+    phases.milliseconds["read"] = read_result["ms"]
+    if "error" in read_result:
+        phases.current = "read"
+        raise read_result["error"]
     with phases.measure("deserialize"):
-        assert manifest.architecture is not None
-        with torch.device("meta"), _initialisation_skipped():
-            module = build_architecture(manifest.architecture, options.trusted_modules)
-        module.load_state_dict(state, strict=True, assign=True)
+        module.load_state_dict(read_result["state"], strict=True, assign=True)
         for tensor_name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
             if tensor.is_meta:
                 raise LoadFailed(
