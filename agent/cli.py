@@ -41,6 +41,8 @@ def _add_peer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-bytes", type=int, help="memory this peer offers to models (default: all)")
     parser.add_argument("--accelerator-memory-bytes", type=int, help="accelerator memory offered to models")
     parser.add_argument("--device-kind", help="cpu or gpu")
+    parser.add_argument("--model-threads", type=int, help="threads for model inference (default 1)")
+    parser.add_argument("--request-body-bytes-max", type=int, help="largest inference request accepted")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +117,7 @@ def peer_values(args: argparse.Namespace) -> dict[str, Any]:
     for key in (
         "node_id", "http", "raft", "heartbeat", "peers", "join", "data_dir", "store", "storage_budget_bytes",
         "source", "profile", "secret_file", "admin_token_file", "log_level", "memory_bytes",
-        "accelerator_memory_bytes", "device_kind",
+        "accelerator_memory_bytes", "device_kind", "model_threads", "request_body_bytes_max",
     ):
         value = getattr(args, key, None)
         if value is not None:

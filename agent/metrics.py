@@ -48,6 +48,16 @@ class PeerMetrics:
         self.heartbeat_send_gap_ms_max = Gauge(
             "redge_heartbeat_send_gap_ms_max", "Longest gap between two heartbeat sends", **labels
         )
+        self.inference_seconds = Histogram(
+            "redge_inference_seconds",
+            "Time to run one inference on this peer (model host round trip)",
+            ["app"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            **labels,
+        )
+        self.forwards = Counter(
+            "redge_forwards_total", "Requests forwarded to another peer, by outcome", ["outcome"], **labels
+        )
         self.http_requests = Counter(
             "redge_http_requests_total", "HTTP requests by route and status", ["route", "status"], **labels
         )

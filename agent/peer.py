@@ -28,6 +28,10 @@ from aiohttp import web
 
 from redge.agent.config import PeerConfig
 from redge.agent.detection import FailureDetection
+from redge.agent.inference import InferenceService
+from redge.agent.leader import LeaderDuty
+from redge.agent.reconciler import Reconciler
+from redge.agent.replicas import ReplicaManager
 from redge.agent.errors import JoinFailed
 from redge.agent.metrics import PeerMetrics
 from redge.agent.profile import Profile, get_profile
@@ -35,6 +39,8 @@ from redge.consensus import commands as c
 from redge.consensus.errors import ConsensusError
 from redge.consensus.raft import RaftNode, RaftStatus, split_address
 from redge.consensus.state import ALIVE, FAILED, LEFT, ClusterState, Outcome
+from redge.runtime.host import HostOptions
+from redge.runtime.store import Store
 
 log = structlog.get_logger("redge.peer")
 
@@ -60,6 +66,11 @@ class Peer:
         self.metrics = PeerMetrics(config.node_id)
         self.raft: RaftNode | None = None
         self.detection: FailureDetection | None = None
+        self.store: Store | None = None
+        self.replicas: ReplicaManager | None = None
+        self.inference = InferenceService(self)
+        self.leader = LeaderDuty(self)
+        self.reconciler: Reconciler | None = None
         self.incarnation = 0
         self.started_at_ms = now_ms()
         self._runner: web.AppRunner | None = None
@@ -92,9 +103,17 @@ class Peer:
         self.raft.on_commit(self._on_commit)
         self.raft.on_leader_change(self._on_leader_change)
         try:
+            self.store = Store(config.store_dir, config.storage_budget_bytes)
+            self.replicas = ReplicaManager(
+                self.store, config.device_kind, HostOptions(device=config.device_kind, threads=config.model_threads)
+            )
+            self.reconciler = Reconciler(self, self.replicas, self.store, config.source)
+            self.add_commit_hook(self.leader.on_commit)
+            self.add_commit_hook(self.reconciler.on_commit)
             self.detection = FailureDetection(self)
             await self.detection.start()
             app = build_app(self)
+            self.inference.register(app)
             self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await self._runner.setup()
             host, port = split_address(config.http)
@@ -120,6 +139,8 @@ class Peer:
         if config.join:
             await self._request_join(config.join)
         self._tasks.append(asyncio.create_task(self._keep_registered(), name="keep_registered"))
+        self.leader.start()
+        self.reconciler.start()
         self._tasks.append(asyncio.create_task(self._refresh_metrics(), name="refresh_metrics"))
 
     def _next_incarnation(self) -> int:
@@ -276,8 +297,12 @@ class Peer:
 
     def _on_leader_change(self, status: RaftStatus) -> None:
         self.metrics.leader_changes.inc()
+        self.leader.on_leader_change()
         leader = self.node_id_of(status.leader_address)
         log.info("raft_leader_changed", leader=leader, leader_address=status.leader_address, term=status.term)
+
+    async def wait_registered(self) -> None:
+        await self._registered.wait()
 
     def add_commit_hook(self, hook: Callable[[c.Command | None, Outcome], None]) -> None:
         self._commit_hooks.append(hook)
@@ -368,6 +393,9 @@ class Peer:
 
     async def close(self) -> None:
         self._stopping = True
+        await self.leader.stop()
+        if self.reconciler is not None:
+            await self.reconciler.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -378,6 +406,9 @@ class Peer:
             self._runner = None
         if self.detection is not None:
             await self.detection.stop()
+        await self.inference.close()
+        if self.replicas is not None:
+            await self.replicas.close()
         if self.raft is not None:
             self.raft.close()
         self._closed.set()

@@ -1,0 +1,248 @@
+"""The leader's duty: plan from committed state and commit the plan with the next epoch.
+
+Every peer runs this, and it acts only while its peer is the Raft leader. It wakes on the
+committed changes that can change the right placement (a failure confirmed, a node joined,
+recovered, left or became degraded, an app registered or removed, a load that failed, a
+store that changed) and on winning an election, so a new leader finishes whatever an old
+one left half done. Planning is the pure `placement.plan_for` on a `Problem` built from the
+committed state; the plan is proposed with `epoch = current + 1`, which the state machine
+refuses if anything else committed a plan first, and then the leader simply plans again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+import structlog
+
+from redge.consensus import commands as c
+from redge.consensus.errors import ConsensusError
+from redge.consensus.state import ALIVE, FAILED, LEFT, SUSPECTED, ClusterState
+from redge.placement.planner import PlanResult, plan_for
+from redge.placement.problem import (
+    App,
+    BackupPolicy,
+    Health,
+    Node,
+    Plan,
+    Priority,
+    Problem,
+    Replica,
+    Role,
+    Variant,
+)
+from redge.runtime.manifest import FORMAT_PREFERENCE
+
+if TYPE_CHECKING:
+    from redge.agent.peer import Peer
+
+log = structlog.get_logger("redge.leader")
+
+# Commands after which the right placement may differ.
+TRIGGERS = (c.Join, c.Leave, c.Suspect, c.Unsuspect, c.RegisterApp, c.RemoveApp, c.StoreReport, c.Report)
+PLAN_ATTEMPTS_MAX = 5
+# After a confirmed failure, keep running primaries at their variants this long instead of
+# growing them back: a cluster that was just hurt is not reshuffled.
+RESTORE_HOLD_DOWN_MS = 10_000
+# Rough CPU latency when no profile was measured: 1 ms per million parameters.
+ESTIMATED_MS_PER_MILLION_PARAMETERS = 1.0
+
+
+def build_problem(state: ClusterState, now_ms: int, device_kinds: dict[str, str] | None = None) -> Problem:
+    """The placement problem that the committed state poses. Pure."""
+    nodes = []
+    for member in state.members.values():
+        if member.status == LEFT:
+            continue
+        if member.status == FAILED:
+            health = Health.FAILED
+        elif member.degraded:
+            health = Health.DEGRADED
+        elif member.status == SUSPECTED:
+            health = Health.SUSPECTED
+        else:
+            health = Health.ALIVE
+        nodes.append(
+            Node(
+                node_id=member.node_id,
+                device_kind=member.device_kind,
+                memory_bytes=member.memory_bytes,
+                accelerator_memory_bytes=member.accelerator_memory_bytes,
+                storage_bytes=member.storage_bytes,
+                health=health,
+                hold_down=member.hold_down_until_ms > now_ms,
+            )
+        )
+    device_kinds_present = sorted({n.device_kind for n in nodes}) or ["cpu"]
+    apps = []
+    for app in state.apps.values():
+        variants = tuple(
+            v for v in (variant_of(state, name, device_kinds_present) for name in app.variants) if v is not None
+        )
+        if not variants:
+            continue  # nothing known about its artifacts yet: it cannot be placed
+        apps.append(
+            App(
+                name=app.name,
+                priority=Priority.parse(app.priority),
+                slo_ms=app.slo_ms,
+                variants=variants,
+                request_rate_per_s=app.request_rate_per_s,
+                backup=BackupPolicy(app.backup),
+            )
+        )
+    known_apps = {a.name: a for a in apps}
+    replicas = []
+    for app_name, placed in state.plan.items():
+        app = known_apps.get(app_name)
+        if app is None:
+            continue
+        for replica in placed:
+            if app.variant_index(replica.variant) is None:
+                continue
+            replicas.append(Replica(app_name, replica.node_id, replica.variant, Role(replica.role)))
+    artifacts: dict[str, frozenset[str]] = {}
+    live = {n.node_id for n in nodes}
+    for node_id, held in state.stores.items():
+        if node_id in live:
+            artifacts[node_id] = frozenset(name for name, _ in held)
+    last_failure_ms = max(
+        (m.status_changed_at_ms for m in state.members.values() if m.status == FAILED), default=0
+    )
+    return Problem(
+        nodes=tuple(nodes),
+        apps=tuple(apps),
+        current=Plan(epoch=state.epoch, replicas=tuple(replicas)),
+        artifacts=artifacts,
+        restore_allowed=now_ms - last_failure_ms > RESTORE_HOLD_DOWN_MS,
+    )
+
+
+def variant_of(state: ClusterState, name: str, device_kinds: list[str]) -> Variant | None:
+    """A placement Variant from the catalog's artifacts of `name` (None if none is known)."""
+    summaries = [s for (artifact, _), s in state.catalog.items() if artifact == name]
+    if not summaries:
+        return None
+    latency_by_device: dict[str, float] = {}
+    memory_bytes = 0
+    load_ms = None
+    for device_kind in device_kinds:
+        order = FORMAT_PREFERENCE.get((device_kind, "serving")) or FORMAT_PREFERENCE[("cpu", "serving")]
+        usable = sorted((s for s in summaries if s.format in order), key=lambda s: order.index(s.format))
+        if not usable:
+            continue
+        best = usable[0]
+        profile = next((p for p in best.profiles if p.device_kind == device_kind), None)
+        if profile is not None:
+            latency_by_device[device_kind] = profile.latency_ms
+            memory_bytes = max(memory_bytes, profile.memory_bytes)
+            load_ms = profile.load_ms if load_ms is None else max(load_ms, profile.load_ms)
+        elif device_kind == "cpu":
+            latency_by_device[device_kind] = max(
+                0.1, best.parameter_count / 1e6 * ESTIMATED_MS_PER_MILLION_PARAMETERS
+            )
+    if not latency_by_device:
+        return None
+    largest = max(summaries, key=lambda s: s.size_bytes)
+    accuracy = next((s.accuracy for s in summaries if s.accuracy is not None), None)
+    return Variant(
+        name=name,
+        memory_bytes=memory_bytes or int(largest.size_bytes * 1.5),
+        latency_ms_by_device=tuple(sorted(latency_by_device.items())),
+        accuracy=(accuracy or 0.0) / (100.0 if accuracy and accuracy > 1.0 else 1.0),
+        size_bytes=largest.size_bytes,
+        load_ms=load_ms,
+    )
+
+
+def placements_of(result: PlanResult) -> tuple[c.AppPlacement, ...]:
+    by_app: dict[str, list[c.Replica]] = {}
+    for replica in result.plan.replicas:
+        by_app.setdefault(replica.app, []).append(c.Replica(replica.node_id, replica.variant, replica.role.value))
+    return tuple(c.AppPlacement(app, tuple(replicas)) for app, replicas in sorted(by_app.items()))
+
+
+def describe(result: PlanResult) -> str:
+    kinds: dict[str, int] = {}
+    for action in result.actions:
+        kinds[action.kind.value] = kinds.get(action.kind.value, 0) + 1
+    actions = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items())) or "no actions"
+    reasons = "; ".join(f"{r.app} {r.kind.value}: {r.detail}" for r in result.reasons[:5])
+    return actions + (f" ({reasons})" if reasons else "") + ("" if result.complete else " [more to follow]")
+
+
+class LeaderDuty:
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.plans_committed = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="leader_duty")
+        self._dirty.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    def on_commit(self, command: c.Command | None, outcome) -> None:
+        if outcome.accepted and not outcome.duplicate and isinstance(command, TRIGGERS):
+            if isinstance(command, c.Report) and command.kind not in ("load_failed", "degraded", "recovered"):
+                return
+            self._dirty.set()
+
+    def on_leader_change(self) -> None:
+        self._dirty.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            raft = self.peer.raft
+            if raft is None or not raft.status().is_leader:
+                continue
+            try:
+                await self.plan_and_commit()
+            except ConsensusError as error:
+                log.info("plan_not_committed", error=str(error) or type(error).__name__)
+                await asyncio.sleep(0.05)
+                self._dirty.set()
+            except Exception:
+                log.exception("planning_failed")
+                await asyncio.sleep(1.0)
+
+    async def plan_and_commit(self) -> PlanResult | None:
+        """Plan from the committed state and commit the result if it changes anything."""
+        raft = self.peer.raft
+        assert raft is not None
+        for _ in range(PLAN_ATTEMPTS_MAX):
+            now_ms = int(time.time() * 1000)
+            problem, epoch = raft.read(lambda s: (build_problem(s, now_ms), s.epoch))
+            started = time.perf_counter()
+            result = await asyncio.get_running_loop().run_in_executor(None, plan_for, problem)
+            planning_ms = (time.perf_counter() - started) * 1000
+            if not result.changed:
+                return result
+            command = c.CommitPlan(
+                epoch=epoch + 1,
+                placements=placements_of(result),
+                proposer_id=self.peer.node_id,
+                reason=describe(result),
+                at_ms=int(time.time() * 1000),
+            )
+            outcome = await self.peer.propose(command)
+            if outcome.accepted:
+                self.plans_committed += 1
+                log.info("plan_committed", epoch=epoch + 1, planning_ms=round(planning_ms, 2), reason=command.reason)
+                if not result.complete:
+                    self._dirty.set()
+                return result
+            log.info("plan_refused", epoch=epoch + 1, reason=outcome.reason)
+        return None

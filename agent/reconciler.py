@@ -1,0 +1,297 @@
+"""The reconciler: make this peer's models match its part of the committed plan.
+
+Runs on every peer after each committed plan (and store change). It works in the order that
+keeps recovery short: promotions first (a warm backup becomes primary with a flag, no load),
+then loads in priority order (critical apps first), then cold backups' artifacts are
+pre-positioned on disk, then whatever this node no longer needs is unloaded. A newer epoch
+interrupts the work between steps: acting on a stale plan only delays the current one.
+Everything it does is reported into the event log (`load_started`, `load_done`,
+`serving`, `load_failed`, `unloaded`), which is where failure timelines are read from.
+Every action is idempotent, so a replay after a crash or a duplicate notification is
+harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from redge.agent.replicas import ReplicaManager
+from redge.consensus import commands as c
+from redge.consensus.errors import ConsensusError
+from redge.consensus.state import ALIVE, SUSPECTED, ClusterState
+from redge.runtime.errors import RuntimeFailure
+from redge.runtime.fetch import fetch_artifact
+from redge.runtime.manifest import FORMAT_PREFERENCE, MANIFEST_FILENAME, Manifest
+from redge.runtime.store import ARTIFACTS_MAX, Store
+
+if TYPE_CHECKING:
+    from redge.agent.peer import Peer
+
+log = structlog.get_logger("redge.reconciler")
+
+PRIORITY_ORDER = {"critical": 0, "standard": 1, "best-effort": 2}
+REPORT_TIMEOUT_S = 2.0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def summarize(manifest: Manifest) -> c.ArtifactSummary:
+    return c.ArtifactSummary(
+        name=manifest.name,
+        version=manifest.version,
+        format=manifest.format,
+        size_bytes=manifest.size_bytes,
+        parameter_count=manifest.parameter_count,
+        family=manifest.family,
+        accuracy=manifest.accuracy,
+        profiles=tuple(
+            c.ArtifactProfile(p.device_kind, p.load_ms, p.latency_ms, p.memory_bytes) for p in manifest.profiles
+        ),
+    )
+
+
+def choose_version(state: ClusterState, variant: str, device_kind: str, purpose: str) -> str | None:
+    """The version (format) of `variant` to fetch for `purpose`, from what the cluster knows."""
+    order = FORMAT_PREFERENCE.get((device_kind, purpose)) or FORMAT_PREFERENCE[("cpu", purpose)]
+    known = [s for (name, _), s in state.catalog.items() if name == variant and s.format in order]
+    if not known:
+        return None
+    newest_first = sorted(known, key=lambda s: s.version, reverse=True)
+    return min(newest_first, key=lambda s: order.index(s.format)).version
+
+
+class Reconciler:
+    def __init__(self, peer: Peer, replicas: ReplicaManager, store: Store, source: str | None) -> None:
+        self.peer = peer
+        self.replicas = replicas
+        self.store = store
+        self.source = source
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._failed: dict[tuple[str, str, int], str] = {}  # (app, variant, epoch) -> error
+        self._last_store_report: tuple | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="reconciler")
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    def on_commit(self, command: c.Command | None, outcome) -> None:
+        if outcome.accepted and isinstance(command, (c.CommitPlan, c.RemoveApp, c.StoreReport, c.Join)):
+            self._wake.set()
+
+    async def _run(self) -> None:
+        await self.peer.wait_registered()
+        if self.source or await asyncio.get_running_loop().run_in_executor(None, self.store.list):
+            # This peer will host models: start the model host now rather than on the
+            # first load, where its start-up (importing torch) would count as loading time.
+            asyncio.create_task(self.replicas.warm_up(), name="model_host_start")
+        await self.report_store()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.reconcile()
+            except ConsensusError as error:
+                log.info("reconcile_report_failed", error=str(error) or type(error).__name__)
+                await asyncio.sleep(0.1)
+                self._wake.set()
+            except Exception:
+                log.exception("reconcile_failed")
+                await asyncio.sleep(1.0)
+                self._wake.set()
+
+    # ------------------------------------------------------------------ the work
+
+    def _desired(self) -> tuple[int, dict[str, c.Replica], dict[str, str]]:
+        me = self.peer.node_id
+
+        def read(state: ClusterState) -> tuple[int, dict[str, c.Replica], dict[str, str]]:
+            mine = {}
+            for app, replicas in state.plan.items():
+                for replica in replicas:
+                    if replica.node_id == me:
+                        mine[app] = replica
+            priorities = {name: app.priority for name, app in state.apps.items()}
+            return state.epoch, mine, priorities
+
+        assert self.peer.raft is not None
+        return self.peer.raft.read(read)
+
+    def _stale(self, epoch: int) -> bool:
+        assert self.peer.raft is not None
+        return self.peer.raft.read(lambda s: s.epoch) != epoch
+
+    async def reconcile(self) -> None:
+        epoch, desired, priorities = self._desired()
+        ordered = sorted(desired.items(), key=lambda item: (PRIORITY_ORDER.get(priorities.get(item[0], ""), 9), item[0]))
+        # 1. Promotions and demotions of what is already loaded: flags, no loads.
+        for app, replica in ordered:
+            local = self.replicas.serving(app)
+            if local is not None and local.variant == replica.variant and replica.role in ("primary", "warm"):
+                if local.role != replica.role:
+                    await self.replicas.set_role(app, replica.role)
+                    if replica.role == "primary":
+                        await self._report("serving", app, replica.variant, epoch, detail="promoted")
+        # 2. Loads, critical apps first.
+        for app, replica in ordered:
+            if self._stale(epoch):
+                self._wake.set()
+                return
+            if replica.role not in ("primary", "warm"):
+                continue
+            local = self.replicas.serving(app)
+            if local is not None and local.variant == replica.variant:
+                continue
+            if (app, replica.variant, epoch) in self._failed:
+                continue
+            await self._load(app, replica, epoch)
+        # 3. Cold backups: the artifact on disk, not in memory.
+        for app, replica in ordered:
+            if self._stale(epoch):
+                self._wake.set()
+                return
+            if replica.role != "cold":
+                continue
+            if self.replicas.serving(app) is not None:
+                await self.replicas.unload(app)
+                await self._report("unloaded", app, replica.variant, epoch, detail="now a cold backup")
+            await self._ensure_stored(app, replica.variant, "cold_backup", epoch)
+        # 4. Whatever this node no longer runs.
+        for app in sorted(set(self.replicas.replicas) - set(desired)):
+            variant = self.replicas.replicas[app].variant
+            await self.replicas.unload(app)
+            await self._report("unloaded", app, variant, epoch)
+        await self.report_store()
+
+    async def _load(self, app: str, replica: c.Replica, epoch: int) -> None:
+        started = time.perf_counter()
+        await self._report("load_started", app, replica.variant, epoch, detail=replica.role)
+        try:
+            await self._ensure_stored(app, replica.variant, "serving", epoch)
+            local = await self.replicas.load(app, replica.variant, replica.role)
+        except (RuntimeFailure, OSError) as error:
+            self._failed[(app, replica.variant, epoch)] = str(error)
+            log.warning("load_failed", app=app, variant=replica.variant, error=str(error))
+            await self._report("load_failed", app, replica.variant, epoch, detail=str(error)[:300],
+                               duration_ms=(time.perf_counter() - started) * 1000)
+            return
+        report = local.report
+        phases = f"verify {report.verify_ms:.1f} read {report.read_ms:.1f} deserialize {report.deserialize_ms:.1f} to_device {report.to_device_ms:.1f} warmup {report.warmup_ms:.1f} ms"
+        await self._report("load_done", app, replica.variant, epoch, detail=f"{local.manifest.format}: {phases}",
+                           duration_ms=(time.perf_counter() - started) * 1000)
+        if replica.role == "primary":
+            await self._report("serving", app, replica.variant, epoch)
+
+    async def _ensure_stored(self, app: str, variant: str, purpose: str, epoch: int) -> None:
+        loop = asyncio.get_running_loop()
+        manifest = await loop.run_in_executor(None, self.replicas.manifests_of, variant, purpose)
+        if manifest is not None:
+            return
+        assert self.peer.raft is not None
+        device_kind = self.replicas.device_kind
+        me = self.peer.node_id
+
+        def sources(state: ClusterState) -> tuple[str | None, list[str]]:
+            version = choose_version(state, variant, device_kind, purpose)
+            if version is None:
+                return None, []
+            holders = [
+                state.members[node].http_address
+                for node, held in sorted(state.stores.items())
+                if node != me and (variant, version) in held and state.members.get(node)
+                and state.members[node].status in (ALIVE, SUSPECTED)
+            ]
+            return version, holders
+
+        version, holders = self.peer.raft.read(sources)
+        if version is None:
+            raise RuntimeFailure(f"no artifact of {variant} is known to the cluster")
+        candidates = [f"http://{address}" for address in holders]
+        if self.source:
+            candidates.append(self.source)
+        errors = []
+        for source in candidates:
+            try:
+                log.info("fetch_started", app=app, variant=variant, version=version, source=source)
+                await fetch_artifact(source, variant, version, self.store, pinned=self._pinned())
+                log.info("fetch_done", app=app, variant=variant, version=version, source=source)
+                await self.report_store()
+                return
+            except (RuntimeFailure, OSError) as error:
+                errors.append(f"{source}: {error}")
+        raise RuntimeFailure(f"cannot fetch {variant}/{version}: " + "; ".join(errors) if errors else "no source")
+
+    def _pinned(self) -> list[tuple[str, str]]:
+        """Artifacts the plan needs on this node: never evicted to make room."""
+        assert self.peer.raft is not None
+        _, desired, _ = self._desired()
+        pins = []
+        for replica in desired.values():
+            for manifest in self.store.versions(replica.variant):
+                pins.append(manifest.key)
+        return pins
+
+    async def _report(self, kind: str, app: str, variant: str, epoch: int, detail: str = "", duration_ms: float = 0.0) -> None:
+        command = c.Report(
+            node_id=self.peer.node_id, kind=kind, at_ms=now_ms(), app=app, variant=variant, epoch=epoch,
+            detail=detail, duration_ms=round(duration_ms, 3),
+        )
+        try:
+            await self.peer.propose(command, timeout_s=REPORT_TIMEOUT_S)
+        except ConsensusError as error:
+            # A report is a record, not an action: losing one must not stop the work.
+            log.info("report_not_committed", kind=kind, app=app, error=str(error) or type(error).__name__)
+
+    async def report_store(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def collect() -> tuple[tuple[c.ArtifactSummary, ...], int, tuple[c.ArtifactSummary, ...]]:
+            manifests = self.store.list()
+            from_source = source_manifests(self.source) if self.source else []
+            return (
+                tuple(summarize(m) for m in manifests),
+                self.store.usage_bytes(),
+                tuple(summarize(m) for m in from_source),
+            )
+
+        artifacts, used_bytes, from_source = await loop.run_in_executor(None, collect)
+        key = (artifacts, from_source)
+        if key == self._last_store_report:
+            return
+        command = c.StoreReport(self.peer.node_id, artifacts, used_bytes, now_ms(), from_source)
+        try:
+            outcome = await self.peer.propose(command, timeout_s=REPORT_TIMEOUT_S)
+            if outcome.accepted:
+                self._last_store_report = key
+        except ConsensusError as error:
+            log.info("store_report_not_committed", error=str(error) or type(error).__name__)
+            self._wake.set()
+
+
+def source_manifests(source: str) -> list[Manifest]:
+    """The artifacts in a source directory laid out as `<dir>/<name>/<version>/` (read only)."""
+    root = Path(source)
+    if source.startswith(("http://", "https://")) or not root.is_dir():
+        return []
+    manifests = []
+    for manifest_path in sorted(root.glob("*/*/" + MANIFEST_FILENAME))[:ARTIFACTS_MAX]:
+        try:
+            manifests.append(Manifest.read(manifest_path.parent))
+        except (RuntimeFailure, OSError, ValueError) as error:
+            log.warning("source_manifest_unreadable", path=str(manifest_path), error=str(error))
+    return manifests
