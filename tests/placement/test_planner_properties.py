@@ -18,6 +18,7 @@ from redge.placement.planner import ReasonKind, plan_for
 from redge.placement.problem import Health, Plan, Problem, Replica, Role, Settings
 from redge.placement.solver import solve
 from redge.placement.testbed import random_problem
+from redge.placement.transition import ActionKind
 
 UNBOUNDED = Settings(loads_per_plan_max=None, prefetches_per_plan_max=None)
 GAP_INSTANCE_MAX = 0.4
@@ -61,6 +62,21 @@ def test_plan_is_feasible(problem: Problem) -> None:
 
 
 @PROPERTY
+@given(problems, st.integers(1, 6), st.integers(1, 6))
+def test_loads_and_prefetches_stay_within_their_bounds(
+    problem: Problem, loads: int, prefetches: int
+) -> None:
+    bounded = dataclasses.replace(
+        problem, settings=Settings(loads_per_plan_max=loads, prefetches_per_plan_max=prefetches)
+    )
+    result = plan_for(bounded)
+    kinds = [a.kind for a in result.actions]
+    assert kinds.count(ActionKind.LOAD) <= loads
+    assert kinds.count(ActionKind.PREFETCH) <= prefetches
+    assert violations(bounded, result.plan) == []
+
+
+@PROPERTY
 @given(problems)
 def test_planning_again_on_the_result_changes_nothing(problem: Problem) -> None:
     first = plan_for(problem)
@@ -84,10 +100,15 @@ def test_replanning_after_failures_is_feasible_and_then_stable(problem: Problem,
     assert violations(hurt, result.plan) == []
     if health is not Health.SUSPECTED:
         assert all(r.node_id not in lost for r in result.plan.replicas)
-    new = {(r.app, r.node_id) for r in result.plan.replicas} - {
-        (r.app, r.node_id) for r in settled.current.replicas
-    }
-    assert all(node_id not in lost for _, node_id in new)
+    before = {(r.app, r.node_id): r for r in settled.current.replicas}
+    for (
+        replica
+    ) in result.plan.replicas:  # nothing new on a lost node: no replica, promotion, variant
+        if replica.node_id in lost:
+            old = before.get((replica.app, replica.node_id))
+            assert old == replica or (
+                old is not None and old.role is Role.WARM and replica.role is Role.COLD
+            )
     explained = {(r.app, r.kind) for r in result.reasons}
     for app in hurt.apps:  # a surviving warm backup keeps its app served, or a reason says why not
         if any(
