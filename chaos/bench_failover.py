@@ -1,0 +1,175 @@
+"""Benchmark of failure handling on real peers: detection, decision and promotion times.
+
+For each profile and fault kind it runs repeated trials on a 3-peer cluster that serves two
+apps (a critical one with a warm backup, a standard one with a cold backup, small MLP
+families so that loading is not what is measured here). Each trial crashes (SIGKILL) or
+hangs (SIGSTOP) the node holding the critical app's primary and reads the replicated event
+log for:
+
+- detection: the fault -> the first `suspicion` of that node, and -> `failure_confirmed`;
+- decision: `failure_confirmed` -> the next `plan_committed`;
+- promotion: that plan -> the new primary's `serving` event;
+- observers: how many distinct observers the confirmation named.
+
+Then it heals the fault (restart from the data dir, or SIGCONT) and waits for the cluster to
+serve everything again before the next trial. Output is JSON with p50 / p99 / max.
+
+    python -m redge.chaos.bench_failover --out results/bench_failover.json [--trials 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from redge.chaos.cluster import LocalCluster, http_json, wait_until
+from redge.chaos.stats import summary
+
+APPS = [
+    {"name": "det", "variants": ["mlp-large", "mlp-small"], "priority": "critical", "slo_ms": 200, "backup": "warm"},
+    {"name": "tag", "variants": ["mlp-medium", "mlp-small"], "priority": "standard", "slo_ms": 200, "backup": "cold"},
+]
+
+
+def events_since(cluster: LocalCluster, via: str, since_ms: float) -> list[dict[str, Any]]:
+    status, body = http_json("GET", cluster.peers[via].url + "/cluster/events?limit=2000", timeout_s=5)
+    if status != 200:
+        return []
+    return [e for e in body["events"] if e["at_ms"] >= since_ms]
+
+
+def all_serving(cluster: LocalCluster, via: str) -> bool:
+    snapshot = cluster.peers[via].snapshot()
+    if snapshot is None or any(m["status"] != "alive" for m in snapshot["members"]):
+        return False
+    reports = {(r["app"], r["node_id"]): r["state"] for r in snapshot["replica_reports"]}
+    for app in APPS:
+        replicas = snapshot["plan"].get(app["name"], [])
+        if not any(r["role"] == "primary" for r in replicas) or len(replicas) < 2:
+            return False
+        for replica in replicas:
+            if replica["role"] in ("primary", "warm") and reports.get((app["name"], replica["node_id"])) not in ("serving", "load_done"):
+                return False
+    return True
+
+
+def primary_of(cluster: LocalCluster, via: str, app: str) -> str | None:
+    snapshot = cluster.peers[via].snapshot() or {}
+    return next((r["node_id"] for r in snapshot.get("plan", {}).get(app, []) if r["role"] == "primary"), None)
+
+
+def trial(cluster: LocalCluster, fault: str) -> dict[str, Any]:
+    observer = next(n for n, p in cluster.peers.items() if p.running())
+    victim = primary_of(cluster, observer, "det")
+    assert victim is not None
+    observer = next(n for n in cluster.peers if n != victim)
+    fault_at_ms = time.time() * 1000
+    if fault == "crash":
+        cluster.peers[victim].kill()
+    else:
+        cluster.peers[victim].signal(signal.SIGSTOP)
+
+    def timeline() -> dict[str, Any] | None:
+        events = events_since(cluster, observer, fault_at_ms - 1)
+        suspicions = [e for e in events if e["kind"] == "suspicion" and e.get("node") == victim]
+        confirmed = next((e for e in events if e["kind"] == "failure_confirmed" and e.get("node") == victim), None)
+        if not suspicions or confirmed is None:
+            return None
+        plan = next((e for e in events if e["kind"] == "plan_committed" and e["seq"] > confirmed["seq"]), None)
+        if plan is None:
+            return None
+        serving = next(
+            (e for e in events if e["kind"] == "serving" and e.get("app") == "det" and e["seq"] > plan["seq"]
+             and e.get("epoch", 0) >= plan["epoch"]),
+            None,
+        )
+        if serving is None:
+            return None
+        return {
+            "victim": victim,
+            "first_suspicion_ms": min(e["at_ms"] for e in suspicions) - fault_at_ms,
+            "confirmation_ms": confirmed["at_ms"] - fault_at_ms,
+            "decision_ms": plan["at_ms"] - confirmed["at_ms"],
+            "promotion_ms": serving["at_ms"] - plan["at_ms"],
+            "fault_to_serving_ms": serving["at_ms"] - fault_at_ms,
+            "observers": len(confirmed.get("observers", [])),
+            "suspicion_reasons": sorted({e.get("reason", "") for e in suspicions}),
+        }
+
+    result = wait_until(timeline, 20, interval_s=0.05, what=f"failover after a {fault} of {victim}")
+    if fault == "crash":
+        cluster.peers[victim].start()
+    else:
+        cluster.peers[victim].signal(signal.SIGCONT)
+    cluster.wait_ready([victim], timeout_s=60)
+    wait_until(lambda: all_serving(cluster, observer), 90, interval_s=0.1, what="everything serving again")
+    return result
+
+
+def measure(profile: str, fault: str, trials: int, source: Path) -> dict[str, Any]:
+    rows = []
+    with LocalCluster(size=3, profile=profile, extra_args=["--source", str(source)]) as cluster:
+        leader = cluster.wait_leader()
+        for app in APPS:
+            status, body = cluster.register_app(leader, app)
+            if status != 200:
+                raise RuntimeError(f"register {app['name']}: {body}")
+        wait_until(lambda: all_serving(cluster, leader), 120, interval_s=0.1, what="apps serving")
+        for index in range(trials):
+            row = trial(cluster, fault)
+            rows.append(row)
+            print(
+                f"  {profile} {fault} {index + 1}/{trials}: suspicion {row['first_suspicion_ms']:.0f} ms, "
+                f"confirmed {row['confirmation_ms']:.0f} ms, decision {row['decision_ms']:.0f} ms, "
+                f"promoted {row['promotion_ms']:.0f} ms",
+                file=sys.stderr,
+            )
+    keys = ("first_suspicion_ms", "confirmation_ms", "decision_ms", "promotion_ms", "fault_to_serving_ms")
+    return {"profile": profile, "fault": fault, **{k: summary([r[k] for r in rows]) for k in keys}, "trials": rows}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("results/bench_failover.json"))
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--profiles", default="enterprise,iobt")
+    parser.add_argument("--faults", default="crash,hang")
+    args = parser.parse_args(argv)
+    from redge.runtime.testing import write_family
+
+    report: dict[str, Any] = {
+        "benchmark": "failover",
+        "command": "python -m redge.chaos.bench_failover " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"python": platform.python_version()},
+        "goals": {"enterprise_confirmation_ms": {"p50": 100, "p99": 250}, "iobt_confirmation_ms": {"p50": 600},
+                  "decision_ms_p50_5_peers": 20},
+        "results": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="redge-bench-source-") as scratch:
+        write_family(Path(scratch), formats=("onnx",))
+        for profile in args.profiles.split(","):
+            for fault in args.faults.split(","):
+                print(f"measuring {profile} / {fault}", file=sys.stderr)
+                report["results"].append(measure(profile, fault, args.trials, Path(scratch)))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    for result in report["results"]:
+        print(
+            f"{result['profile']:10s} {result['fault']:5s} first suspicion p50/p99 "
+            f"{result['first_suspicion_ms']['p50']:.0f}/{result['first_suspicion_ms']['p99']:.0f} ms, confirmation "
+            f"{result['confirmation_ms']['p50']:.0f}/{result['confirmation_ms']['p99']:.0f} ms, decision "
+            f"{result['decision_ms']['p50']:.0f}/{result['decision_ms']['p99']:.0f} ms, promotion "
+            f"{result['promotion_ms']['p50']:.0f}/{result['promotion_ms']['p99']:.0f} ms"
+        )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
