@@ -4,6 +4,10 @@ Each peer is started as its users start it (`python -m redge peer ...` with the 
 the environment) and is watched only through its public HTTP API. Faults are signals to real
 processes: SIGKILL for a crash, SIGSTOP/SIGCONT for a hang. The cluster tears itself down on
 exit, killing whatever it started, so a failed test leaves no process behind.
+
+With `mode="netns"` (root only) each peer runs in its own network namespace on a private
+bridge (chaos/netns.py), so that chaos/faults.py can cut links and drop packets between
+peers; the peers are still reached from here at `peer.url`, through a portal on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ T = TypeVar("T")
 
 SECRET = "redge-local-cluster-secret"
 ADMIN_TOKEN = "redge-local-admin-token"
+NETNS_HTTP_PORT = 8100
+NETNS_RAFT_PORT = 9100
+NETNS_HEARTBEAT_PORT = 7100
 
 
 class ClusterError(Exception):
@@ -86,14 +93,18 @@ class PeerProcess:
     env: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
     log_file: Any = None
+    # Where the peer listens; in netns mode an address inside its namespace.
+    host: str = "127.0.0.1"
+    # In netns mode the host reaches the peer's HTTP port through a portal on this port.
+    portal_port: int | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://127.0.0.1:{self.portal_port or self.http_port}"
 
     @property
     def raft_address(self) -> str:
-        return f"127.0.0.1:{self.raft_port}"
+        return f"{self.host}:{self.raft_port}"
 
     @property
     def pid(self) -> int | None:
@@ -164,16 +175,28 @@ class LocalCluster:
     extra_args: list[str] = field(default_factory=list)
     torch_threads: int = 1
     peers: dict[str, PeerProcess] = field(default_factory=dict)
+    # "loopback": every peer on 127.0.0.1. "netns": one network namespace per peer on a
+    # private bridge (root only; see chaos/netns.py), so partitions and loss can be injected.
+    mode: str = "loopback"
+    network: Any = None
+    _portals: list[Any] = field(default_factory=list)
     _temporary: Any = None
 
     def __post_init__(self) -> None:
+        if self.mode not in ("loopback", "netns"):
+            raise ClusterError(f"unknown cluster mode {self.mode!r}: loopback or netns")
         if self.root is None:
             self._temporary = tempfile.TemporaryDirectory(prefix="redge-cluster-")
             self.root = Path(self._temporary.name)
+        node_ids = [f"n{index + 1}" for index in range(self.size)]
+        if self.mode == "netns":
+            self._make_network(node_ids)
         ports = free_ports(self.size * 3)
-        for index in range(self.size):
-            node_id = f"n{index + 1}"
+        for index, node_id in enumerate(node_ids):
             http_port, raft_port, heartbeat_port = ports[index * 3 : index * 3 + 3]
+            if self.mode == "netns":
+                # Each namespace has its own ports: the same numbers on every peer.
+                http_port, raft_port, heartbeat_port = NETNS_HTTP_PORT, NETNS_RAFT_PORT, NETNS_HEARTBEAT_PORT
             self.peers[node_id] = self._make_peer(node_id, http_port, raft_port, heartbeat_port)
         raft_addresses = [p.raft_address for p in self.peers.values()]
         for peer in self.peers.values():
@@ -191,25 +214,50 @@ class LocalCluster:
         )
         return env
 
+    def _make_network(self, node_ids: list[str]) -> None:
+        from redge.chaos.netns import NetnsNetwork
+
+        self.network = NetnsNetwork(node_ids)
+        self.network.create()
+
     def _make_peer(self, node_id: str, http_port: int, raft_port: int, heartbeat_port: int) -> PeerProcess:
         assert self.root is not None
         data_dir = self.root / node_id
+        host = "127.0.0.1"
+        prefix: list[str] = []
+        portal_port = None
+        if self.network is not None:
+            from redge.chaos.netns import Portal
+
+            host = self.network.address(node_id)
+            prefix = self.network.exec_prefix(node_id)
+            portal = Portal(self.network.client_namespace, (host, http_port))
+            self._portals.append(portal)
+            portal_port = portal.port
         args = [
+            *prefix,
             sys.executable, "-m", "redge", "peer",
             "--node-id", node_id,
-            "--http", f"127.0.0.1:{http_port}",
-            "--raft", f"127.0.0.1:{raft_port}",
-            "--heartbeat", f"127.0.0.1:{heartbeat_port}",
+            "--http", f"{host}:{http_port}",
+            "--raft", f"{host}:{raft_port}",
+            "--heartbeat", f"{host}:{heartbeat_port}",
             "--data-dir", str(data_dir),
             "--profile", self.profile,
             *self.extra_args,
         ]
-        return PeerProcess(node_id, http_port, raft_port, heartbeat_port, data_dir, args, self._environment())
+        return PeerProcess(
+            node_id, http_port, raft_port, heartbeat_port, data_dir, args, self._environment(),
+            host=host, portal_port=portal_port,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
     def __enter__(self) -> LocalCluster:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -235,15 +283,24 @@ class LocalCluster:
     def stop(self) -> None:
         for peer in self.peers.values():
             if peer.running():
+                peer.signal(signal.SIGCONT)
                 peer.kill()
             if peer.log_file is not None:
                 peer.log_file.close()
+        for portal in self._portals:
+            portal.close()
+        self._portals.clear()
+        if self.network is not None:
+            self.network.close()
+            self.network = None
         if self._temporary is not None:
             self._temporary.cleanup()
             self._temporary = None
 
     def add_peer(self, join_via: str) -> PeerProcess:
         """Start one more peer that joins the running cluster through `join_via`'s HTTP URL."""
+        if self.network is not None:
+            raise ClusterError("add_peer is not supported in netns mode: the network is fixed at start")
         node_id = f"n{len(self.peers) + 1}"
         http_port, raft_port, heartbeat_port = free_ports(3)
         peer = self._make_peer(node_id, http_port, raft_port, heartbeat_port)

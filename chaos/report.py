@@ -1,0 +1,146 @@
+"""What a chaos run produced, for people and for scripts: a JSON report, a plot and a timeline.
+
+The plot follows the paper's Figs. 5 and 6: response time against time, one series per app,
+with each fault, confirmation, plan and recovery marked where it happened, so the cost of a
+failure can be seen at a glance. Failed requests are red crosses and unknown ones orange
+triangles, drawn at the time they took; they are never hidden among the successes.
+
+The timeline table merges the three records of a run (faults, the cluster's events, the
+clients' first error and first recovery) on one clock, in seconds from the start of the load.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from redge.chaos.history import FAIL, INFO, OK, Operation
+
+TIMELINE_EVENT_KINDS = (
+    "suspicion", "failure_confirmed", "plan_committed", "load_started", "load_done", "serving", "load_failed",
+    "member_recovered", "member_rejoined", "member_cleared", "suspicion_withdrawn",
+)
+TIMELINE_ROWS_MAX = 200
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(report, indent=2, default=str))
+
+
+def timeline(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows {t_s, source, what} from faults, events and client recoveries, in time order."""
+    start = report["started_at_ms"]
+    rows = []
+    for fault in report["faults"]:
+        rows.append({"t_s": (fault["applied_at_ms"] - start) / 1000, "source": "nemesis",
+                     "what": f"apply {fault['kind']} on {','.join(fault['targets']) or '?'}"
+                             + (f" (error: {fault['error']})" if fault["error"] else "")})
+        if fault["healed_at_ms"] is not None:
+            rows.append({"t_s": (fault["healed_at_ms"] - start) / 1000, "source": "nemesis",
+                         "what": f"heal {fault['kind']} on {','.join(fault['targets'])}"})
+    for event in report["events"]:
+        if event["kind"] in TIMELINE_EVENT_KINDS and event["at_ms"] >= start:
+            details = " ".join(f"{k}={v}" for k, v in event.items()
+                               if k in ("node", "observer", "observers", "epoch", "app", "reason", "duration_ms"))
+            rows.append({"t_s": (event["at_ms"] - start) / 1000, "source": "cluster", "what": f"{event['kind']} {details}"})
+    for m in report["measurements"]:
+        for app in m["apps"]:
+            if app["mttr_ms"] is not None:
+                rows.append({"t_s": (m["applied_at_ms"] + app["mttr_ms"] - start) / 1000, "source": "clients",
+                             "what": f"{app['app']} recovered: every disrupted client answered again "
+                                     f"(MTTR {app['mttr_ms']:.0f} ms)"})
+    rows.sort(key=lambda row: row["t_s"])
+    return rows[:TIMELINE_ROWS_MAX]
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def print_tables(report: dict[str, Any], width: int = 120) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=width)
+    scenario = report["scenario"]
+    check = report["check"]
+    verdict = "[green]valid[/green]" if check["valid"] else "[red]INVALID[/red]"
+    console.print(f"scenario [bold]{scenario['name']}[/bold] seed {scenario['seed']} ({scenario['mode']}, "
+                  f"{scenario['peers']} peers, {scenario['profile']}): {verdict}; requests {check['counts']}")
+    events = Table(title="timeline (s from the start of the load)")
+    for column in ("t (s)", "source", "what"):
+        events.add_column(column)
+    for row in report["timeline"]:
+        events.add_row(f"{row['t_s']:.3f}", row["source"], row["what"])
+    console.print(events)
+    metrics = Table(title="per fault (ms)")
+    for column in ("fault", "targets", "detect", "confirm", "decide", "load", "app", "reconfig", "MTTR",
+                   "outage", "failed", "unknown"):
+        metrics.add_column(column)
+    for m in report["measurements"]:
+        loading = ",".join(_ms(load["loading_ms"]) for load in m["loading"]) or "-"
+        apps = m["apps"] or [None]
+        for app in apps:
+            metrics.add_row(
+                f"{m['fault_id']} {m['kind']}", ",".join(m["targets"]), _ms(m["detection_ms"]),
+                _ms(m["confirmation_ms"]), _ms(m["decision_ms"]), loading,
+                app["app"] if app else "-", _ms(app["reconfiguration_ms"]) if app else "-",
+                _ms(app["mttr_ms"]) if app else "-", _ms(app["outage_ms"]) if app else "-",
+                str(app["failed"]) if app else "-", str(app["unknown"]) if app else "-",
+            )
+    console.print(metrics)
+    for violation in check["violations"]:
+        console.print(f"[red]violation[/red] {violation['invariant']}: {violation['message']}")
+
+
+def plot(report: dict[str, Any], operations: Sequence[Operation], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start = report["started_at_ms"]
+    figure, axis = plt.subplots(figsize=(10, 4))
+    apps = sorted({o.app for o in operations})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, app in enumerate(apps):
+        mine = [o for o in operations if o.app == app]
+        ok = [((o.start_ms - start) / 1000, o.latency_ms) for o in mine if o.outcome == OK]
+        if ok:
+            axis.plot(*zip(*ok), ".", markersize=3, color=colors[index % len(colors)], label=f"{app} ok")
+        for outcome, marker, color, label in ((FAIL, "x", "red", "failed"), (INFO, "^", "orange", "unknown")):
+            points = [((o.start_ms - start) / 1000, max(o.latency_ms, 0.1)) for o in mine if o.outcome == outcome]
+            if points:
+                axis.plot(*zip(*points), marker, color=color, markersize=5, linestyle="none", label=f"{app} {label}")
+    marks_seen: set[str] = set()
+
+    def mark(at_ms: float, color: str, style: str, label: str) -> None:
+        axis.axvline((at_ms - start) / 1000, color=color, linestyle=style, linewidth=1,
+                     label=label if label not in marks_seen else None)
+        marks_seen.add(label)
+
+    for fault in report["faults"]:
+        mark(fault["applied_at_ms"], "black", "--", "fault")
+        axis.annotate(f"{fault['kind']} {','.join(fault['targets'])}", ((fault["applied_at_ms"] - start) / 1000, 1),
+                      xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=7)
+        if fault["healed_at_ms"] is not None:
+            mark(fault["healed_at_ms"], "gray", ":", "healed")
+    for m in report["measurements"]:
+        if m["confirmation_ms"] is not None:
+            mark(m["applied_at_ms"] + m["confirmation_ms"], "purple", "-.", "failure confirmed")
+        for app in m["apps"]:
+            if app["mttr_ms"] is not None:
+                mark(m["applied_at_ms"] + app["mttr_ms"], "green", "-", "recovered")
+    for event in report["events"]:
+        if event["kind"] == "plan_committed" and event["at_ms"] >= start:
+            mark(event["at_ms"], "tab:blue", (0, (1, 3)), "plan committed")
+    axis.set_xlabel("time (s)")
+    axis.set_ylabel("response time (ms)")
+    axis.set_yscale("log")
+    axis.set_title(f"{report['scenario']['name']} (seed {report['scenario']['seed']}, {report['scenario']['profile']})")
+    axis.legend(loc="upper left", fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

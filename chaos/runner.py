@@ -1,0 +1,230 @@
+"""Run one scenario end to end: cluster, apps, load, faults on schedule, then measure and check.
+
+The runner is the only part of chaos/ that does everything at once, and it does it in a fixed
+order so that what it records can be trusted: start the cluster and wait for a leader,
+register the apps, start the clients, apply and heal faults at their times on one monotonic
+clock, stop the clients, heal whatever is still active, wait (bounded) for the peers to be
+ready, then read the cluster's event log. The measurement and the checker are pure functions
+over those records (measure.py, checker.py), so a saved report can be re-examined later.
+
+Every wait has a deadline, and the cluster, its namespaces, cgroups and proxies are torn down
+on the way out, also on an exception or Ctrl-C. `redge chaos run SCENARIO [--out DIR]` calls
+`main`; `run_scenario(path, out_dir)` is the same for Python callers and tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from redge.chaos import report as report_module
+from redge.chaos.checker import check
+from redge.chaos.cluster import ADMIN_TOKEN, ClusterError, LocalCluster, http_json, wait_until
+from redge.chaos.faults import FaultUnavailable, Nemesis
+from redge.chaos.load import LoadGenerator
+from redge.chaos.measure import distributions, measure, overhead, response_times
+from redge.chaos.scenario import Scenario, load_scenario
+
+CLUSTER_START_S = 90.0
+APP_REGISTER_S = 20.0
+EVENTS_PAGES_MAX = 50
+EVENTS_PAGE = 2000
+PLAN_OBSERVATION_INTERVAL_S = 0.5
+PLAN_OBSERVATIONS_MAX = 5000
+
+
+class ScenarioUnavailable(Exception):
+    """The scenario needs something this machine lacks (root, nftables, cgroups)."""
+
+
+class PlanObserver(threading.Thread):
+    """Samples the committed plan from the running peers, in turn, for the checker."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        super().__init__(daemon=True, name="plan-observer")
+        self.cluster = cluster
+        self.observations: list[dict[str, Any]] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        turn = 0
+        while not self.stopping.is_set() and len(self.observations) < PLAN_OBSERVATIONS_MAX:
+            peers = [p for p in self.cluster.peers.values() if p.running()]
+            if peers:
+                peer = peers[turn % len(peers)]
+                turn += 1
+                snapshot = peer.snapshot(timeout_s=1.0)
+                if snapshot is not None:
+                    self.observations.append({
+                        "observed_at_ms": time.time() * 1000, "via": peer.node_id, "epoch": snapshot.get("epoch"),
+                        "leader": snapshot.get("leader"), "plan": snapshot.get("plan") or {},
+                    })
+            self.stopping.wait(PLAN_OBSERVATION_INTERVAL_S)
+
+
+def fetch_events(cluster: LocalCluster) -> list[dict[str, Any]]:
+    """The whole event log, from the first peer that answers, page by page (bounded)."""
+    for peer in cluster.peers.values():
+        if not peer.running():
+            continue
+        events: list[dict[str, Any]] = []
+        since = 0
+        try:
+            for _ in range(EVENTS_PAGES_MAX):
+                status, body = http_json("GET", f"{peer.url}/cluster/events?since={since}&limit={EVENTS_PAGE}",
+                                         timeout_s=5.0)
+                if status != 200 or not body.get("events"):
+                    break
+                events += body["events"]
+                since = body["events"][-1]["seq"]
+                if since >= body.get("last_seq", since):
+                    break
+        except OSError:
+            continue
+        if events:
+            return events
+    return []
+
+
+def register_apps(cluster: LocalCluster, apps: list[dict[str, Any]]) -> None:
+    for app in apps:
+        def registered() -> bool:
+            try:
+                leader = cluster.leader()
+                status, _ = cluster.register_app(leader or next(iter(cluster.peers)), app)
+            except OSError:
+                return False
+            return status == 200
+
+        wait_until(registered, APP_REGISTER_S, interval_s=0.2, what=f"app {app.get('name')} registered")
+
+
+def run_scenario(path: Path | str, out_dir: Path | str, *, quiet: bool = False) -> dict[str, Any]:
+    """Run the scenario file at `path`, write report.json, history.jsonl and timeline.png to
+    `out_dir`, print the tables unless `quiet`, and return the report (a JSON-able dict)."""
+    scenario = load_scenario(path)
+    reason = scenario.unavailable_reason()
+    if reason:
+        raise ScenarioUnavailable(f"{scenario.name}: {reason}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return _run(scenario, out, quiet)
+
+
+def _run(scenario: Scenario, out: Path, quiet: bool) -> dict[str, Any]:
+    errors: list[str] = []
+    cluster = LocalCluster(size=scenario.peers, profile=scenario.profile, mode=scenario.mode)
+    nemesis = Nemesis(cluster, random.Random(scenario.seed))
+    observer = PlanObserver(cluster)
+    load = LoadGenerator(scenario.load, {}, token=ADMIN_TOKEN)
+    try:
+        cluster.start(timeout_s=CLUSTER_START_S)
+        cluster.wait_leader(timeout_s=30)
+        register_apps(cluster, scenario.apps)
+        load.targets = {node_id: peer.url for node_id, peer in cluster.peers.items()}
+        observer.start()
+        started_at_ms = time.time() * 1000
+        started = time.monotonic()
+        load.start(scenario.duration_s + 5)
+        errors += _execute(scenario, nemesis, started)
+        history = load.stop()
+        ended_at_ms = time.time() * 1000
+        errors += nemesis.heal_all()
+        try:
+            cluster.wait_ready(list(cluster.peers), timeout_s=scenario.settle_s)
+        except ClusterError as error:
+            errors.append(f"after healing: {error}")
+        observer.stopping.set()
+        observer.join(timeout=5)
+        events = fetch_events(cluster)
+    finally:
+        load.stop()
+        observer.stopping.set()
+        errors += nemesis.close()
+        cluster.stop()
+    operations = list(history)
+    measurements = measure(operations, nemesis.records, events)
+    result = check(operations, nemesis.records, events, observer.observations, scenario.expect, measurements)
+    report: dict[str, Any] = {
+        "scenario": {
+            "name": scenario.name, "seed": scenario.seed, "description": scenario.description,
+            "profile": scenario.profile, "peers": scenario.peers, "mode": scenario.mode,
+            "duration_s": scenario.duration_s, "path": str(scenario.path) if scenario.path else None,
+            "load": asdict(scenario.load), "expect": asdict(scenario.expect),
+        },
+        "started_at_ms": started_at_ms,
+        "ended_at_ms": ended_at_ms,
+        "faults": [record.to_dict() for record in nemesis.records],
+        "measurements": [m.to_dict() for m in measurements],
+        "distributions": distributions(measurements),
+        "overhead": overhead(operations, nemesis.records),
+        "check": result.to_dict(),
+        "history_dropped": history.dropped,
+        "errors": errors,
+        "events": events,
+        "plans": observer.observations,
+        "response_times": response_times(operations, started_at_ms),
+        "files": {"history": "history.jsonl", "plot": "timeline.png", "report": "report.json"},
+    }
+    report["timeline"] = report_module.timeline(report)
+    history.write_jsonl(out / "history.jsonl")
+    report_module.write_json(report, out / "report.json")
+    report_module.plot(report, operations, out / "timeline.png")
+    if not quiet:
+        report_module.print_tables(report)
+        print(f"wrote {out / 'report.json'}, {out / 'history.jsonl'} and {out / 'timeline.png'}")
+    return report
+
+
+def _execute(scenario: Scenario, nemesis: Nemesis, started: float) -> list[str]:
+    """Apply and heal the schedule on the monotonic clock; return errors instead of stopping."""
+    actions: list[tuple[float, int, Any]] = []
+    for at_s, fault, duration_s in scenario.timeline():
+        actions.append((at_s, 1, fault))
+        if duration_s is not None and at_s + duration_s < scenario.duration_s:
+            actions.append((at_s + duration_s, 0, fault))  # heals sort before applies at one instant
+    actions.sort(key=lambda action: (action[0], action[1]))
+    errors = []
+    clock = threading.Event()  # never set: its wait is an interruptible timer
+    for at_s, is_apply, fault in actions:
+        clock.wait(max(0.0, started + at_s - time.monotonic()))
+        try:
+            if is_apply:
+                nemesis.apply(fault)
+            else:
+                nemesis.heal(fault)
+        except (FaultUnavailable, ClusterError, OSError) as error:
+            errors.append(f"{'applying' if is_apply else 'healing'} {fault.describe()} at {at_s:g}s: {error}")
+    clock.wait(max(0.0, started + scenario.duration_s - time.monotonic()))
+    return errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="redge chaos run", description="Run a chaos scenario and check it.")
+    parser.add_argument("scenario", help="a scenario TOML file, or the name of a shipped one (crash, leader-kill, ...)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default results/chaos/NAME)")
+    parser.add_argument("--quiet", action="store_true", help="do not print the tables")
+    args = parser.parse_args(argv)
+    try:
+        scenario = load_scenario(args.scenario)
+        out = args.out or Path("results/chaos") / scenario.name
+        report = run_scenario(scenario.path or args.scenario, out, quiet=args.quiet)
+    except ScenarioUnavailable as error:
+        print(f"redge chaos run: cannot run here: {error}", file=sys.stderr)
+        return 3
+    except (ValueError, ClusterError, OSError) as error:
+        print(f"redge chaos run: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0 if report["check"]["valid"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
