@@ -701,8 +701,8 @@ class _Planner:
             if app.name not in state.primary:
                 continue
             i, index = state.primary[app.name]
-            if index == 0:
-                continue
+            if index == 0 or not state.primary_allowed[i]:
+                continue  # a larger variant is new load: not on a sick or held-down node
             new = app.name in self.placed_new
             if not new and not self.problem.restore_allowed:
                 continue

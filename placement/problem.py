@@ -87,6 +87,13 @@ class Variant:
     size_bytes: int
     load_ms: float | None = None  # None: estimated from size and Settings
 
+    def __post_init__(self) -> None:
+        by_device = self.latency_ms_by_device
+        if isinstance(by_device, Mapping):  # accept {"gpu": 4.5} from callers
+            object.__setattr__(self, "latency_ms_by_device", tuple(sorted(by_device.items())))
+        else:
+            object.__setattr__(self, "latency_ms_by_device", tuple((k, v) for k, v in by_device))
+
     def latency_ms(self, device_kind: str) -> float | None:
         for kind, latency_ms in self.latency_ms_by_device:
             if kind == device_kind:
@@ -104,6 +111,9 @@ class App:
     variants: tuple[Variant, ...]
     request_rate_per_s: float = 0.0
     backup: BackupPolicy = BackupPolicy.AUTO
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "variants", tuple(self.variants))
 
     def backup_role(self) -> Role | None:
         """The backup role this app asks for; None when it wants none."""
