@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--token-file", type=Path, help="admin token file (else REDGE_ADMIN_TOKEN)")
         sub.add_argument("--json", action="store_true")
 
+    zoo = commands.add_parser("zoo", help="export torchvision model families as redge artifacts")
+    zoo.add_argument("zoo_command", choices=["export"], help="export: see `redge zoo export --help`")
+    zoo.add_argument("zoo_args", nargs=argparse.REMAINDER)
+
     demo = commands.add_parser("demo", help="run a local cluster, break it, and print what it cost")
     demo.add_argument("--out", type=Path, default=Path("results/demo"), help="where to write the report")
     demo.add_argument("--peers", type=int, default=3)
@@ -86,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["zoo", "export"]:
+        from redge.runtime.zoo import main as zoo_main
+
+        sys.exit(zoo_main(argv[2:]))
     args = build_parser().parse_args(argv)
     try:
         if args.command == "peer":

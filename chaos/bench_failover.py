@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from redge.chaos.cluster import LocalCluster, http_json, wait_until
+from redge.chaos.cluster import ClusterError, LocalCluster, http_json, wait_until
 from redge.chaos.stats import summary
 
 APPS = [
@@ -103,7 +103,12 @@ def trial(cluster: LocalCluster, fault: str) -> dict[str, Any]:
             "suspicion_reasons": sorted({e.get("reason", "") for e in suspicions}),
         }
 
-    result = wait_until(timeline, 20, interval_s=0.05, what=f"failover after a {fault} of {victim}")
+    try:
+        result = wait_until(timeline, 20, interval_s=0.05, what=f"failover after a {fault} of {victim}")
+    except ClusterError as error:
+        # A trial that did not complete is a result too: keep it, with what the log showed.
+        kinds = [e["kind"] for e in events_since(cluster, observer, fault_at_ms - 1)]
+        result = {"victim": victim, "incomplete": str(error), "event_kinds": kinds}
     if fault == "crash":
         cluster.peers[victim].start()
     else:
@@ -125,6 +130,9 @@ def measure(profile: str, fault: str, trials: int, source: Path) -> dict[str, An
         for index in range(trials):
             row = trial(cluster, fault)
             rows.append(row)
+            if "incomplete" in row:
+                print(f"  {profile} {fault} {index + 1}/{trials}: incomplete: {row['event_kinds']}", file=sys.stderr)
+                continue
             print(
                 f"  {profile} {fault} {index + 1}/{trials}: suspicion {row['first_suspicion_ms']:.0f} ms, "
                 f"confirmed {row['confirmation_ms']:.0f} ms, decision {row['decision_ms']:.0f} ms, "
@@ -132,7 +140,14 @@ def measure(profile: str, fault: str, trials: int, source: Path) -> dict[str, An
                 file=sys.stderr,
             )
     keys = ("first_suspicion_ms", "confirmation_ms", "decision_ms", "promotion_ms", "fault_to_serving_ms")
-    return {"profile": profile, "fault": fault, **{k: summary([r[k] for r in rows]) for k in keys}, "trials": rows}
+    complete = [r for r in rows if "incomplete" not in r]
+    return {
+        "profile": profile,
+        "fault": fault,
+        "incomplete_trials": len(rows) - len(complete),
+        **{k: summary([r[k] for r in complete]) for k in keys},
+        "trials": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,138 +1,338 @@
-"""`redge demo`: a local cluster, a real failure, and what it cost, measured.
+"""`redge demo`: a local cluster, real models, real failures, and what each one cost.
 
-Starts three real peers on loopback, registers apps, runs a closed-loop client that keeps
-committing through the cluster, then SIGKILLs the Raft leader. It prints the timeline from
-the replicated event log and the client's own record (time to a new leader, time until
-commits succeed again, failed requests) as a table, and writes a JSON report and a plot.
+Three real peers on loopback share a model repository exported from the torchvision zoo
+(cached under ~/.cache/redge/zoo). A critical app (`detector`: resnet50, falling back to
+resnet18) gets a warm backup, a standard app (`tagger`: mobilenet_v3_large / small) a cold
+one. Closed-loop clients call both apps through the redge client, and a plain HTTP client
+calls one fixed peer. Then:
+
+1. the node holding the detector's primary is killed (SIGKILL), and later restarted;
+2. the Raft leader of that moment is killed.
+
+For each fault the demo reads the replicated event log and the clients' own history and
+prints the timeline: detection (first suspicion, confirmation), decision (confirmation to
+committed plan), loading, reconfiguration (until the clients are served by the new
+replica), MTTR, and failed requests. It writes a JSON report and a plot of response time
+over time with the faults marked.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from redge.chaos.cluster import ADMIN_TOKEN, LocalCluster, http_json
+import numpy as np
+
+from redge.chaos.cluster import LocalCluster, http_json, wait_until
 from redge.chaos.stats import summary
 
+ZOO_MODELS = ("resnet50", "resnet18", "mobilenet_v3_large", "mobilenet_v3_small")
+ZOO_FORMATS = ("onnx", "safetensors")
 APPS = [
-    {"name": "detector", "variants": ["resnet50", "resnet18"], "priority": "critical", "slo_ms": 150, "backup": "warm"},
+    {"name": "detector", "variants": ["resnet50", "resnet18"], "priority": "critical", "slo_ms": 400, "backup": "warm"},
     {"name": "tagger", "variants": ["mobilenet_v3_large", "mobilenet_v3_small"], "priority": "standard",
-     "slo_ms": 300, "backup": "cold"},
+     "slo_ms": 400, "backup": "cold"},
 ]
+REQUEST_DEADLINE_S = 5.0
 
 
-class ClosedLoopCommitter(threading.Thread):
-    """Commits no-op probes one after another through whichever peer answers, recording each."""
+@dataclass
+class Operation:
+    """One client request, Jepsen-style: ok, fail (a definite error) or info (unknown)."""
 
-    def __init__(self, cluster: LocalCluster) -> None:
-        super().__init__(daemon=True)
+    client: str
+    app: str
+    start: float
+    end: float
+    outcome: str
+    node_id: str | None = None
+    epoch: int | None = None
+    variant: str | None = None
+    error: str = ""
+
+
+def zoo_directory() -> Path:
+    import torch
+    import torchvision
+
+    cache = Path(os.environ.get("REDGE_ZOO_CACHE", Path.home() / ".cache" / "redge" / "zoo"))
+    return cache / f"torch-{torch.__version__}-torchvision-{torchvision.__version__}".replace("+", "_")
+
+
+def prepare_zoo() -> Path:
+    """Export the demo's models once per machine; later runs reuse them."""
+    from redge.runtime.zoo import export
+
+    directory = zoo_directory()
+    missing = [m for m in ZOO_MODELS for f in ZOO_FORMATS if not (directory / m / f"1-{f}" / "manifest.json").is_file()]
+    if missing:
+        print(f"exporting {len(missing)} zoo artifacts to {directory} (first run only) ...", flush=True)
+
+        def progress(step: Any) -> None:
+            if step.manifest is not None and step.seconds:
+                print(f"  [{step.index}/{step.total}] {step.model} {step.format} in {step.seconds:.1f} s", flush=True)
+
+        export(directory, ZOO_MODELS, ZOO_FORMATS, progress)
+    return directory
+
+
+class ClosedLoopClient(threading.Thread):
+    """Calls one app back to back, through the redge client or plain HTTP to one peer."""
+
+    def __init__(self, name: str, app: str, cluster: LocalCluster, plain_url: str | None = None) -> None:
+        super().__init__(daemon=True, name=name)
+        self.client_name = name
+        self.app = app
         self.cluster = cluster
-        self.records: list[dict[str, Any]] = []
+        self.plain_url = plain_url
+        self.history: list[Operation] = []
         self.stopping = threading.Event()
+        self.inputs = {"input": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
 
     def run(self) -> None:
-        index = 0
+        if self.plain_url is not None:
+            self._run_plain()
+            return
+        from redge.agent.client import Client, ClientError
+
+        urls = [p.url for p in self.cluster.peers.values()]
+        with Client(urls, deadline_s=REQUEST_DEADLINE_S, attempt_timeout_s=1.0) as client:
+            while not self.stopping.is_set():
+                start = time.time()
+                try:
+                    result = client.infer(self.app, self.inputs)
+                    self.history.append(Operation(self.client_name, self.app, start, time.time(), "ok",
+                                                  result.node_id, result.epoch, result.variant))
+                except ClientError as error:
+                    self.history.append(Operation(self.client_name, self.app, start, time.time(), "fail", error=str(error)[:200]))
+
+    def _run_plain(self) -> None:
+        from redge.agent import oip
+
+        body, headers = oip.encode_infer_request(self.inputs)
         while not self.stopping.is_set():
-            peers = [p for p in self.cluster.peers.values() if p.running()]
-            peer = peers[index % len(peers)]
-            index += 1
-            started = time.time()
+            start = time.time()
+            request = urllib.request.Request(f"{self.plain_url}/v2/models/{self.app}/infer", data=body, headers=headers, method="POST")
             try:
-                status, body = http_json(
-                    "POST", peer.url + "/cluster/probe", {"count": 1, "deadline_s": 1.0, "attempt_timeout_s": 1.0},
-                    timeout_s=2.0, token=ADMIN_TOKEN,
-                )
-                outcome = "ok" if status == 200 and body.get("committed") == 1 else "error"
-            except OSError:
-                outcome = "error"
-            self.records.append({"node": peer.node_id, "start": started, "end": time.time(), "outcome": outcome})
-            time.sleep(0.01)
+                with urllib.request.urlopen(request, timeout=REQUEST_DEADLINE_S) as response:
+                    header, _ = oip.decode_infer_response(response.read(), response.headers.get(oip.HEADER_LENGTH))
+                    parameters = header.get("parameters", {})
+                    self.history.append(Operation(self.client_name, self.app, start, time.time(), "ok",
+                                                  parameters.get("node_id"), parameters.get("epoch"), parameters.get("variant")))
+            except urllib.error.HTTPError as error:
+                self.history.append(Operation(self.client_name, self.app, start, time.time(), "fail", error=f"HTTP {error.code}"))
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+                # No answer at all: the request may or may not have run (unknown, not failed).
+                self.history.append(Operation(self.client_name, self.app, start, time.time(), "info", error=str(error)[:200]))
+
+
+def serving(cluster: LocalCluster, via: str) -> bool:
+    snapshot = cluster.peers[via].snapshot()
+    if snapshot is None:
+        return False
+    reports = {(r["app"], r["node_id"]): r["state"] for r in snapshot["replica_reports"]}
+    for app in APPS:
+        replicas = snapshot["plan"].get(app["name"], [])
+        if not any(r["role"] == "primary" for r in replicas) or len(replicas) < 2:
+            return False
+        for replica in replicas:
+            if replica["role"] in ("primary", "warm") and reports.get((app["name"], replica["node_id"])) not in ("serving", "load_done"):
+                return False
+    return True
+
+
+def primary_of(cluster: LocalCluster, via: str, app: str) -> str | None:
+    snapshot = cluster.peers[via].snapshot() or {}
+    return next((r["node_id"] for r in snapshot.get("plan", {}).get(app, []) if r["role"] == "primary"), None)
+
+
+def fault_timeline(fault: dict[str, Any], events: list[dict[str, Any]], history: list[Operation]) -> dict[str, Any]:
+    """The paper's metrics for one fault, from the event log and the client history. Pure."""
+    at_ms = fault["at"] * 1000
+    victim = fault["node"]
+    later = [e for e in events if e["at_ms"] >= at_ms - 1 and e["at_ms"] <= at_ms + fault["window_s"] * 1000]
+    suspicions = [e for e in later if e["kind"] == "suspicion" and e.get("node") == victim]
+    confirmed = next((e for e in later if e["kind"] == "failure_confirmed" and e.get("node") == victim), None)
+    plan = next((e for e in later if confirmed and e["kind"] == "plan_committed" and e["seq"] > confirmed["seq"]), None)
+    row: dict[str, Any] = {
+        "fault": fault["kind"],
+        "node": victim,
+        "first_suspicion_ms": min(e["at_ms"] for e in suspicions) - at_ms if suspicions else None,
+        "confirmation_ms": confirmed["at_ms"] - at_ms if confirmed else None,
+        "decision_ms": plan["at_ms"] - confirmed["at_ms"] if plan and confirmed else None,
+        "apps": {},
+    }
+    for app in APPS:
+        name = app["name"]
+        ops = [o for o in history if o.app == name and o.start * 1000 >= at_ms - 10_000 and o.start * 1000 <= at_ms + fault["window_s"] * 1000]
+        served_by_victim_before = any(o.node_id == victim for o in ops if o.end * 1000 < at_ms and o.outcome == "ok")
+        loads = [e for e in later if e.get("app") == name and e["kind"] in ("load_started", "load_done")]
+        load_ms = None
+        done = [e for e in loads if e["kind"] == "load_done"]
+        if done:
+            load_ms = max(e.get("duration_ms", 0.0) for e in done)
+        after_ok = [o for o in ops if o.start * 1000 >= at_ms and o.outcome == "ok" and o.node_id != victim]
+        first_error = min((o.end for o in ops if o.outcome != "ok" and o.end * 1000 >= at_ms), default=None)
+        mttr_ms = (min(o.end for o in after_ok) * 1000 - at_ms) if after_ok and served_by_victim_before else None
+        reconfiguration_ms = None
+        if after_ok and served_by_victim_before:
+            start_ms = plan["at_ms"] if plan else (first_error * 1000 if first_error else at_ms)
+            first_new = min(o.end for o in after_ok if o.start * 1000 >= at_ms)
+            reconfiguration_ms = max(0.0, first_new * 1000 - start_ms)
+        row["apps"][name] = {
+            "served_by_failed_node": served_by_victim_before,
+            "loading_ms": load_ms,
+            "reconfiguration_ms": reconfiguration_ms,
+            "mttr_ms": mttr_ms,
+            "failed_requests": sum(1 for o in ops if o.outcome == "fail" and o.start * 1000 >= at_ms),
+            "unknown_requests": sum(1 for o in ops if o.outcome == "info" and o.start * 1000 >= at_ms),
+            "response_ms_before": summary([1000 * (o.end - o.start) for o in ops if o.outcome == "ok" and o.end * 1000 < at_ms]).get("p50"),
+            "response_ms_after": summary([1000 * (o.end - o.start) for o in after_ok if o.start * 1000 >= at_ms + 2000]).get("p50"),
+            "variant_after": after_ok[-1].variant if after_ok else None,
+        }
+    return row
 
 
 def run_demo(out_dir: Path, peer_count: int = 3) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"starting {peer_count} peers on loopback ...")
-    with LocalCluster(size=peer_count) as cluster:
+    threads = int(os.environ.get("REDGE_DEMO_MODEL_THREADS", "1"))
+    zoo = prepare_zoo()
+    print(f"starting {peer_count} peers on loopback, models from {zoo} ...", flush=True)
+    faults: list[dict[str, Any]] = []
+    clients: list[ClosedLoopClient] = []
+    with LocalCluster(size=peer_count, extra_args=["--source", str(zoo), "--model-threads", str(threads)]) as cluster:
         leader = cluster.wait_leader()
         for app in APPS:
             status, body = cluster.register_app(leader, app)
             if status != 200:
                 raise RuntimeError(f"registering {app['name']} failed: {body}")
-        print(f"cluster ready, leader {leader}; client running")
-        client = ClosedLoopCommitter(cluster)
-        client.start()
-        time.sleep(2.0)
-        fault_at = time.time()
+        print("apps registered; waiting until every replica is loaded ...", flush=True)
+        wait_until(lambda: serving(cluster, leader), 300, interval_s=0.2, what="all replicas loaded")
+        # Fault 1 will hit the node serving the critical app; the plain HTTP client talks to
+        # another peer (not the leader, which fault 2 kills) and relies on its routing.
+        victim = primary_of(cluster, leader, "detector")
+        survivors = [n for n in cluster.peers if n != victim]
+        plain_node = next((n for n in survivors if n != leader), survivors[0])
+        for app in APPS:
+            clients.append(ClosedLoopClient(f"redge-client/{app['name']}", app["name"], cluster))
+        clients.append(ClosedLoopClient(f"plain-http@{plain_node}/detector", "detector", cluster,
+                                        plain_url=cluster.peers[plain_node].url))
+        for client in clients:
+            client.start()
+        time.sleep(5.0)
+
+        print(f"SIGKILL to {victim}, which serves the detector's primary", flush=True)
+        faults.append({"kind": "crash of the detector's primary", "node": victim, "at": time.time(), "window_s": 12.0})
+        cluster.peers[victim].kill()
+        time.sleep(10.0)
+        print(f"restarting {victim} from its data dir", flush=True)
+        cluster.peers[victim].start()
+        cluster.wait_ready([victim], timeout_s=60)
+        wait_until(lambda: serving(cluster, survivors[0]), 120, interval_s=0.2, what="backups restored")
+        time.sleep(3.0)
+
+        # Fault 2: the Raft leader dies.
+        leader = cluster.wait_leader()
+        print(f"SIGKILL to the Raft leader {leader}", flush=True)
+        faults.append({"kind": "crash of the Raft leader", "node": leader, "at": time.time(), "window_s": 10.0})
         cluster.peers[leader].kill()
-        print(f"SIGKILL to the Raft leader {leader}")
-        survivors = [n for n in cluster.peers if n != leader]
-        new_leader = cluster.wait_leader(survivors, timeout_s=30, not_node=leader)
-        leader_seen_at = time.time()
-        time.sleep(2.0)
-        client.stopping.set()
-        client.join(timeout=5)
-        status, events = http_json("GET", cluster.peers[survivors[0]].url + "/cluster/events?limit=2000")
-    records = client.records
-    after = [r for r in records if r["start"] >= fault_at and r["outcome"] == "ok"]
-    first_ok_after = min((r["end"] for r in after), default=None)
-    failed = [r for r in records if r["outcome"] != "ok"]
-    before = [1000 * (r["end"] - r["start"]) for r in records if r["end"] < fault_at and r["outcome"] == "ok"]
+        time.sleep(10.0)
+        for client in clients:
+            client.stopping.set()
+        for client in clients:
+            client.join(timeout=REQUEST_DEADLINE_S + 5)
+        observer = next(n for n in cluster.peers if cluster.peers[n].running())
+        status, body = http_json("GET", cluster.peers[observer].url + "/cluster/events?limit=2000", timeout_s=10)
+        events = body.get("events", []) if status == 200 else []
+    history = sorted((op for client in clients for op in client.history), key=lambda o: o.start)
+    timelines = [fault_timeline(fault, events, history) for fault in faults]
     report = {
-        "fault": {"kind": "crash", "target": leader, "role": "raft leader", "at": fault_at},
-        "new_leader": new_leader,
-        "new_leader_seen_ms": 1000 * (leader_seen_at - fault_at),
-        "first_commit_after_fault_ms": None if first_ok_after is None else 1000 * (first_ok_after - fault_at),
-        "failed_requests": len(failed),
-        "requests": len(records),
-        "commit_round_trip_ms_before": summary(before),
-        "events": events.get("events", []) if isinstance(events, dict) else [],
-        "history": records,
+        "apps": APPS,
+        "faults": faults,
+        "timelines": timelines,
+        "requests": {
+            "total": len(history),
+            "ok": sum(1 for o in history if o.outcome == "ok"),
+            "failed": sum(1 for o in history if o.outcome == "fail"),
+            "unknown": sum(1 for o in history if o.outcome == "info"),
+        },
+        "events": events,
+        "history": [asdict(o) for o in history],
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    _plot(records, fault_at, out_dir / "timeline.png")
-    _print_table(report)
+    plot_timeline(history, faults, events, out_dir / "timeline.png")
+    print_tables(report)
     print(f"wrote {out_dir / 'report.json'} and {out_dir / 'timeline.png'}")
     return 0
 
 
-def _print_table(report: dict[str, Any]) -> None:
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def print_tables(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"crash of the Raft leader {report['fault']['target']}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_row("new leader", str(report["new_leader"]))
-    table.add_row("new leader seen by the client (ms)", f"{report['new_leader_seen_ms']:.0f}")
-    first = report["first_commit_after_fault_ms"]
-    table.add_row("first successful commit after the fault (ms)", "none" if first is None else f"{first:.0f}")
-    table.add_row("failed requests", f"{report['failed_requests']} of {report['requests']}")
-    table.add_row("commit round trip before (p50 ms)", f"{report['commit_round_trip_ms_before'].get('p50', float('nan')):.1f}")
-    Console(width=100).print(table)
+    console = Console(width=120)
+    for timeline in report["timelines"]:
+        table = Table(title=f"{timeline['fault']} ({timeline['node']})")
+        table.add_column("metric")
+        for app in APPS:
+            table.add_column(app["name"], justify="right")
+        apps = timeline["apps"]
+        table.add_row("first suspicion (ms)", *[_ms(timeline["first_suspicion_ms"])] * len(APPS))
+        table.add_row("confirmed failure (ms)", *[_ms(timeline["confirmation_ms"])] * len(APPS))
+        table.add_row("decision: confirmed -> plan (ms)", *[_ms(timeline["decision_ms"])] * len(APPS))
+        table.add_row("hit by the fault", *["yes" if apps[a["name"]]["served_by_failed_node"] else "no" for a in APPS])
+        table.add_row("loading (ms)", *[_ms(apps[a["name"]]["loading_ms"]) for a in APPS])
+        table.add_row("reconfiguration (ms)", *[_ms(apps[a["name"]]["reconfiguration_ms"]) for a in APPS])
+        table.add_row("MTTR: fault -> first answer (ms)", *[_ms(apps[a["name"]]["mttr_ms"]) for a in APPS])
+        table.add_row("failed / unknown requests", *[f"{apps[a['name']]['failed_requests']} / {apps[a['name']]['unknown_requests']}" for a in APPS])
+        table.add_row("response p50 before / after (ms)", *[
+            f"{_ms(apps[a['name']]['response_ms_before'])} / {_ms(apps[a['name']]['response_ms_after'])}" for a in APPS])
+        table.add_row("variant after", *[str(apps[a["name"]]["variant_after"] or "-") for a in APPS])
+        console.print(table)
+    requests = report["requests"]
+    console.print(f"requests: {requests['total']} total, {requests['ok']} ok, {requests['failed']} failed, {requests['unknown']} unknown")
 
 
-def _plot(records: list[dict[str, Any]], fault_at: float, path: Path) -> None:
+def plot_timeline(history: list[Operation], faults: list[dict[str, Any]], events: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    start = records[0]["start"] if records else fault_at
-    figure, axis = plt.subplots(figsize=(9, 3.5))
-    ok = [(r["start"] - start, 1000 * (r["end"] - r["start"])) for r in records if r["outcome"] == "ok"]
-    bad = [(r["start"] - start, 1000 * (r["end"] - r["start"])) for r in records if r["outcome"] != "ok"]
-    if ok:
-        axis.plot(*zip(*ok), ".", markersize=3, label="ok")
-    if bad:
-        axis.plot(*zip(*bad), "x", color="red", label="failed")
-    axis.axvline(fault_at - start, color="black", linestyle="--", label="leader killed")
-    axis.set_xlabel("time (s)")
-    axis.set_ylabel("response time (ms)")
-    axis.set_yscale("log")
-    axis.legend(loc="upper right")
+    if not history:
+        return
+    start = history[0].start
+    figure, axes = plt.subplots(len(APPS), 1, figsize=(10, 2.8 * len(APPS)), sharex=True)
+    for axis, app in zip(axes, APPS, strict=True):
+        for client in sorted({o.client for o in history if o.app == app["name"]}):
+            ops = [o for o in history if o.app == app["name"] and o.client == client]
+            ok = [(o.start - start, 1000 * (o.end - o.start)) for o in ops if o.outcome == "ok"]
+            bad = [(o.start - start, 1000 * (o.end - o.start)) for o in ops if o.outcome != "ok"]
+            if ok:
+                axis.plot(*zip(*ok), ".", markersize=2, label=f"{client}")
+            if bad:
+                axis.plot(*zip(*bad), "x", color="red", markersize=5, label=f"{client} failed")
+        for fault in faults:
+            axis.axvline(fault["at"] - start, color="black", linestyle="--", linewidth=1)
+            axis.text(fault["at"] - start, axis.get_ylim()[1] if axis.lines else 1, " " + fault["kind"], fontsize=7, va="top")
+        for event in events:
+            if event["kind"] == "plan_committed" and event["at_ms"] / 1000 >= start:
+                axis.axvline(event["at_ms"] / 1000 - start, color="green", linestyle=":", linewidth=0.8)
+        axis.set_ylabel(f"{app['name']}\nresponse (ms)")
+        axis.set_yscale("log")
+        axis.legend(loc="upper right", fontsize=7)
+    axes[-1].set_xlabel("time (s); dashed: faults, dotted green: committed plans")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
