@@ -312,7 +312,9 @@ def _identity_init(tensor: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 SAFETENSORS_HEADER_BYTES_MAX = 100 * 1024 * 1024
-READ_CHUNK_BYTES = 16 * 1024 * 1024
+# One read call per 256 MiB: the GIL is released for the whole call, so the reading
+# thread is not slowed by the architecture build that holds the GIL meanwhile.
+READ_CHUNK_BYTES = 256 * 1024 * 1024
 
 
 def _read_safetensors(path: Path, manifest: Manifest) -> dict[str, Any]:
@@ -492,3 +494,42 @@ BACKENDS: dict[str, Backend] = {
     "tensorrt": _load_tensorrt,
     "pt2": _load_pt2,
 }
+
+
+def measure_profile(
+    artifact_dir: Path | str,
+    manifest: Manifest,
+    device: str = "cpu",
+    options: LoadOptions | None = None,
+    iterations: int = 10,
+    batch_size: int = 1,
+) -> tuple[Any, LoadReport]:
+    """Load once and time `iterations` inferences: a `Profile` for the manifest.
+
+    memory_bytes is the bytes of the model's parameters and buffers (torch) or of its
+    files (ONNX Runtime, whose arena is not visible from here): a lower bound.
+    """
+    from redge.runtime.manifest import Profile
+
+    assert 1 <= iterations <= 10_000 and batch_size >= 1
+    model, report = load(artifact_dir, manifest, device, options)
+    inputs = {spec.name: spec.example(batch_size) for spec in manifest.inputs}
+    latencies_ms = []
+    for _ in range(iterations):
+        started = time.perf_counter()
+        model.infer(inputs)
+        latencies_ms.append((time.perf_counter() - started) * 1000)
+    latencies_ms.sort()
+    memory_bytes = manifest.size_bytes
+    if isinstance(model, TorchModel):
+        tensors = list(model.module.parameters()) + list(model.module.buffers())
+        memory_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    model.close()
+    profile = Profile(
+        device_kind=device_kind(device),
+        load_ms=round(report.total_ms, 3),
+        latency_ms=round(latencies_ms[len(latencies_ms) // 2], 3),
+        memory_bytes=memory_bytes,
+        batch_size=batch_size,
+    )
+    return profile, report

@@ -154,3 +154,15 @@ def test_input_size_limit(family_source) -> None:
     model, _ = load(source / manifest.name / manifest.version, manifest, options=LoadOptions(input_bytes_max=1024))
     with pytest.raises(errors.InvalidInput, match="exceed 1024 bytes"):
         model.infer({"input": np.zeros((100, 16), np.float32)})
+
+
+def test_measure_profile_fills_a_manifest_profile(family_source) -> None:
+    from redge.runtime.loader import measure_profile
+
+    source, manifests = family_source
+    manifest = by_format(manifests, "mlp-small")["safetensors"]
+    profile, report = measure_profile(source / manifest.name / manifest.version, manifest, iterations=3)
+    assert profile.device_kind == "cpu" and profile.latency_ms > 0
+    assert profile.load_ms == pytest.approx(report.total_ms, abs=0.01)
+    assert profile.memory_bytes == 4 * manifest.parameter_count
+    assert manifest.with_profile(profile).profile("cpu") == profile
