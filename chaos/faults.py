@@ -340,7 +340,7 @@ class Cascade(Fault):
             if offset_s < 0 or (duration_s is not None and duration_s <= 0):
                 raise ValueError("cascade offsets must be >= 0 and durations > 0")
             if isinstance(fault, Cascade):
-                raise ValueError("a cascade cannot hold a cascade")
+                raise TypeError("a cascade cannot hold a cascade")
         if self.length_s() > CASCADE_DURATION_S_MAX:
             raise ValueError(f"a cascade lasts at most {CASCADE_DURATION_S_MAX:.0f}s")
 
@@ -516,7 +516,7 @@ class Nemesis:
         for fault in reversed(list(self._active)):
             try:
                 self.heal(fault)
-            except Exception as error:  # keep healing the rest: leave nothing behind
+            except Exception as error:  # noqa: BLE001 - keep healing the rest: leave nothing behind
                 errors.append(f"healing {fault.describe()}: {type(error).__name__}: {error}")
         return errors
 

@@ -26,6 +26,8 @@ did not happen is None, never zero: "not detected" and "detected at once" differ
 
 from __future__ import annotations
 
+import itertools
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -83,6 +85,11 @@ class FaultMeasurement:
         return data
 
 
+def ordered(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Events by time, then sequence; ties broken by content so that input order never matters."""
+    return sorted(events, key=lambda e: (e["at_ms"], e.get("seq", 0), json.dumps(e, sort_keys=True, default=str)))
+
+
 def _event_node(event: dict[str, Any]) -> str | None:
     return event.get("node") or event.get("node_id")
 
@@ -103,7 +110,7 @@ def fault_windows(faults: Sequence[FaultRecord]) -> dict[int, float]:
 
 def first_event(events: Iterable[dict[str, Any]], kind: str, after_ms: float, before_ms: float,
                 nodes: Sequence[str] | None = None) -> dict[str, Any] | None:
-    for event in sorted(events, key=lambda e: (e["at_ms"], e.get("seq", 0))):
+    for event in ordered(events):
         if event["kind"] != kind or not after_ms <= event["at_ms"] < before_ms:
             continue
         if nodes is not None and _event_node(event) not in nodes:
@@ -114,14 +121,14 @@ def first_event(events: Iterable[dict[str, Any]], kind: str, after_ms: float, be
 
 def loadings(events: Sequence[dict[str, Any]], after_ms: float, before_ms: float) -> list[Loading]:
     """Each `load_started` in the window paired with the next end report for that (app, node)."""
-    ordered = sorted(events, key=lambda e: (e["at_ms"], e.get("seq", 0)))
+    in_order = ordered(events)
     result = []
-    for index, event in enumerate(ordered):
+    for index, event in enumerate(in_order):
         if event["kind"] != "load_started" or not after_ms <= event["at_ms"] < before_ms:
             continue
         app, node = event.get("app", ""), _event_node(event) or ""
         end = next(
-            (later for later in ordered[index + 1 :]
+            (later for later in in_order[index + 1 :]
              if later["kind"] in LOAD_END_KINDS and later.get("app", "") == app and _event_node(later) == node
              and later["at_ms"] < before_ms),
             None,
@@ -176,7 +183,7 @@ def app_recovery(operations: Sequence[Operation], app: str, fault: FaultRecord, 
         marks = [applied, *ok_ends]
         if window[-1].outcome != OK:  # still failing when the window closed
             marks.append(last)
-        outage_ms = max(b - a for a, b in zip(marks, marks[1:])) if len(marks) > 1 else 0.0
+        outage_ms = max(b - a for a, b in itertools.pairwise(marks)) if len(marks) > 1 else 0.0
     return AppRecovery(
         app=app,
         operations=len(window),
@@ -211,7 +218,7 @@ def measure_fault(fault: FaultRecord, operations: Sequence[Operation], events: S
         recoveries.append(app_recovery(operations, app, fault, window_end_ms,
                                        app_plan["at_ms"] if app_plan else None))
     charged = tuple(
-        e for e in events
+        e for e in ordered(events)
         if applied <= e["at_ms"] < window_end_ms
         and e["kind"] in ("suspicion", "failure_confirmed", "plan_committed", "member_recovered", "member_rejoined",
                           "suspicion_withdrawn", "member_cleared", *LOAD_END_KINDS, "load_started")

@@ -31,6 +31,7 @@ import socket
 import subprocess
 import threading
 from dataclasses import dataclass, field
+from typing import Self
 
 CLONE_NEWNET = 0x40000000
 SUBNET_PREFIX = "10.213.77"
@@ -124,7 +125,7 @@ class NetnsNetwork:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def __enter__(self) -> NetnsNetwork:
+    def __enter__(self) -> Self:
         self.create()
         return self
 

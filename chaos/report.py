@@ -102,7 +102,7 @@ def plot(report: dict[str, Any], operations: Sequence[Operation], path: Path) ->
     import matplotlib.pyplot as plt
 
     start = report["started_at_ms"]
-    figure, axis = plt.subplots(figsize=(10, 4))
+    figure, axis = plt.subplots(figsize=(11, 4))
     apps = sorted({o.app for o in operations})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for index, app in enumerate(apps):
@@ -140,7 +140,7 @@ def plot(report: dict[str, Any], operations: Sequence[Operation], path: Path) ->
     axis.set_ylabel("response time (ms)")
     axis.set_yscale("log")
     axis.set_title(f"{report['scenario']['name']} (seed {report['scenario']['seed']}, {report['scenario']['profile']})")
-    axis.legend(loc="upper left", fontsize=7, ncol=2)
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, borderaxespad=0)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -94,7 +94,7 @@ def fetch_events(cluster: LocalCluster) -> list[dict[str, Any]]:
 
 def register_apps(cluster: LocalCluster, apps: list[dict[str, Any]]) -> None:
     for app in apps:
-        def registered() -> bool:
+        def registered(app: dict[str, Any] = app) -> bool:
             try:
                 leader = cluster.leader()
                 status, _ = cluster.register_app(leader or next(iter(cluster.peers)), app)
