@@ -12,25 +12,28 @@ It works incrementally from the current plan, in this order:
 1. keep every current replica that is still valid, trimming any node that
    is now over its capacity or SLO (backups go before primaries, low
    priority before high);
-2. for each priority class, critical first:
-   a. fail over apps that lost their primary: promote a warm backup (no
-      load), else load the cold backup's variant where its artifact is;
-   b. place the remaining unplaced apps at their smallest variant that
-      meets the SLO (serving one more app is worth more than a larger
-      variant of another), evicting lower-priority replicas when no node
-      has room; an app that still fits nowhere is shed;
-   c. grow this class's primaries in place to the largest variant that fits
-      (running ones only when the restore hold-down allows it);
-3. warm backups for apps whose policy asks for them, largest variant that
+2. for each priority class, critical first, fail over and cover: promote a
+   lost primary's warm backup (no load), else load its cold backup's
+   variant where the artifact is, else place the app at its smallest
+   variant that meets the SLO (serving one more app is worth more than a
+   larger variant of another), else evict lower-priority replicas from one
+   node, else shed it. Rounds repeat while evictions free room;
+3. for each class, grow primaries in place to the largest variant that fits
+   (running ones only when the restore hold-down allows it, never on a
+   suspected or held-down node);
+4. warm backups for apps whose policy asks for them, largest variant that
    fits on another node (heterogeneous replication), else a cold one;
-4. cold backups, preferring nodes that already hold the artifact, within
+5. cold backups, preferring nodes that already hold the artifact, within
    the storage budget.
 
-Because the classes go in order, a higher priority app is never shed or
-shrunk to make room for a lower one. New load only goes to nodes that are
-alive (primaries also not in hold-down) and stays under the headroom; the
-number of loads and prefetches per plan is bounded, and work past the bound
-waits for the next plan (`complete` is False).
+Because the classes go in order, a higher priority app is never shed to
+make room for a lower one (it may run a smaller variant so that a lower one
+runs at all). New load only goes to nodes that are alive (primaries also
+not in hold-down) and stays under the headroom; the number of loads and
+prefetches per plan is bounded, and work past the bound waits for the next
+plan (`complete` is False). Growth never moves a replica and storage is
+claimed per replica, so that what was refused once stays refused: that is
+what makes the plan a fixed point of itself.
 
 Node arrays are numpy vectors so that choosing a node for an app is a few
 vector operations: 500 apps on 100 nodes plan in tens of milliseconds.
@@ -135,13 +138,16 @@ class _State:
                     self.artifact_size.get(variant.name, 0), variant.size_bytes
                 )
         self.references: dict[str, np.ndarray] = {}
-        self.on_disk: dict[str, np.ndarray] = {}
+        # nodes that hold an artifact: on disk now, or referred to by the plan
+        self.on_disk: dict[str, set[int]] = {}
         for node_id, names in problem.artifacts.items():
             i = self.index.get(node_id)
-            if i is None:
-                continue
-            for name in sorted(names):
-                self.on_disk.setdefault(name, np.zeros(count, dtype=bool))[i] = True
+            if i is not None:
+                for name in names:
+                    self.on_disk.setdefault(name, set()).add(i)
+        self.holders: dict[str, set[int]] = {
+            name: set(nodes) for name, nodes in self.on_disk.items()
+        }
         # Every (app, variant) is one row of three matrices over the nodes:
         # isolated latency, SLO budget (the inflation it tolerates), utilisation.
         self.first_row: dict[str, int] = {}
@@ -204,6 +210,7 @@ class _State:
             references = self.references[variant.name] = np.zeros(len(self.nodes), dtype=np.int64)
         if references[i] == 0:
             self.storage_used[i] += self.artifact_size[variant.name]
+            self.holders.setdefault(variant.name, set()).add(i)
         references[i] += 1
         self.storage_claimed[i] += self.artifact_size[variant.name]
         if role is Role.COLD:
@@ -230,6 +237,8 @@ class _State:
         references[i] -= 1
         if references[i] == 0:
             self.storage_used[i] -= self.artifact_size[variant.name]
+            if i not in self.on_disk.get(variant.name, ()):
+                self.holders[variant.name].discard(i)
         self.storage_claimed[i] -= self.artifact_size[variant.name]
         if role is Role.PRIMARY:
             del self.primary[name]
@@ -372,17 +381,16 @@ class _State:
     def choose(self, name: str, index: int, role: Role, mask: np.ndarray) -> int:
         """Among feasible nodes, one that already has the artifact, then the
         one with most room left (spreading load keeps co-location low)."""
-        variant_name = self.apps[name].variants[index].name
-        local = self.on_disk.get(variant_name)
-        references = self.references.get(variant_name)
-        if references is not None:
-            local = (references > 0) if local is None else (local | (references > 0))
-        if local is not None and (mask & local).any():
-            mask = mask & local
         if role is Role.COLD:
             room = self.storage_room
         else:
-            room = self.memory_limit - self.memory_used
+            room = self.memory_room
+        holders = self.holders.get(self.apps[name].variants[index].name)
+        local = [i for i in holders if mask[i]] if holders else None
+        if local:
+            if self.packing:
+                return min(local, key=lambda i: (room[i], i))
+            return max(local, key=lambda i: (room[i], -i))
         if self.packing:
             return int(np.argmin(np.where(mask, room, np.inf)))
         return int(np.argmax(np.where(mask, room, -np.inf)))
