@@ -493,11 +493,11 @@ class _Planner:
                 )
                 continue
             index = app.variant_index(replica.variant)
-            if index is None or np.isnan(state.profile(app, index)[0][i]):
+            if index is None or state.profile(app, index)[1][i] < -TOLERANCE:
                 self.reason(
                     app.name,
                     ReasonKind.DROPPED,
-                    f"{replica.variant} not runnable on {replica.node_id}",
+                    f"{replica.variant} cannot meet the SLO on {replica.node_id}",
                 )
                 continue
             if app.name in state.hosted[i]:

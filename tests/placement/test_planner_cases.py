@@ -307,3 +307,11 @@ def test_planning_is_independent_of_input_order() -> None:
     one = plan_for(problem(nodes, apps))
     two = plan_for(problem(list(reversed(nodes)), list(reversed(apps))))
     assert one == two
+
+
+def test_tightened_slo_moves_the_app_to_a_variant_that_meets_it() -> None:
+    current = [Replica("x", "a", "big", Role.PRIMARY), Replica("x", "b", "big", Role.COLD)]
+    tight = app("x", backup=BackupPolicy.COLD, slo_ms=8.0)  # big takes 10 ms, small 4 ms
+    result = plan_for(problem([node("a"), node("b")], [tight], current=current))
+    assert {r.variant for r in result.plan.replicas} == {"small"}
+    assert not violations(problem([node("a"), node("b")], [tight]), result.plan)
