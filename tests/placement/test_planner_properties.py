@@ -221,3 +221,33 @@ def test_planning_is_deterministic(problem: Problem) -> None:
         problem, nodes=tuple(reversed(problem.nodes)), apps=tuple(reversed(problem.apps))
     )
     assert plan_for(problem) == plan_for(problem) == plan_for(shuffled)
+
+
+@PROPERTY
+@given(problems, st.data())
+def test_any_current_plan_even_an_invalid_one_is_repaired(problem: Problem, data) -> None:
+    """The current plan comes from committed state that may predate changes
+    to apps, nodes or settings: duplicates, unknown names, overfull nodes."""
+    if not problem.apps or not problem.nodes:
+        return
+    names = [a.name for a in problem.apps] + ["gone"]
+    node_ids = [n.node_id for n in problem.nodes] + ["nowhere"]
+    variants = sorted({v.name for a in problem.apps for v in a.variants})
+    replicas = data.draw(
+        st.lists(
+            st.builds(
+                Replica,
+                st.sampled_from(names),
+                st.sampled_from(node_ids),
+                st.sampled_from(variants),
+                st.sampled_from(list(Role)),
+            ),
+            max_size=40,
+        )
+    )
+    messy = dataclasses.replace(problem, current=Plan(epoch=3, replicas=tuple(replicas)))
+    result = plan_for(messy)
+    assert violations(messy, result.plan) == []
+    if result.complete:
+        again = plan_for(messy.advanced(result.plan))
+        assert again.plan.assignment() == result.plan.assignment()
