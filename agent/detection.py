@@ -12,6 +12,7 @@ when the verdict changes.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -42,32 +43,59 @@ class FailureDetection:
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
         self.service: HeartbeatService | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         # target -> the verdict this observer currently holds about it ("down" or "slow")
         self._opinions: dict[str, str] = {}
         self._proposals: dict[str, asyncio.Task[None]] = {}
 
     async def start(self) -> None:
+        """Run the heartbeat service on a thread and event loop of its own.
+
+        The peer's main loop also parses inference requests and runs Raft callbacks; a busy
+        stretch there must not delay a heartbeat, or load alone would look like a failure.
+        """
         config = self.peer.config
         host, port = split_address(config.heartbeat)
+        main_loop = asyncio.get_running_loop()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="heartbeats", daemon=True)
+        self._thread.start()
         self.service = HeartbeatService(
             self.peer.node_id,
             (host, port),
             config.secret.encode(),
             profile(self.peer.profile.name),
-            on_verdict=self._on_verdict,
+            on_verdict=lambda verdict: main_loop.call_soon_threadsafe(self._on_verdict, verdict),
             incarnation=self.peer.incarnation,
         )
         try:
-            await self.service.start()
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.service.start(), self._loop))
         except OSError as error:
+            await self._stop_thread()
             raise OSError(f"cannot bind the heartbeat address {config.heartbeat}: {error.strerror or error}") from None
         self.refresh_targets()
 
     async def stop(self) -> None:
         for task in self._proposals.values():
             task.cancel()
-        if self.service is not None:
-            await self.service.stop()
+        if self.service is not None and self._loop is not None:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.service.stop(), self._loop))
+        await self._stop_thread()
+
+    async def _stop_thread(self) -> None:
+        if self._loop is None or self._thread is None:
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
+        self._loop.close()
+        self._loop = None
+
+    def on_request_timeout(self, node_id: str) -> None:
+        """A request to `node_id` timed out: evidence that it may be degraded."""
+        if self.service is not None and self._loop is not None:
+            service = self.service
+            self._loop.call_soon_threadsafe(lambda: service.monitor.on_request_timeout(node_id, service.clock.now_ms()))
 
     def set_incarnation(self, incarnation: int) -> None:
         if self.service is not None:
@@ -87,7 +115,8 @@ class FailureDetection:
                 targets.append((node_id, split_address(heartbeat_address), incarnation))
             except ValueError:
                 log.warning("bad_heartbeat_address", node=node_id, address=heartbeat_address)
-        self.service.set_targets(targets)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.service.set_targets, targets)
         for node_id in list(self._opinions):
             if node_id not in watched_ids:
                 self._opinions.pop(node_id, None)

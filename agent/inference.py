@@ -283,8 +283,8 @@ class InferenceService:
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
                 failures.append(f"{node_id}: {type(error).__name__}")
                 self.peer.metrics.forwards.labels(outcome="unreachable").inc()
-                if self.peer.detection is not None and self.peer.detection.service is not None:
-                    self.peer.detection.service.monitor.on_request_timeout(node_id, self.peer.detection.service.clock.now_ms())
+                if self.peer.detection is not None:
+                    self.peer.detection.on_request_timeout(node_id)
         raise Unavailable(f"no replica of {app} answered: {', '.join(failures)}")
 
     # ------------------------------------------------------------------ artifacts

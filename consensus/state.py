@@ -241,13 +241,18 @@ class ClusterState:
     def observers_needed(self, target_id: str) -> int:
         """Distinct live observers (other than the target) needed to confirm its failure."""
         others = [node for node in self.live_member_ids() if node != target_id]
-        if not others:
+        members = [m for m in self.members.values() if m.status != LEFT and m.node_id != target_id]
+        if not members:
             return 1
         watchers = len(others)
-        if len(others) + 1 > self.settings.watch_all_members_max:
+        if len(members) + 1 > self.settings.watch_all_members_max:
             watchers = min(watchers, self.settings.watchers_per_node)
         majority = watchers // 2 + 1
-        return min(watchers, max(majority, self.settings.confirm_observers_min))
+        # The floor counts every member, not only the live ones: once a three-node cluster
+        # has lost one node, the two survivors must not be able to confirm each other's
+        # failure on one word (a slow link or a busy CPU would then fail them both); and if
+        # one of them really dies, the last one has no Raft quorum to act on it anyway.
+        return max(majority, min(self.settings.confirm_observers_min, len(members)))
 
     def _on_suspect(self, command: c.Suspect) -> Outcome:
         target = self.members.get(command.target_id)

@@ -316,3 +316,11 @@ def test_settings_match_the_detectors_watch_sets():
 def test_degraded_node_is_restored_by_the_observer():
     state, outcomes = run(cluster("n1", "n2") + [suspect("n1", "n2", reason="degraded"), c.Unsuspect("n1", "n2", 20)])
     assert outcomes[-1].accepted and not state.members["n2"].degraded
+
+
+def test_survivors_of_a_failure_cannot_confirm_each_other_on_one_word():
+    state, _ = run(cluster("n1", "n2", "n3") + [suspect("n1", "n3"), suspect("n2", "n3")])
+    assert state.members["n3"].status == FAILED
+    assert state.observers_needed("n2") == 2
+    state.apply(suspect("n1", "n2", at_ms=50))
+    assert state.members["n2"].status == SUSPECTED
