@@ -41,6 +41,9 @@ APPS = [
      "slo_ms": 400, "backup": "cold"},
 ]
 REQUEST_DEADLINE_S = 5.0
+# Clients pause this long between requests: closed loop, but leaving the two CPUs of a small
+# machine some room for three peers and their model hosts.
+THINK_TIME_S = 0.05
 
 
 @dataclass
@@ -112,6 +115,7 @@ class ClosedLoopClient(threading.Thread):
                                                   result.node_id, result.epoch, result.variant))
                 except ClientError as error:
                     self.history.append(Operation(self.client_name, self.app, start, time.time(), "fail", error=str(error)[:200]))
+                self.stopping.wait(THINK_TIME_S)
 
     def _run_plain(self) -> None:
         from redge.agent import oip
@@ -131,6 +135,7 @@ class ClosedLoopClient(threading.Thread):
             except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
                 # No answer at all: the request may or may not have run (unknown, not failed).
                 self.history.append(Operation(self.client_name, self.app, start, time.time(), "info", error=str(error)[:200]))
+            self.stopping.wait(THINK_TIME_S)
 
 
 def serving(cluster: LocalCluster, via: str) -> bool:
