@@ -191,13 +191,17 @@ class LocalCluster:
         node_ids = [f"n{index + 1}" for index in range(self.size)]
         if self.mode == "netns":
             self._make_network(node_ids)
-        ports = free_ports(self.size * 3)
-        for index, node_id in enumerate(node_ids):
-            http_port, raft_port, heartbeat_port = ports[index * 3 : index * 3 + 3]
-            if self.mode == "netns":
-                # Each namespace has its own ports: the same numbers on every peer.
-                http_port, raft_port, heartbeat_port = NETNS_HTTP_PORT, NETNS_RAFT_PORT, NETNS_HEARTBEAT_PORT
-            self.peers[node_id] = self._make_peer(node_id, http_port, raft_port, heartbeat_port)
+        try:
+            ports = free_ports(self.size * 3)
+            for index, node_id in enumerate(node_ids):
+                http_port, raft_port, heartbeat_port = ports[index * 3 : index * 3 + 3]
+                if self.mode == "netns":
+                    # Each namespace has its own ports: the same numbers on every peer.
+                    http_port, raft_port, heartbeat_port = NETNS_HTTP_PORT, NETNS_RAFT_PORT, NETNS_HEARTBEAT_PORT
+                self.peers[node_id] = self._make_peer(node_id, http_port, raft_port, heartbeat_port)
+        except BaseException:
+            self.stop()
+            raise
         raft_addresses = [p.raft_address for p in self.peers.values()]
         for peer in self.peers.values():
             others = [a for a in raft_addresses if a != peer.raft_address]
@@ -260,7 +264,7 @@ class LocalCluster:
             raise
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def start(self, timeout_s: float = 60.0) -> None:

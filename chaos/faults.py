@@ -7,7 +7,8 @@ applying an active fault or healing a healed one changes nothing, so a schedule 
 interrupted half-way can always be healed in full.
 
 Targets are node ids or selectors resolved when the fault is applied: "leader" (the Raft
-leader at that moment), "follower" and "random" (drawn from the nemesis's seeded
+leader at that moment), "primary:APP" (the node serving APP in the committed plan),
+"follower" and "random" (drawn from the nemesis's seeded
 `random.Random`, from a sorted list, so one seed gives one schedule). The nemesis records
 which nodes each fault touched and when, because measurement and the checker need exactly
 that: a confirmed failure of a node no fault touched is a false positive.
@@ -456,6 +457,15 @@ class Nemesis:
         except ClusterError as error:
             raise FaultUnavailable(f"no agreed leader to resolve a selector: {error}") from None
 
+    def primary_of(self, app: str) -> str:
+        """The node the committed plan makes `app`'s primary, as the leader sees it now."""
+        leader = self.leader()
+        snapshot = self.cluster.peers[leader].snapshot(timeout_s=2.0) or {}
+        for replica in (snapshot.get("plan") or {}).get(app, []):
+            if replica.get("role") == "primary":
+                return replica["node_id"]
+        raise FaultUnavailable(f"app {app!r} has no primary in the committed plan")
+
     def resolve(self, fault: Fault, selectors: tuple[str, ...]) -> tuple[str, ...]:
         """Node ids for `selectors`; random picks come from the seeded rng, from sorted lists."""
         nodes: list[str] = []
@@ -468,6 +478,8 @@ class Nemesis:
                 node = self.rng.choice([n for n in candidates if n != leader])
             elif selector == "random":
                 node = self.rng.choice(candidates)
+            elif selector.startswith("primary:"):
+                node = self.primary_of(selector.partition(":")[2])
             elif selector in self.cluster.peers:
                 node = selector
             else:

@@ -1,7 +1,7 @@
 """What a chaos run produced, for people and for scripts: a JSON report, a plot and a timeline.
 
-The plot follows the paper's Figs. 5 and 6: response time against time, one series per app,
-with each fault, confirmation, plan and recovery marked where it happened, so the cost of a
+The plot follows the paper's Figs. 5 and 6: response time against time, one colour per
+serving node (so the switch to a backup shows) and one marker per app, with each fault, confirmation, plan and recovery marked where it happened, so the cost of a
 failure can be seen at a glance. Failed requests are red crosses and unknown ones orange
 triangles, drawn at the time they took; they are never hidden among the successes.
 
@@ -105,12 +105,18 @@ def plot(report: dict[str, Any], operations: Sequence[Operation], path: Path) ->
     figure, axis = plt.subplots(figsize=(11, 4))
     apps = sorted({o.app for o in operations})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    servers = sorted({o.node or o.target for o in operations if o.outcome == OK})
+    markers = ".+1234"
     for index, app in enumerate(apps):
         mine = [o for o in operations if o.app == app]
-        ok = [((o.start_ms - start) / 1000, o.latency_ms) for o in mine if o.outcome == OK]
-        if ok:
-            axis.plot(*zip(*ok), ".", markersize=3, color=colors[index % len(colors)], label=f"{app} ok")
-        for outcome, marker, color, label in ((FAIL, "x", "red", "failed"), (INFO, "^", "orange", "unknown")):
+        # One colour per serving node, as in Fig. 6: the switch to the backup is visible.
+        for server_index, server in enumerate(servers):
+            ok = [((o.start_ms - start) / 1000, o.latency_ms) for o in mine
+                  if o.outcome == OK and (o.node or o.target) == server]
+            if ok:
+                axis.plot(*zip(*ok), markers[index % len(markers)], markersize=3,
+                          color=colors[server_index % len(colors)], label=f"{app} ok from {server}")
+        for outcome, marker, color, label in ((FAIL, "x", "red", "failed"), (INFO, "^", "black", "unknown")):
             points = [((o.start_ms - start) / 1000, max(o.latency_ms, 0.1)) for o in mine if o.outcome == outcome]
             if points:
                 axis.plot(*zip(*points), marker, color=color, markersize=5, linestyle="none", label=f"{app} {label}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict
@@ -33,6 +34,7 @@ from redge.chaos.scenario import Scenario, load_scenario
 
 CLUSTER_START_S = 90.0
 APP_REGISTER_S = 20.0
+APPS_SERVING_S = 120.0
 EVENTS_PAGES_MAX = 50
 EVENTS_PAGE = 2000
 PLAN_OBSERVATION_INTERVAL_S = 0.5
@@ -117,9 +119,45 @@ def run_scenario(path: Path | str, out_dir: Path | str, *, quiet: bool = False) 
     return _run(scenario, out, quiet)
 
 
+def serving(cluster: LocalCluster, apps: list[str]) -> bool:
+    """Every app has a primary, and its primary and warm backups report loaded."""
+    leader = cluster.leader()
+    snapshot = cluster.peers[leader].snapshot() if leader else None
+    if snapshot is None:
+        return False
+    reports = {(r["app"], r["node_id"]): r["state"] for r in snapshot.get("replica_reports", [])}
+    for app in apps:
+        replicas = snapshot.get("plan", {}).get(app, [])
+        if not any(r["role"] == "primary" for r in replicas):
+            return False
+        if any(r["role"] in ("primary", "warm") and reports.get((app, r["node_id"])) not in ("serving", "load_done")
+               for r in replicas):
+            return False
+    return True
+
+
+def _source_args(scenario: Scenario, scratch: Path) -> list[str]:
+    if not scenario.source:
+        return []
+    if scenario.source != "test-family":
+        return ["--source", scenario.source]
+    from redge.runtime.testing import write_family  # only scenarios that ask pay for torch here
+
+    directory = scratch / "source"
+    directory.mkdir(parents=True, exist_ok=True)
+    write_family(directory, formats=("onnx", "safetensors"))
+    return ["--source", str(directory)]
+
+
 def _run(scenario: Scenario, out: Path, quiet: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="redge-chaos-") as scratch:
+        return _run_in(scenario, out, quiet, Path(scratch))
+
+
+def _run_in(scenario: Scenario, out: Path, quiet: bool, scratch: Path) -> dict[str, Any]:
     errors: list[str] = []
-    cluster = LocalCluster(size=scenario.peers, profile=scenario.profile, mode=scenario.mode)
+    cluster = LocalCluster(size=scenario.peers, profile=scenario.profile, mode=scenario.mode,
+                           root=scratch / "cluster", extra_args=_source_args(scenario, scratch))
     nemesis = Nemesis(cluster, random.Random(scenario.seed))
     observer = PlanObserver(cluster)
     load = LoadGenerator(scenario.load, {}, token=ADMIN_TOKEN)
@@ -127,6 +165,10 @@ def _run(scenario: Scenario, out: Path, quiet: bool) -> dict[str, Any]:
         cluster.start(timeout_s=CLUSTER_START_S)
         cluster.wait_leader(timeout_s=30)
         register_apps(cluster, scenario.apps)
+        if scenario.apps:
+            names = [app["name"] for app in scenario.apps]
+            wait_until(lambda: serving(cluster, names), APPS_SERVING_S, interval_s=0.1,
+                       what=f"apps {names} placed and loaded")
         load.targets = {node_id: peer.url for node_id, peer in cluster.peers.items()}
         observer.start()
         started_at_ms = time.time() * 1000

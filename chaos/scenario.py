@@ -13,6 +13,9 @@ any process starts. The file format, with every key:
     mode = "loopback"             # or "netns" (root; partitions, loss, delay, bandwidth)
     duration_s = 15               # load runs this long; faults are placed on this clock
     settle_s = 10                 # after the load, time allowed for healed peers to be ready
+    source = "test-family"        # optional: the peers' --source (a model repository path or
+                                  # URL); "test-family" writes the small MLP family of
+                                  # redge.runtime.testing (mlp-large, mlp-medium, mlp-small)
 
     [[apps]]                      # registered before the load, as POST /cluster/apps
     name = "detector"
@@ -31,7 +34,7 @@ any process starts. The file format, with every key:
     at_s = 4                      # when, from the start of the load
     duration_s = 5                # heal after this long; omit to heal at the end
     kind = "crash"
-    node = "follower"             # a node id, or leader / follower / random
+    node = "follower"             # a node id, or leader / follower / random / primary:APP
 
     [expect]                      # chaos/checker.py Expectations
     lost_requests_max = 0
@@ -59,7 +62,7 @@ MODES = ("loopback", "netns")
 PEERS_MAX = 9
 DURATION_S_MAX = 600.0
 FAULTS_MAX = 64
-TOP_KEYS = {"name", "description", "seed", "profile", "peers", "mode", "duration_s", "settle_s",
+TOP_KEYS = {"name", "description", "seed", "profile", "peers", "mode", "duration_s", "settle_s", "source",
             "apps", "load", "faults", "expect"}
 APP_KEYS = {"name", "variants", "priority", "slo_ms", "backup", "request_rate_per_s"}
 RANDOM_CASCADE_KINDS = ("crash", "hang", "slow-node", "packet-loss", "delay")
@@ -86,6 +89,7 @@ class Scenario:
     mode: str = "loopback"
     duration_s: float = 15.0
     settle_s: float = 15.0
+    source: str = ""  # a model repository for the peers' --source, or "test-family"
     apps: list[dict[str, Any]] = field(default_factory=list)
     load: LoadSpec = field(default_factory=LoadSpec)
     schedule: list[ScheduledFault] = field(default_factory=list)
@@ -166,6 +170,7 @@ def parse_scenario(data: dict[str, Any], source: str = "scenario") -> Scenario:
     settle_s = float(want("settle_s", (int, float), 15.0))
     if not 0 <= settle_s <= DURATION_S_MAX:
         problems.append(f"settle_s must be in [0, {DURATION_S_MAX:.0f}]")
+    source = want("source", str, "")
     apps = want("apps", list, [])
     for index, app in enumerate(apps):
         if not isinstance(app, dict):
@@ -190,7 +195,7 @@ def parse_scenario(data: dict[str, Any], source: str = "scenario") -> Scenario:
         raise ScenarioError(f"{source}: " + "; ".join(problems))
     return Scenario(
         name=name, seed=seed, description=str(data.get("description", "")), profile=profile, peers=peers,
-        mode=mode, duration_s=duration_s, settle_s=settle_s, apps=apps, load=load, schedule=schedule,
+        mode=mode, duration_s=duration_s, settle_s=settle_s, source=source, apps=apps, load=load, schedule=schedule,
         expect=expect or Expectations(),
     )
 
@@ -263,7 +268,8 @@ def _parse_fault(raw: dict[str, Any], where: str, node_ids: list[str], rng: rand
         if key in values:
             values[key] = _resolve_random(values[key], node_ids, rng)
             named = values[key] if isinstance(values[key], tuple) else (values[key],)
-            bad = [n for n in named if n not in node_ids and n not in ("leader", "follower")]
+            bad = [n for n in named if n not in node_ids and n not in ("leader", "follower")
+                   and not str(n).startswith("primary:")]
             if bad:
                 problems.append(f"{where}: unknown node(s) {', '.join(map(str, bad))}; nodes are {', '.join(node_ids)}")
     if "groups" in values:

@@ -7,7 +7,6 @@ namespaces (skipped, with the reason, where there is no root or no nftables).
 from __future__ import annotations
 
 import pytest
-
 from redge.chaos.runner import run_scenario
 from redge.chaos.scenario import load_scenario
 
@@ -54,3 +53,16 @@ def test_partition_cuts_the_leader_off_and_the_majority_confirms_it(tmp_path):
     assert cut["kind"] == "partition" and len(cut["targets"]) == 1
     confirmed = [e["node"] for e in report["events"] if e["kind"] == "failure_confirmed"]
     assert confirmed == [cut["targets"][0]]
+
+
+def test_primary_crash_fails_over_to_the_warm_backup_with_every_metric(tmp_path):
+    """The paper's main path under inference load: every metric of DESIGN.md is measured."""
+    report = run("primary-crash", tmp_path)
+    crash = only_fault(report)
+    assert crash["detection_ms"] is not None and crash["confirmation_ms"] is not None
+    assert crash["decision_ms"] is not None and crash["plan_epoch"] is not None
+    det = crash["apps"][0]
+    assert det["app"] == "det" and det["recovered"]
+    primaries_before = {r["node_id"] for p in report["plans"] if p["observed_at_ms"] < crash["applied_at_ms"]
+                        for r in p["plan"].get("det", []) if r["role"] == "primary"}
+    assert primaries_before == {crash["targets"][0]}, "the fault hit the primary of the time"
