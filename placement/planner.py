@@ -715,6 +715,9 @@ class _Planner:
             if not new and not self.problem.restore_allowed:
                 continue
             for larger in range(index):
+                growth_bytes = app.variants[larger].memory_bytes - app.variants[index].memory_bytes
+                if growth_bytes > 0 and state.memory_room[i] < growth_bytes:
+                    continue  # the common refusal, without the full check
                 if not state.fits_at(app.name, larger, Role.PRIMARY, i, removing=(app.name,)):
                     continue
                 if not new:

@@ -126,7 +126,8 @@ def test_replanning_after_failures_is_feasible_and_then_stable(problem: Problem,
 def _fits_after_clearing(problem: Problem, plan: Plan, app_name: str) -> bool:
     """Whether `app_name` could get a primary on some node once everything
     there of lower priority (and backups of its priority or lower) were gone,
-    judged by the shared checker with the headroom taken off capacities."""
+    judged by the shared checker with the headroom taken off capacities, and
+    with storage claimed per replica as the planner does for new load."""
     keep = 1.0 - problem.settings.headroom_fraction
     strict = dataclasses.replace(
         problem,
@@ -158,7 +159,12 @@ def _fits_after_clearing(problem: Problem, plan: Plan, app_name: str) -> bool:
             and not (r.role is Role.PRIMARY and priority[r.app] < mine)
             and not (r.role is not Role.PRIMARY and priority[r.app] <= mine)
         )
+        sizes = {v.name: v.size_bytes for a in problem.apps for v in a.variants}
+        claimed_bytes = sum(sizes[r.variant] for r in others)
         for variant in app.variants:
+            # the planner claims storage per replica for new load (docs/placement.md)
+            if claimed_bytes + variant.size_bytes > node.storage_bytes * keep:
+                continue
             trial = Plan(
                 replicas=others + (Replica(app_name, node.node_id, variant.name, Role.PRIMARY),)
             )
