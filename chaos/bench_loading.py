@@ -116,61 +116,88 @@ def raw_read_ms(paths: list[Path], fresh_buffer: bool = True) -> float:
 # -- loading and inference
 
 
-def measure_artifact(directory: Path, manifest: Any, trials_warm: int, trials_cold: int, iterations: int, cold_method: str, threads: int) -> dict[str, Any]:
+def measure_loading(artifacts: list[tuple[Path, Any]], trials_warm: int, trials_cold: int, cold_method: str, threads: int) -> list[dict[str, Any]]:
+    """Load one model in each format, trial by trial, the formats interleaved in each trial.
+
+    Each trial first reads the same bytes (the floor) and then loads; in a cold trial the
+    artifact's pages are evicted before each. Interleaving the formats puts them under
+    the same background load on a shared machine.
+    """
     from redge.runtime.loader import LoadOptions, load
 
-    files = [directory / entry.path for entry in manifest.files]
     options = LoadOptions(threads=threads, verify="size")
-    result: dict[str, Any] = {
-        "model": manifest.name, "format": manifest.format, "parameter_count": manifest.parameter_count,
-        "size_bytes": manifest.size_bytes, "accuracy": manifest.accuracy, "gflops": manifest.gflops,
-    }
-    # The first load pays one-off imports and lazy initialisation: not a trial.
-    model, _ = load(directory, manifest, "cpu", options)
-    del model
+    results = []
+    for directory, manifest in artifacts:
+        results.append({
+            "model": manifest.name, "format": manifest.format, "parameter_count": manifest.parameter_count,
+            "size_bytes": manifest.size_bytes, "accuracy": manifest.accuracy, "gflops": manifest.gflops,
+        })
+        # The first load pays one-off imports and lazy initialisation: not a trial.
+        model, _ = load(directory, manifest, "cpu", options)
+        del model
     for cache, trials in (("warm", trials_warm), ("cold", trials_cold)):
         if cache == "cold" and cold_method == "none":
             continue
-        reads, reads_reused, reports = [], [], []
+        reads: list[list[float]] = [[] for _ in artifacts]
+        reads_reused: list[list[float]] = [[] for _ in artifacts]
+        reports: list[list[Any]] = [[] for _ in artifacts]
         for _ in range(trials):
-            if cache == "cold":
-                evict(files, cold_method)
-            else:
-                raw_read_ms(files)
-            reads.append(raw_read_ms(files))
-            if cache == "cold":
-                evict(files, cold_method)
-            reads_reused.append(raw_read_ms(files, fresh_buffer=False))
-            if cache == "cold":
-                evict(files, cold_method)
-            model, report = load(directory, manifest, "cpu", options)
-            reports.append(report)
-            del model
-            gc.collect()
-        phases = {
-            phase: summary([getattr(r, f"{phase}_ms") for r in reports])
-            for phase in ("verify", "read", "deserialize", "to_device", "warmup", "total")
-        }
-        ready = [r.total_ms - r.warmup_ms for r in reports]
-        result[cache] = {
-            "raw_read_ms": summary(reads),
-            "raw_read_reused_buffer_ms": summary(reads_reused),
-            "phases_ms": phases,
-            "ready_ms": summary(ready),  # loaded, before the warm-up inference
-            "ready_over_read": statistics.median(ready) / max(statistics.median(reads), 1e-6),
-            "total_over_read": statistics.median([r.total_ms for r in reports]) / max(statistics.median(reads), 1e-6),
-        }
-    model, _ = load(directory, manifest, "cpu", options)
-    example = {spec.name: np.random.default_rng(0).standard_normal(spec.example(1).shape).astype(spec.numpy_dtype) for spec in manifest.inputs}
-    latencies = []
+            for index, (directory, manifest) in enumerate(artifacts):
+                files = [directory / entry.path for entry in manifest.files]
+                if cache == "cold":
+                    evict(files, cold_method)
+                else:
+                    raw_read_ms(files)
+                reads[index].append(raw_read_ms(files))
+                if cache == "cold":
+                    evict(files, cold_method)
+                reads_reused[index].append(raw_read_ms(files, fresh_buffer=False))
+                if cache == "cold":
+                    evict(files, cold_method)
+                model, report = load(directory, manifest, "cpu", options)
+                reports[index].append(report)
+                del model
+                gc.collect()
+        for index, result in enumerate(results):
+            phases = {
+                phase: summary([getattr(r, f"{phase}_ms") for r in reports[index]])
+                for phase in ("verify", "read", "deserialize", "to_device", "warmup", "total")
+            }
+            ready = [r.total_ms - r.warmup_ms for r in reports[index]]
+            read_p50 = max(statistics.median(reads[index]), 1e-6)
+            result[cache] = {
+                "raw_read_ms": summary(reads[index]),
+                "raw_read_reused_buffer_ms": summary(reads_reused[index]),
+                "phases_ms": phases,
+                "ready_ms": summary(ready),  # loaded, before the warm-up inference
+                "ready_over_read": statistics.median(ready) / read_p50,
+                "total_over_read": statistics.median([r.total_ms for r in reports[index]]) / read_p50,
+            }
+    return results
+
+
+def measure_inference(artifacts: list[tuple[Path, Any]], iterations: int, threads: int) -> dict[str, dict[str, float]]:
+    """Steady batch-1 latency of one model in each format, interleaved round-robin.
+
+    The machines are shared and noisy: interleaving puts every backend under the same
+    background load, so their ratio means something even when absolute times wander.
+    """
+    from redge.runtime.loader import LoadOptions, load
+
+    options = LoadOptions(threads=threads, verify="size")
+    models = {manifest.format: load(directory, manifest, "cpu", options)[0] for directory, manifest in artifacts}
+    manifest = artifacts[0][1]
+    rng = np.random.default_rng(0)
+    example = {spec.name: rng.standard_normal(spec.example(1).shape).astype(spec.numpy_dtype) for spec in manifest.inputs}
+    latencies: dict[str, list[float]] = {format_name: [] for format_name in models}
     for _ in range(iterations):
-        started = time.perf_counter()
-        model.infer(example)
-        latencies.append((time.perf_counter() - started) * 1000)
-    result["inference_ms"] = summary(latencies)
-    del model
+        for format_name, model in models.items():
+            started = time.perf_counter()
+            model.infer(example)
+            latencies[format_name].append((time.perf_counter() - started) * 1000)
+    del models
     gc.collect()
-    return result
+    return {format_name: summary(values) for format_name, values in latencies.items()}
 
 
 # -- event loop stalls and promotion
@@ -385,16 +412,21 @@ def main(argv: list[str] | None = None) -> int:
 
     artifacts = []
     for model in models:
+        model_artifacts: list[tuple[Path, Any]] = []
         for format_name in formats:
             directory = arguments.zoo_dir / model / f"1-{format_name}"
-            if not (directory / "manifest.json").is_file():
-                continue
-            manifest = Manifest.read(directory)
-            result = measure_artifact(directory, manifest, trials_warm, trials_cold, iterations, cold_method, arguments.threads)
+            if (directory / "manifest.json").is_file():
+                model_artifacts.append((directory, Manifest.read(directory)))
+        if not model_artifacts:
+            continue
+        model_results = measure_loading(model_artifacts, trials_warm, trials_cold, cold_method, arguments.threads)
+        inference = measure_inference(model_artifacts, iterations, arguments.threads)
+        for result in model_results:
+            result["inference_ms"] = inference[result["format"]]
             artifacts.append(result)
             cold = result.get("cold", {})
             print(
-                f"  {model:20s} {format_name:12s} warm {result['warm']['phases_ms']['total']['p50']:8.1f} ms "
+                f"  {model:20s} {result['format']:12s} warm {result['warm']['phases_ms']['total']['p50']:8.1f} ms "
                 f"(read floor {result['warm']['raw_read_ms']['p50']:6.1f})"
                 + (f"  cold {cold['phases_ms']['total']['p50']:8.1f} ms (floor {cold['raw_read_ms']['p50']:6.1f})" if cold else "")
                 + f"  infer {result['inference_ms']['p50']:7.2f} ms",

@@ -43,6 +43,7 @@ import numpy as np
 import structlog
 
 from redge.runtime.errors import (
+    ArtifactNotFound,
     DeadlineExceeded,
     HostBusy,
     HostClosed,
@@ -396,7 +397,11 @@ class ModelHost:
         """Load an artifact under `key` (idempotent for the same artifact) in `role`."""
         assert role in ROLES, role
         directory = Path(artifact_dir)
-        manifest = manifest if manifest is not None else Manifest.read(directory)
+        if manifest is None:
+            try:
+                manifest = Manifest.read(directory)
+            except FileNotFoundError:
+                raise ArtifactNotFound(directory.parent.name, directory.name, str(directory)) from None
         state = self._models.get(key)
         if state is not None and (state.name, state.version) == manifest.key:
             if role == "serving":

@@ -191,7 +191,11 @@ def load(
     if not directory.is_dir():
         name, version = (manifest.name, manifest.version) if manifest else (directory.parent.name, directory.name)
         raise ArtifactNotFound(name, version, str(directory))
-    manifest = manifest if manifest is not None else Manifest.read(directory)
+    if manifest is None:
+        try:
+            manifest = Manifest.read(directory)
+        except FileNotFoundError:
+            raise ArtifactNotFound(directory.parent.name, directory.name, str(directory)) from None
     options = options or LoadOptions()
     check_format(manifest.format)
     backend = BACKENDS[manifest.format]

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from redge.runtime import errors
@@ -61,6 +61,7 @@ def manifests(draw: st.DrawFn) -> Manifest:
     )
 
 
+@settings(deadline=None, max_examples=100)
 @given(manifests())
 def test_manifest_round_trips_through_json(manifest: Manifest) -> None:
     assert Manifest.from_json(manifest.to_json()) == manifest

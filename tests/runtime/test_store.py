@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from redge.runtime import errors
@@ -106,6 +106,7 @@ artifact = st.builds(
 )
 
 
+@settings(deadline=None, max_examples=100)
 @given(
     artifacts=st.lists(artifact, max_size=12, unique_by=lambda a: a.key),
     needed_bytes=st.integers(0, 3000),
