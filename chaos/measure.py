@@ -272,17 +272,23 @@ def overhead(operations: Sequence[Operation], faults: Sequence[FaultRecord],
     return result
 
 
-def distributions(measurements: Sequence[FaultMeasurement]) -> dict[str, dict[str, float | int]]:
-    """p50 / p99 / max of each metric over the faults of a run (or of many runs)."""
+def _field(record: Any, name: str) -> Any:
+    return record[name] if isinstance(record, dict) else getattr(record, name)
+
+
+def distributions(measurements: Sequence[FaultMeasurement | dict[str, Any]]) -> dict[str, dict[str, float | int]]:
+    """p50 / p99 / max of each metric over the faults of a run, or of many runs' saved reports
+    (measurements as objects or as the dicts in report.json)."""
     values: dict[str, list[float]] = {"detection_ms": [], "confirmation_ms": [], "decision_ms": [],
                                       "loading_ms": [], "reconfiguration_ms": [], "mttr_ms": [], "outage_ms": []}
     for m in measurements:
         for name in ("detection_ms", "confirmation_ms", "decision_ms"):
-            if getattr(m, name) is not None:
-                values[name].append(getattr(m, name))
-        values["loading_ms"] += [load.loading_ms for load in m.loading if load.loading_ms is not None]
-        for app in m.apps:
+            if _field(m, name) is not None:
+                values[name].append(_field(m, name))
+        values["loading_ms"] += [_field(load, "loading_ms") for load in _field(m, "loading")
+                                 if _field(load, "loading_ms") is not None]
+        for app in _field(m, "apps"):
             for name in ("reconfiguration_ms", "mttr_ms", "outage_ms"):
-                if getattr(app, name) is not None:
-                    values[name].append(getattr(app, name))
+                if _field(app, name) is not None:
+                    values[name].append(_field(app, name))
     return {name: summary(vals) for name, vals in values.items()}

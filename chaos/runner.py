@@ -30,7 +30,7 @@ from redge.chaos.cluster import ADMIN_TOKEN, ClusterError, LocalCluster, http_js
 from redge.chaos.faults import FaultUnavailable, Nemesis
 from redge.chaos.load import LoadGenerator
 from redge.chaos.measure import distributions, measure, overhead, response_times
-from redge.chaos.scenario import Scenario, load_scenario
+from redge.chaos.scenario import Scenario, load_scenario, load_scenario_with_seed
 
 CLUSTER_START_S = 90.0
 APP_REGISTER_S = 20.0
@@ -39,6 +39,7 @@ EVENTS_PAGES_MAX = 50
 EVENTS_PAGE = 2000
 PLAN_OBSERVATION_INTERVAL_S = 0.5
 PLAN_OBSERVATIONS_MAX = 5000
+REPEAT_MAX = 100
 
 
 class ScenarioUnavailable(Exception):
@@ -107,10 +108,14 @@ def register_apps(cluster: LocalCluster, apps: list[dict[str, Any]]) -> None:
         wait_until(registered, APP_REGISTER_S, interval_s=0.2, what=f"app {app.get('name')} registered")
 
 
-def run_scenario(path: Path | str, out_dir: Path | str, *, quiet: bool = False) -> dict[str, Any]:
+def run_scenario(path: Path | str, out_dir: Path | str, *, quiet: bool = False,
+                 seed: int | None = None) -> dict[str, Any]:
     """Run the scenario file at `path`, write report.json, history.jsonl and timeline.png to
-    `out_dir`, print the tables unless `quiet`, and return the report (a JSON-able dict)."""
+    `out_dir`, print the tables unless `quiet`, and return the report (a JSON-able dict).
+    `seed` replaces the file's seed (and so every random choice of the run)."""
     scenario = load_scenario(path)
+    if seed is not None:
+        scenario = load_scenario_with_seed(path, seed)
     reason = scenario.unavailable_reason()
     if reason:
         raise ScenarioUnavailable(f"{scenario.name}: {reason}")
@@ -247,16 +252,44 @@ def _execute(scenario: Scenario, nemesis: Nemesis, started: float) -> list[str]:
     return errors
 
 
+def run_repeated(path: Path | str, out_dir: Path, runs: int, first_seed: int, quiet: bool = False) -> dict[str, Any]:
+    """`runs` runs with consecutive seeds into out_dir/seed-N/, and summary.json over all of them:
+    the metrics as distributions (p50, p99, max), as DESIGN.md asks, and every run's verdict."""
+    reports = []
+    for seed in range(first_seed, first_seed + runs):
+        reports.append(run_scenario(path, out_dir / f"seed-{seed}", quiet=quiet, seed=seed))
+    measurements = [m for report in reports for m in report["measurements"]]
+    summary = {
+        "scenario": reports[0]["scenario"]["name"],
+        "runs": [{"seed": r["scenario"]["seed"], "valid": r["check"]["valid"], "counts": r["check"]["counts"],
+                  "violations": [v["invariant"] for v in r["check"]["violations"]]} for r in reports],
+        "distributions": distributions(measurements),
+        "check": {"valid": all(r["check"]["valid"] for r in reports)},
+    }
+    report_module.write_json(summary, out_dir / "summary.json")
+    if not quiet:
+        print(f"{sum(r['valid'] for r in summary['runs'])} of {runs} runs valid; wrote {out_dir / 'summary.json'}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="redge chaos run", description="Run a chaos scenario and check it.")
     parser.add_argument("scenario", help="a scenario TOML file, or the name of a shipped one (crash, leader-kill, ...)")
     parser.add_argument("--out", type=Path, default=None, help="where to write the report (default results/chaos/NAME)")
     parser.add_argument("--quiet", action="store_true", help="do not print the tables")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run N times with seeds SEED, SEED+1, ... and summarise the metrics over all runs")
     args = parser.parse_args(argv)
+    if not 1 <= args.repeat <= REPEAT_MAX:
+        parser.error(f"--repeat must be 1..{REPEAT_MAX}")
     try:
         scenario = load_scenario(args.scenario)
         out = args.out or Path("results/chaos") / scenario.name
-        report = run_scenario(scenario.path or args.scenario, out, quiet=args.quiet)
+        path = scenario.path or args.scenario
+        if args.repeat == 1:
+            report = run_scenario(path, out, quiet=args.quiet)
+        else:
+            report = run_repeated(path, out, args.repeat, scenario.seed, quiet=args.quiet)
     except ScenarioUnavailable as error:
         print(f"redge chaos run: cannot run here: {error}", file=sys.stderr)
         return 3

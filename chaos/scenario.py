@@ -139,6 +139,17 @@ def load_scenario(path: Path | str) -> Scenario:
     return scenario
 
 
+def load_scenario_with_seed(path: Path | str, seed: int) -> Scenario:
+    """The scenario at `path` as if its file said `seed = SEED` (random choices drawn again)."""
+    scenario = load_scenario(path)
+    assert scenario.path is not None
+    data = tomllib.loads(scenario.path.read_text())
+    data["seed"] = seed
+    reseeded = parse_scenario(data, source=str(scenario.path))
+    reseeded.path = scenario.path
+    return reseeded
+
+
 def parse_scenario(data: dict[str, Any], source: str = "scenario") -> Scenario:
     problems: list[str] = []
 

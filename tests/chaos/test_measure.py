@@ -152,3 +152,8 @@ def test_measurement_does_not_depend_on_record_order(operations, applied_at):
     forward = measure(operations, [crash], EVENTS)
     backward = measure(list(reversed(operations)), [crash], list(reversed(EVENTS)))
     assert forward == backward
+
+
+def test_distributions_read_saved_reports_too():
+    measured = measure([op(1000, "fail", latency_ms=5), op(1030, node="n2")], [fault(1000)], EVENTS)
+    assert distributions([m.to_dict() for m in measured]) == distributions(measured)

@@ -105,3 +105,12 @@ def test_the_same_seed_gives_the_same_schedule(seed):
 
 def test_different_seeds_give_different_schedules():
     assert len({repr(random_schedule(seed)) for seed in range(20)}) > 10
+
+
+def test_a_seed_override_redraws_the_random_choices():
+    from redge.chaos.scenario import load_scenario_with_seed
+
+    shipped = load_scenario("random-cascade")
+    assert load_scenario_with_seed("random-cascade", shipped.seed).timeline() == shipped.timeline()
+    redrawn = {repr(load_scenario_with_seed("random-cascade", seed).timeline()) for seed in range(10)}
+    assert len(redrawn) > 5
