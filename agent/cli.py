@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--token-file", type=Path, help="admin token file (else REDGE_ADMIN_TOKEN)")
         sub.add_argument("--json", action="store_true")
 
+    fetch = commands.add_parser("fetch", help="copy an artifact into a model store, with progress and hash checks")
+    fetch.add_argument("name")
+    fetch.add_argument("version")
+    fetch.add_argument("--source", required=True, help="a peer's URL (http://HOST:PORT) or a repository directory")
+    fetch.add_argument("--store", required=True, type=Path, help="the model store directory")
+    fetch.add_argument("--storage-budget-bytes", type=int, default=10 * 1024**3)
+
     zoo = commands.add_parser("zoo", help="export torchvision model families as redge artifacts")
     zoo.add_argument("zoo_command", choices=["export"], help="export: see `redge zoo export --help`")
     zoo.add_argument("zoo_args", nargs=argparse.REMAINDER)
@@ -105,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
             _events(args)
         elif args.command == "apps":
             _apps(args)
+        elif args.command == "fetch":
+            _fetch(args)
         elif args.command == "demo":
             from redge.chaos.demo import run_demo
 
@@ -247,6 +256,30 @@ def _events(args: argparse.Namespace) -> None:
         stamp = time.strftime("%H:%M:%S", time.gmtime(event["at_ms"] / 1000)) + f".{event['at_ms'] % 1000:03d}"
         table.add_row(str(event["seq"]), stamp, event["kind"], details)
     Console().print(table)
+
+
+def _fetch(args: argparse.Namespace) -> None:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from redge.runtime.errors import RuntimeFailure
+    from redge.runtime.fetch import fetch_artifact
+    from redge.runtime.store import Store
+
+    store = Store(args.store, args.storage_budget_bytes)
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, transient=False) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(step: Any) -> None:
+            if step.file not in tasks:
+                tasks[step.file] = progress.add_task(f"{args.name}/{args.version} {step.file}", total=step.bytes_total)
+            progress.update(tasks[step.file], completed=step.bytes_done)
+
+        try:
+            manifest = asyncio.run(fetch_artifact(args.source, args.name, args.version, store, progress=on_progress))
+        except RuntimeFailure as error:
+            raise AgentError(str(error)) from None
+    print(f"{manifest.name}/{manifest.version}: {manifest.size_bytes} bytes, sha256 checked, in {args.store}")
 
 
 def _apps(args: argparse.Namespace) -> None:
