@@ -157,9 +157,8 @@ class _State:
         for app in problem.apps:
             self.first_row[app.name] = len(latency_rows)
             for variant in app.variants:
-                latency_rows.append(
-                    [np.nan if (ms := variant.latency_ms(k)) is None else ms for k in self.kinds]
-                )
+                by_device = dict(variant.latency_ms_by_device)
+                latency_rows.append([by_device.get(k, np.nan) for k in self.kinds])
                 slo_rows.append(app.slo_ms)
                 rate_rows.append(app.request_rate_per_s)
         by_kind = np.array(latency_rows, dtype=float).reshape(len(latency_rows), len(self.kinds))
