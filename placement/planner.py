@@ -606,7 +606,10 @@ class _Planner:
             # growing in place later has room (growth never moves a replica:
             # moving would free room that an app shed earlier could have used,
             # and planning again would then change the plan).
-            for larger in range(0 if state.packing else index):
+            # (When spreading without a node that holds the artifact, the node
+            # with most room is chosen anyway, and it is roomy if any is.)
+            holders = state.holders.get(app.variants[index].name)
+            for larger in range(index if holders and not state.packing else 0):
                 roomy = mask & (state.memory_room >= app.variants[larger].memory_bytes)
                 if roomy.any():
                     mask = roomy
