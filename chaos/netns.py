@@ -280,6 +280,10 @@ class Portal:
 
     def close(self) -> None:
         self._closing.set()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
+        except OSError:
+            pass
         self._listener.close()
         with self._open_lock:
             for sock in list(self._open):

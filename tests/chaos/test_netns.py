@@ -118,3 +118,51 @@ def test_total_packet_loss_blocks_and_heals(network):
     assert not connects(network, "n1", "n2") and not connects(network, "client", "n2")
     nemesis.heal(loss)
     assert connects(network, "n1", "n2")
+
+
+@dataclass
+class PortsOnly:
+    http_port: int = PORT
+    raft_port: int = 9100
+    heartbeat_port: int = 7100
+
+
+def get_time_s(network: NetnsNetwork, source: str, target: str) -> float:
+    """Seconds one HTTP GET from `source` to `target`'s server takes (measured inside `source`)."""
+    code = ("import time, urllib.request; t = time.monotonic(); "
+            f"urllib.request.urlopen('http://{network.address(target)}:{PORT}/', timeout=5).read(); "
+            "print(time.monotonic() - t)")
+    completed = subprocess.run([*network.exec_prefix(source), sys.executable, "-c", code], capture_output=True,
+                               text=True, timeout=20, check=True)
+    return float(completed.stdout)
+
+
+def test_delay_slows_what_a_node_receives_and_heals(network):
+    from redge.chaos.faults import Delay
+
+    nemesis = Nemesis(NetworkOnlyCluster(network, peers={n: PortsOnly() for n in network.node_ids}),
+                      random.Random(0))
+    delay = Delay(("n2",), ms=200, jitter_ms=0)
+    assert get_time_s(network, "n1", "n2") < 0.15
+    nemesis.apply(delay)
+    assert get_time_s(network, "n1", "n2") >= 0.2
+    assert get_time_s(network, "n1", "n3") < 0.15, "only n2 is delayed"
+    nemesis.heal(delay)
+    assert nemesis.close() == []
+    assert get_time_s(network, "n1", "n2") < 0.15
+
+
+def test_bandwidth_installs_and_removes_a_token_bucket(network):
+    from redge.chaos.faults import Bandwidth
+
+    def qdiscs() -> str:
+        return subprocess.run([*network.exec_prefix("n2"), "tc", "qdisc", "show", "dev", "eth0"],
+                              capture_output=True, text=True, timeout=10, check=True).stdout
+
+    nemesis = Nemesis(NetworkOnlyCluster(network, peers={n: None for n in network.node_ids}), random.Random(0))
+    limit = Bandwidth("n2", rate_mbit=2.0)
+    nemesis.apply(limit)
+    assert "tbf" in qdiscs() and "2Mbit" in qdiscs()
+    nemesis.heal(limit)
+    nemesis.heal(limit)
+    assert "tbf" not in qdiscs()
