@@ -20,7 +20,8 @@ from redge.chaos.history import FAIL, INFO, OK, Operation
 
 TIMELINE_EVENT_KINDS = (
     "suspicion", "failure_confirmed", "plan_committed", "load_started", "load_done", "serving", "load_failed",
-    "member_recovered", "member_rejoined", "member_cleared", "suspicion_withdrawn",
+    "member_recovered", "member_rejoined", "member_cleared", "suspicion_withdrawn", "member_degraded",
+    "member_restored",
 )
 TIMELINE_ROWS_MAX = 200
 
