@@ -20,7 +20,9 @@ Per fault (DESIGN.md, "Metrics"):
 | outage_ms | fault applied | the longest stretch with no ok answer for the app |
 
 A fault's window ends when the next fault touching one of its nodes is applied (or at the
-end of the run), so a later fault's events are not charged to an earlier one. A metric that
+end of the run), so a later fault's events are not charged to an earlier one; and while
+faults overlap (a cascade), a request that failed at a node only another fault touched is
+charged to that other fault. A metric that
 did not happen is None, never zero: "not detected" and "detected at once" differ.
 """
 
@@ -145,15 +147,19 @@ def served_by(operation: Operation) -> str:
 
 
 def app_recovery(operations: Sequence[Operation], app: str, fault: FaultRecord, window_end_ms: float,
-                 plan_at_ms: float | None) -> AppRecovery:
-    """How the clients of `app` lived through `fault`, from their own records."""
+                 plan_at_ms: float | None, foreign: frozenset[str] = frozenset()) -> AppRecovery:
+    """How the clients of `app` lived through `fault`, from their own records.
+
+    `foreign` are nodes that other, overlapping faults touched (and this one did not): a
+    request sent to one of them that failed is charged to that fault, not to this one.
+    """
     applied = fault.applied_at_ms
     touched = set(fault.targets)
     window = sorted(
         (o for o in operations if o.app == app and o.end_ms >= applied and o.start_ms < window_end_ms),
         key=lambda o: (o.end_ms, o.index),
     )
-    bad = [o for o in window if o.outcome != OK]
+    bad = [o for o in window if o.outcome != OK and o.target not in foreign]
     first_error_ms = bad[0].end_ms if bad else None
     starts = [t for t in (first_error_ms, plan_at_ms) if t is not None]
     reconfiguration_ms = None
@@ -168,7 +174,7 @@ def app_recovery(operations: Sequence[Operation], app: str, fault: FaultRecord, 
     recovered = True
     for client in disrupted:
         mine = [o for o in window if o.client == client]
-        first_bad = next(o for o in mine if o.outcome != OK)
+        first_bad = next(o for o in mine if o.outcome != OK and o.target not in foreign)
         good = next((o for o in mine if o.outcome == OK and o.end_ms >= first_bad.end_ms
                      and served_by(o) not in touched), None)
         if good is None:
@@ -187,8 +193,8 @@ def app_recovery(operations: Sequence[Operation], app: str, fault: FaultRecord, 
     return AppRecovery(
         app=app,
         operations=len(window),
-        failed=sum(1 for o in window if o.outcome == "fail"),
-        unknown=sum(1 for o in window if o.outcome == "info"),
+        failed=sum(1 for o in bad if o.outcome == "fail"),
+        unknown=sum(1 for o in bad if o.outcome == "info"),
         disrupted_clients=len(disrupted),
         reconfiguration_ms=reconfiguration_ms,
         mttr_ms=mttr_ms,
@@ -198,7 +204,7 @@ def app_recovery(operations: Sequence[Operation], app: str, fault: FaultRecord, 
 
 
 def measure_fault(fault: FaultRecord, operations: Sequence[Operation], events: Sequence[dict[str, Any]],
-                  window_end_ms: float = INFINITY_MS) -> FaultMeasurement:
+                  window_end_ms: float = INFINITY_MS, foreign: frozenset[str] = frozenset()) -> FaultMeasurement:
     applied = fault.applied_at_ms
     targets = list(fault.targets)
     suspicion = first_event(events, "suspicion", applied, window_end_ms, targets)
@@ -216,7 +222,7 @@ def measure_fault(fault: FaultRecord, operations: Sequence[Operation], events: S
             "plan_committed", applied, window_end_ms,
         )
         recoveries.append(app_recovery(operations, app, fault, window_end_ms,
-                                       app_plan["at_ms"] if app_plan else None))
+                                       app_plan["at_ms"] if app_plan else None, foreign))
     charged = tuple(
         e for e in ordered(events)
         if applied <= e["at_ms"] < window_end_ms
@@ -240,8 +246,20 @@ def measure(operations: Sequence[Operation], faults: Sequence[FaultRecord],
             events: Sequence[dict[str, Any]]) -> list[FaultMeasurement]:
     """One measurement per injected fault, in the order they were applied."""
     windows = fault_windows(faults)
-    return [measure_fault(f, operations, events, windows[f.fault_id])
+    return [measure_fault(f, operations, events, windows[f.fault_id], overlapping_nodes(f, faults, windows[f.fault_id]))
             for f in sorted(faults, key=lambda f: (f.applied_at_ms, f.fault_id))]
+
+
+def overlapping_nodes(fault: FaultRecord, faults: Sequence[FaultRecord], window_end_ms: float) -> frozenset[str]:
+    """Nodes that other faults active during `fault`'s window touched, and `fault` did not."""
+    nodes: set[str] = set()
+    for other in faults:
+        if other.fault_id == fault.fault_id:
+            continue
+        other_end = other.healed_at_ms if other.healed_at_ms is not None else INFINITY_MS
+        if other.applied_at_ms < window_end_ms and other_end > fault.applied_at_ms:
+            nodes.update(other.targets)
+    return frozenset(nodes - set(fault.targets))
 
 
 def response_times(operations: Sequence[Operation], start_ms: float) -> dict[str, list[tuple[float, float, str]]]:

@@ -15,6 +15,7 @@ on the way out, also on an exception or Ctrl-C. `redge chaos run SCENARIO [--out
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import tempfile
@@ -25,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from redge.chaos import report as report_module
-from redge.chaos.checker import check
+from redge.chaos.checker import Expectations, check
 from redge.chaos.cluster import ADMIN_TOKEN, ClusterError, LocalCluster, http_json, wait_until
-from redge.chaos.faults import FaultUnavailable, Nemesis
+from redge.chaos.faults import FaultRecord, FaultUnavailable, Nemesis
+from redge.chaos.history import History, Operation
 from redge.chaos.load import LoadGenerator
 from redge.chaos.measure import distributions, measure, overhead, response_times
 from redge.chaos.scenario import Scenario, load_scenario, load_scenario_with_seed
@@ -154,6 +156,38 @@ def _source_args(scenario: Scenario, scratch: Path) -> list[str]:
     return ["--source", str(directory)]
 
 
+def analyse(report: dict[str, Any], operations: list[Operation], faults: list[FaultRecord],
+            expect: Expectations) -> dict[str, Any]:
+    """Fill in the report's measurements, check and timeline from the run's records (pure)."""
+    measurements = measure(operations, faults, report["events"])
+    result = check(operations, faults, report["events"], report["plans"], expect, measurements)
+    report.update(
+        faults=[record.to_dict() for record in faults],
+        measurements=[m.to_dict() for m in measurements],
+        distributions=distributions(measurements),
+        overhead=overhead(operations, faults),
+        check=result.to_dict(),
+        response_times=response_times(operations, report["started_at_ms"]),
+    )
+    report["timeline"] = report_module.timeline(report)
+    return report
+
+
+def recheck(out_dir: Path | str, *, quiet: bool = False) -> dict[str, Any]:
+    """Measure and check a saved run again (after a change to measure.py or checker.py),
+    from its report.json and history.jsonl; rewrites both files' derived parts and the plot."""
+    out = Path(out_dir)
+    report = json.loads((out / "report.json").read_text())
+    operations = list(History.read_jsonl(out / "history.jsonl"))
+    faults = [FaultRecord.from_dict(f) for f in report["faults"]]
+    analyse(report, operations, faults, Expectations(**report["scenario"]["expect"]))
+    report_module.write_json(report, out / "report.json")
+    report_module.plot(report, operations, out / "timeline.png")
+    if not quiet:
+        report_module.print_tables(report)
+    return report
+
+
 def _run(scenario: Scenario, out: Path, quiet: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="redge-chaos-") as scratch:
         return _run_in(scenario, out, quiet, Path(scratch))
@@ -196,8 +230,6 @@ def _run_in(scenario: Scenario, out: Path, quiet: bool, scratch: Path) -> dict[s
         errors += nemesis.close()
         cluster.stop()
     operations = list(history)
-    measurements = measure(operations, nemesis.records, events)
-    result = check(operations, nemesis.records, events, observer.observations, scenario.expect, measurements)
     report: dict[str, Any] = {
         "scenario": {
             "name": scenario.name, "seed": scenario.seed, "description": scenario.description,
@@ -207,19 +239,13 @@ def _run_in(scenario: Scenario, out: Path, quiet: bool, scratch: Path) -> dict[s
         },
         "started_at_ms": started_at_ms,
         "ended_at_ms": ended_at_ms,
-        "faults": [record.to_dict() for record in nemesis.records],
-        "measurements": [m.to_dict() for m in measurements],
-        "distributions": distributions(measurements),
-        "overhead": overhead(operations, nemesis.records),
-        "check": result.to_dict(),
         "history_dropped": history.dropped,
         "errors": errors,
         "events": events,
         "plans": observer.observations,
-        "response_times": response_times(operations, started_at_ms),
         "files": {"history": "history.jsonl", "plot": "timeline.png", "report": "report.json"},
     }
-    report["timeline"] = report_module.timeline(report)
+    analyse(report, operations, nemesis.records, scenario.expect)
     history.write_jsonl(out / "history.jsonl")
     report_module.write_json(report, out / "report.json")
     report_module.plot(report, operations, out / "timeline.png")
@@ -274,7 +300,10 @@ def run_repeated(path: Path | str, out_dir: Path, runs: int, first_seed: int, qu
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="redge chaos run", description="Run a chaos scenario and check it.")
-    parser.add_argument("scenario", help="a scenario TOML file, or the name of a shipped one (crash, leader-kill, ...)")
+    parser.add_argument("scenario", nargs="?",
+                        help="a scenario TOML file, or the name of a shipped one (crash, leader-kill, ...)")
+    parser.add_argument("--recheck", type=Path, metavar="DIR",
+                        help="measure and check a saved run in DIR again instead of running anything")
     parser.add_argument("--out", type=Path, default=None, help="where to write the report (default results/chaos/NAME)")
     parser.add_argument("--quiet", action="store_true", help="do not print the tables")
     parser.add_argument("--repeat", type=int, default=1,
@@ -282,7 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.repeat <= REPEAT_MAX:
         parser.error(f"--repeat must be 1..{REPEAT_MAX}")
+    if (args.scenario is None) == (args.recheck is None):
+        parser.error("give a scenario to run, or --recheck DIR")
     try:
+        if args.recheck is not None:
+            return 0 if recheck(args.recheck, quiet=args.quiet)["check"]["valid"] else 1
         scenario = load_scenario(args.scenario)
         out = args.out or Path("results/chaos") / scenario.name
         path = scenario.path or args.scenario

@@ -157,3 +157,15 @@ def test_measurement_does_not_depend_on_record_order(operations, applied_at):
 def test_distributions_read_saved_reports_too():
     measured = measure([op(1000, "fail", latency_ms=5), op(1030, node="n2")], [fault(1000)], EVENTS)
     assert distributions([m.to_dict() for m in measured]) == distributions(measured)
+
+
+def test_overlapping_faults_are_charged_for_their_own_nodes_only():
+    crash_n1 = fault(1000, ("n1",), fault_id=1, healed_at_ms=5000)
+    hang_n3 = fault(2000, ("n3",), kind="hang", fault_id=2, healed_at_ms=5000)
+    operations = [
+        op(1000, "fail", client=0, target="n1", node=None, latency_ms=5), op(1010, client=0, node="n2"),
+        op(2000, "info", client=1, target="n3", node=None, latency_ms=2000), op(4000, client=1, node="n2"),
+    ]
+    crash, hang = measure(operations, [crash_n1, hang_n3], [])
+    assert (crash.apps[0].disrupted_clients, crash.apps[0].mttr_ms, crash.apps[0].unknown) == (1, 20, 0)
+    assert (hang.apps[0].disrupted_clients, hang.apps[0].mttr_ms, hang.apps[0].failed) == (1, 2010, 0)
