@@ -1,0 +1,111 @@
+"""Failure detection on real peers: each fault with the verdict the cluster must reach.
+
+A crash is confirmed by two observers; a hung process is confirmed and, once it runs again,
+refutes the verdict with a higher incarnation; one observer that stops hearing a node (a
+one-way partition, made with an nftables rule on loopback) suspects it, and the cluster does
+not confirm anything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from redge.chaos.cluster import LocalCluster, http_json, wait_until
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+def cluster():
+    with LocalCluster(size=3) as running:
+        running.wait_leader()
+        yield running
+
+
+def events(cluster: LocalCluster, via: str, since_ms: float = 0) -> list[dict]:
+    status, body = http_json("GET", cluster.peers[via].url + "/cluster/events?limit=2000", timeout_s=5)
+    assert status == 200
+    return [e for e in body["events"] if e["at_ms"] >= since_ms]
+
+
+def member(cluster: LocalCluster, via: str, node_id: str) -> dict:
+    return next(m for m in cluster.peers[via].snapshot()["members"] if m["node_id"] == node_id)
+
+
+def test_crash_is_confirmed_by_two_observers(cluster):
+    fault_ms = time.time() * 1000
+    cluster.peers["n3"].kill()
+    confirmed = wait_until(
+        lambda: [e for e in events(cluster, "n1", fault_ms) if e["kind"] == "failure_confirmed" and e["node"] == "n3"],
+        5, interval_s=0.02, what="n3 confirmed failed",
+    )[0]
+    assert confirmed["observers"] == ["n1", "n2"]
+    assert confirmed["at_ms"] - fault_ms < 2000
+    reasons = {e["reason"] for e in events(cluster, "n1", fault_ms) if e["kind"] == "suspicion" and e["node"] == "n3"}
+    assert reasons <= {"unreachable", "phi", "silent"} and reasons
+    assert member(cluster, "n2", "n3")["status"] == "failed"
+
+
+def test_hung_process_is_confirmed_then_refutes_with_a_higher_incarnation(cluster):
+    incarnation = member(cluster, "n1", "n3")["incarnation"]
+    fault_ms = time.time() * 1000
+    cluster.peers["n3"].signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: member(cluster, "n1", "n3")["status"] == "failed", 5, interval_s=0.02, what="n3 failed")
+        phi = [e for e in events(cluster, "n1", fault_ms) if e["kind"] == "suspicion" and e["node"] == "n3"]
+        assert {e["reason"] for e in phi} <= {"phi", "silent"}  # the process is there: no ICMP refusal
+    finally:
+        cluster.peers["n3"].signal(signal.SIGCONT)
+    back = wait_until(
+        lambda: (m := member(cluster, "n1", "n3"))["status"] == "alive" and m, 10, interval_s=0.02, what="n3 back"
+    )
+    assert back["incarnation"] > incarnation
+    assert back["hold_down_until_ms"] > time.time() * 1000 - 1000
+    assert any(e["kind"] == "member_recovered" and e["node"] == "n3" for e in events(cluster, "n1", fault_ms))
+
+
+TABLE = "redge_test_one_way"
+
+
+def _nft_available() -> bool:
+    return os.geteuid() == 0 and shutil.which("nft") is not None
+
+
+@pytest.mark.skipif(not _nft_available(), reason="needs root and nftables to drop packets on loopback")
+def test_one_observer_losing_a_node_cannot_fail_it(cluster):
+    observer = cluster.peers["n1"]
+    # Drop only n3's heartbeats to n1, in the kernel: a one-way loss on one link. Heartbeats
+    # leave from an ephemeral port, so the rule matches n1's heartbeat port and the sender
+    # id inside the datagram (a length byte, then the id, after a 28-byte header), and it
+    # goes away with its table.
+    sender = b"\x02" + b"n3"
+    rules = (
+        f"table inet {TABLE} {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n"
+        f"  udp dport {observer.heartbeat_port} @th,{64 + 28 * 8},24 0x{sender.hex()} drop\n }}\n}}\n"
+    )
+    subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
+    try:
+        fault_ms = time.time() * 1000
+        suspicion = wait_until(
+            lambda: [e for e in events(cluster, "n2", fault_ms) if e["kind"] == "suspicion" and e["node"] == "n3"],
+            5, interval_s=0.02, what="n1's suspicion of n3",
+        )[0]
+        assert suspicion["observer"] == "n1"
+        # Watch for a while: the other observer still hears n3, so nothing is confirmed.
+        watch_until = time.monotonic() + 2.0
+        while time.monotonic() < watch_until:
+            kinds = [(e["kind"], e.get("node"), e.get("observer")) for e in events(cluster, "n2", fault_ms)]
+            assert ("failure_confirmed", "n3", None) not in kinds
+            assert ("suspicion", "n3", "n2") not in kinds
+            time.sleep(0.1)
+        assert member(cluster, "n2", "n3")["status"] == "suspected"
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", TABLE], check=False)
+    # Healed: n1 hears n3 again and withdraws its suspicion.
+    wait_until(lambda: member(cluster, "n2", "n3")["status"] == "alive", 10, interval_s=0.05, what="n3 cleared")
