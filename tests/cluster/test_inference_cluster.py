@@ -4,10 +4,13 @@ official client (tritonclient) that nobody here wrote."""
 from __future__ import annotations
 
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from redge.agent import oip
 from redge.agent.client import Client, RequestRejected
@@ -205,3 +208,37 @@ def test_tritonclient_works_unmodified(serving_cluster):
         outputs = [tritonclient_http.InferRequestedOutput("output", binary_data=binary)]
         result = client.infer("det", inputs, outputs=outputs)
         assert result.as_numpy("output").shape == (3, 4)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=4),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=16,
+)
+fuzzed_inputs = st.lists(
+    st.fixed_dictionaries(
+        {"name": st.sampled_from(["input", "x", ""]), "datatype": st.sampled_from(["FP32", "INT64", "BYTES", "FP8"]),
+         "shape": st.lists(st.integers(-1, 20), max_size=3), "data": json_values},
+        optional={"parameters": st.dictionaries(st.sampled_from(["binary_data_size"]), st.integers(-1, 128))},
+    ),
+    max_size=3,
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(inputs=fuzzed_inputs, trailing=st.binary(max_size=64), header_length=st.booleans())
+def test_fuzzed_infer_requests_get_4xx_and_the_peer_keeps_serving(serving_cluster, inputs, trailing, header_length):
+    import json
+
+    url = serving_cluster.peers["n1"].url
+    header = json.dumps({"inputs": inputs}).encode()
+    headers = {oip.HEADER_LENGTH: str(len(header))} if header_length else {"Content-Type": "application/json"}
+    request = urllib.request.Request(f"{url}/v2/models/det/infer", data=header + trailing, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200  # a fuzzed request can be valid by chance
+    except urllib.error.HTTPError as error:
+        assert 400 <= error.code < 500, (error.code, error.read()[:300])
+        assert "error" in json.loads(error.read() or b"{}")
+    status, _, arrays = infer_http(url, "det", {"input": np.ones((1, IN_FEATURES), np.float32)})
+    assert status == 200 and arrays["output"].shape == (1, 4)
