@@ -199,7 +199,7 @@ def _status(args: argparse.Namespace) -> None:
         return
     from rich.console import Console
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     for table in status_tables(snapshot):
         console.print(table)
 
@@ -231,11 +231,15 @@ def status_tables(snapshot: dict[str, Any]) -> list[Any]:
         )
 
     apps = Table(title="apps")
-    for column in ("app", "priority", "slo ms", "backup", "variants", "replicas (node:variant:role)"):
+    for column in ("app", "priority", "slo ms", "backup", "variants", "replicas (node:variant:role state)"):
         apps.add_column(column)
     plan = snapshot.get("plan", {})
+    reports = {(r["app"], r["node_id"]): r["state"] for r in snapshot.get("replica_reports", [])}
     for app in snapshot.get("apps", []):
-        replicas = ", ".join(f"{r['node_id']}:{r['variant']}:{r['role']}" for r in plan.get(app["name"], [])) or "-"
+        replicas = ", ".join(
+            f"{r['node_id']}:{r['variant']}:{r['role']} {reports.get((app['name'], r['node_id']), '-')}"
+            for r in plan.get(app["name"], [])
+        ) or "-"
         apps.add_row(app["name"], app["priority"], f"{app['slo_ms']:g}", app["backup"], ",".join(app["variants"]), replicas)
     return [summary, members, apps]
 

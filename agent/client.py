@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,6 +213,54 @@ class AsyncClient:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.refresh_routes(0), max(0.001, min(0.5, deadline - time.monotonic())))
         raise NoReplicaAvailable(app, attempts)
+
+
+    # ------------------------------------------------------------------ administration and events
+
+    async def register_app(self, app: Mapping[str, Any], token: str) -> dict[str, Any]:
+        """Register or update an app (the JSON of POST /cluster/apps); needs the admin token."""
+        assert self._session is not None, "call start() first"
+        errors = []
+        for url in self._peer_order():
+            try:
+                async with self._session.post(
+                    f"{url}/cluster/apps", data=orjson.dumps(dict(app)),
+                    headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+                    timeout=aiohttp.ClientTimeout(total=self.deadline_s),
+                ) as response:
+                    payload = await response.read()
+                    if response.status == 200:
+                        return orjson.loads(payload)
+                    if 400 <= response.status < 500:
+                        raise RequestRejected(response.status, _error_message(payload))
+                    errors.append(f"{url}: {response.status} {_error_message(payload)}")
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+                errors.append(f"{url}: {type(error).__name__}")
+        raise NoReplicaAvailable("admin", errors)
+
+    async def events(self, since: int = 0, wait_s: float = 10.0) -> AsyncIterator[dict[str, Any]]:
+        """Yield the cluster's events as they are committed, from any peer that answers."""
+        assert self._session is not None, "call start() first"
+        while True:
+            got = False
+            for url in self._peer_order():
+                try:
+                    async with self._session.get(
+                        f"{url}/cluster/events", params={"since": since, "wait_s": wait_s},
+                        timeout=aiohttp.ClientTimeout(total=wait_s + 5.0),
+                    ) as response:
+                        if response.status != 200:
+                            continue
+                        body = orjson.loads(await response.read())
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, orjson.JSONDecodeError):
+                    continue
+                got = True
+                for event in body["events"]:
+                    since = max(since, event["seq"])
+                    yield event
+                break
+            if not got:
+                await asyncio.sleep(0.2)
 
 
 def _error_message(payload: bytes) -> str:

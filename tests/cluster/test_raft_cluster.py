@@ -203,3 +203,31 @@ def test_sigterm_of_the_leader_hands_over_and_leaves(cluster):
     statuses = {m["node_id"]: m["status"] for m in cluster.peers[survivors[0]].snapshot()["members"]}
     assert statuses[leader] == "left"
     assert cluster.register_app(new_leader, app_spec("after-handover"))[0] == 200
+
+
+def test_python_api_registers_apps_and_follows_events(cluster):
+    import asyncio
+
+    from redge.agent.client import AsyncClient, RequestRejected
+
+    async def scenario() -> list[dict]:
+        async with AsyncClient([cluster.peers["n2"].url, cluster.peers["n1"].url], watch_routes=False) as client:
+            stream = client.events(since=0, wait_s=2.0)
+            seen = []
+            result = await client.register_app(app_spec("via-python"), ADMIN_TOKEN)
+            assert result["registered"]
+            try:
+                await client.register_app({**app_spec("bad"), "priority": "urgent"}, ADMIN_TOKEN)
+                raise AssertionError("a bad app was accepted")
+            except RequestRejected as error:
+                assert error.status == 400
+            async for event in stream:
+                seen.append(event)
+                if event["kind"] == "app_registered" and event.get("app") == "via-python":
+                    break
+            await stream.aclose()
+            return seen
+
+    seen = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert [e["seq"] for e in seen] == sorted(e["seq"] for e in seen)
+    assert any(e["kind"] == "member_joined" for e in seen)
