@@ -12,6 +12,7 @@ refuses if anything else committed a plan first, and then the leader simply plan
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,7 @@ import structlog
 from redge.consensus import commands as c
 from redge.consensus.errors import ConsensusError
 from redge.consensus.state import ALIVE, FAILED, LEFT, SUSPECTED, ClusterState
-from redge.placement.planner import PlanResult, plan_for
+from redge.placement.planner import PlanResult, ReasonKind, plan_for
 from redge.placement.problem import (
     App,
     BackupPolicy,
@@ -160,6 +161,30 @@ def variant_of(state: ClusterState, name: str, device_kinds: list[str]) -> Varia
     )
 
 
+def shed_apps(result: PlanResult) -> set[str]:
+    return {r.app for r in result.reasons if r.kind is ReasonKind.SHED}
+
+
+def plan_with_fallback(problem: Problem) -> PlanResult:
+    """Plan; if that sheds an app while nodes sit idle only because they are held down after
+    a recovery or judged slow, plan again letting them take primaries, and keep whichever
+    sheds less. Hold-down and slowness steer load away from a node; they must not leave an
+    app unserved that such a node could serve. Pure and deterministic."""
+    result = plan_for(problem)
+    shed = shed_apps(result)
+    if not shed or not any(n.hold_down or n.health is Health.DEGRADED for n in problem.nodes):
+        return result
+    relaxed = dataclasses.replace(
+        problem,
+        nodes=tuple(
+            dataclasses.replace(n, hold_down=False, health=Health.ALIVE if n.health is Health.DEGRADED else n.health)
+            for n in problem.nodes
+        ),
+    )
+    alternative = plan_for(relaxed)
+    return alternative if len(shed_apps(alternative)) < len(shed) else result
+
+
 def placements_of(result: PlanResult) -> tuple[c.AppPlacement, ...]:
     by_app: dict[str, list[c.Replica]] = {}
     for replica in result.plan.replicas:
@@ -230,9 +255,9 @@ class LeaderDuty:
             problem, epoch = raft.read(lambda s: (build_problem(s, now_ms), s.epoch))
             started = time.perf_counter()
             if len(problem.apps) * len(problem.nodes) <= INLINE_PLANNING_SIZE_MAX:
-                result = plan_for(problem)  # well under a millisecond: a thread hop costs more
+                result = plan_with_fallback(problem)  # well under a millisecond: a thread hop costs more
             else:
-                result = await asyncio.get_running_loop().run_in_executor(None, plan_for, problem)
+                result = await asyncio.get_running_loop().run_in_executor(None, plan_with_fallback, problem)
             planning_ms = (time.perf_counter() - started) * 1000
             if not result.changed:
                 return result

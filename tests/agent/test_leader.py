@@ -1,0 +1,72 @@
+"""The leader's planning from committed state: the problem it builds, and its fallback when
+only held-down or slow nodes could keep an app served."""
+
+from __future__ import annotations
+
+import pytest
+
+from redge.agent.leader import build_problem, plan_with_fallback, placements_of
+from redge.consensus import commands as c
+from redge.consensus.state import ClusterState
+from redge.placement.planner import plan_for
+from redge.placement.problem import Health, Role
+
+GIB = 1 << 30
+
+
+def artifact(name: str, params: int, size: int, accuracy: float) -> c.ArtifactSummary:
+    return c.ArtifactSummary(name=name, version="1-onnx", format="onnx", size_bytes=size, parameter_count=params,
+                             family="f", accuracy=accuracy)
+
+
+def state_with(nodes: list[str], now_ms: int = 1_000_000) -> ClusterState:
+    state = ClusterState()
+    for index, node in enumerate(nodes):
+        state.apply(c.Join(node, f"h:{index}", f"r:{index}", f"b:{index}", 1, 0, memory_bytes=8 * GIB, storage_bytes=10 * GIB))
+    state.apply(c.StoreReport(nodes[0], (artifact("big", 25_000_000, 100_000_000, 80.0), artifact("small", 5_000_000, 20_000_000, 70.0)), 0, 0))
+    state.apply(c.RegisterApp("det", ("big", "small"), "critical", 200.0, "warm", 0))
+    state.apply(c.RegisterApp("tag", ("small",), "standard", 200.0, "cold", 0))
+    return state
+
+
+def test_problem_reflects_members_catalog_and_percent_accuracy():
+    state = state_with(["n1", "n2", "n3"])
+    problem = build_problem(state, now_ms=1)
+    assert [n.node_id for n in problem.nodes] == ["n1", "n2", "n3"]
+    det = next(a for a in problem.apps if a.name == "det")
+    assert [v.name for v in det.variants] == ["big", "small"]
+    assert det.variants[0].accuracy == pytest.approx(0.80)
+    assert det.variants[0].latency_ms("cpu") == pytest.approx(25.0)
+    assert problem.artifacts["n1"] == frozenset({"big", "small"})
+
+
+def test_planning_from_state_places_every_app_and_commits_cleanly():
+    state = state_with(["n1", "n2", "n3"])
+    result = plan_for(build_problem(state, now_ms=1))
+    outcome = state.apply(c.CommitPlan(1, placements_of(result), "n1", "test", 1))
+    assert outcome.accepted, outcome.reason
+    assert state.primary_of("det") is not None and state.primary_of("tag") is not None
+    # Planning again on the committed result changes nothing.
+    assert not plan_for(build_problem(state, now_ms=2)).changed
+
+
+def test_fallback_uses_held_down_nodes_rather_than_shed():
+    state = state_with(["n1", "n2"])
+    for node in state.members.values():
+        node.hold_down_until_ms = 10_000  # every node just recovered
+    problem = build_problem(state, now_ms=1)
+    assert all(n.hold_down for n in problem.nodes)
+    strict = plan_for(problem)
+    assert strict.plan.primary_of("det") is None  # held-down nodes take no primaries
+    result = plan_with_fallback(problem)
+    assert result.plan.primary_of("det") is not None and result.plan.primary_of("tag") is not None
+
+
+def test_fallback_keeps_the_strict_plan_when_it_sheds_nothing():
+    state = state_with(["n1", "n2", "n3"])
+    state.members["n3"].degraded = True
+    problem = build_problem(state, now_ms=1)
+    assert next(n for n in problem.nodes if n.node_id == "n3").health is Health.DEGRADED
+    result = plan_with_fallback(problem)
+    assert result == plan_for(problem)
+    assert all(r.node_id != "n3" or r.role is not Role.PRIMARY for r in result.plan.replicas)
