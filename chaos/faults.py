@@ -316,6 +316,8 @@ class SlowNode(Fault):
             return "slow-node needs root to write cgroups"
         if not (CGROUP_CPU_ROOT / "cpu.cfs_quota_us").exists():
             return f"slow-node needs the cgroup v1 cpu controller at {CGROUP_CPU_ROOT}"
+        if not os.access(CGROUP_CPU_ROOT, os.W_OK):
+            return f"slow-node cannot write {CGROUP_CPU_ROOT} (read-only here)"
         return None
 
     def apply(self, nemesis: Nemesis) -> tuple[str, ...]:

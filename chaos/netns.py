@@ -24,6 +24,7 @@ namespaces first, then the namespaces (which takes their veths, bridge and rules
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import os
 import shutil
@@ -49,8 +50,13 @@ class NetnsUnavailable(Exception):
     """This machine (or this user) cannot make network namespaces or nftables rules."""
 
 
+@functools.cache
 def netns_unavailable_reason() -> str | None:
-    """Why netns mode cannot run here, or None when it can."""
+    """Why netns mode cannot run here, or None when it can.
+
+    Being root is not enough (a container may lack CAP_SYS_ADMIN, or nf_tables), so this
+    makes one namespace with a veth and an nftables table, once per process, and removes it.
+    """
     if os.geteuid() != 0:
         return "netns mode needs root (network namespaces, veth, nftables)"
     if shutil.which("ip") is None:
@@ -59,6 +65,17 @@ def netns_unavailable_reason() -> str | None:
         return "netns mode needs nftables (`apt-get install -y nftables`)"
     if not os.path.exists("/proc/self/ns/net"):
         return "this kernel has no network namespaces"
+    probe = f"redge-probe-{os.getpid()}"
+    try:
+        run_command(["ip", "netns", "add", probe])
+        try:
+            run_command(["ip", "-n", probe, "link", "add", "a0", "type", "veth", "peer", "name", "b0"])
+            run_command(["ip", "netns", "exec", probe, "nft", "-f", "-"],
+                        input_text=f"table inet {NFT_TABLE} {{ chain input {{ type filter hook input priority 0; }}; }}\n")
+        finally:
+            run_command(["ip", "netns", "del", probe])
+    except NetnsUnavailable as error:
+        return f"netns mode cannot run here: {error}"
     return None
 
 
