@@ -229,7 +229,6 @@ async def _max_gap_during(operation: Any) -> float:
 
 async def measure_gil_and_promotion(zoo_dir: Path, trials: int, threads: int) -> dict[str, Any]:
     import torch
-
     from redge.runtime.host import HostOptions, ModelHost
     from redge.runtime.loader import LoadOptions, load
     from redge.runtime.manifest import Manifest
@@ -339,8 +338,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for format_name in sorted({a["format"] for a in artifacts}):
             points = sorted((a["parameter_count"], a[cache]["phases_ms"]["total"]["p50"], a[cache]["ready_ms"]["p50"]) for a in artifacts if a["format"] == format_name and cache in a)
             if points:
-                axis.plot([p[0] for p in points], [p[1] for p in points], marker=markers.get(format_name, "o"), label=f"{format_name} (with warm-up)")
-                axis.plot([p[0] for p in points], [p[2] for p in points], marker=markers.get(format_name, "o"), linestyle=":", alpha=0.6, label=f"{format_name} (ready, no warm-up)")
+                (line,) = axis.plot([p[0] for p in points], [p[1] for p in points], marker=markers.get(format_name, "o"), label=f"{format_name} (with warm-up)")
+                axis.plot([p[0] for p in points], [p[2] for p in points], marker=markers.get(format_name, "o"), linestyle=":", alpha=0.6, color=line.get_color(), label=f"{format_name} (ready, no warm-up)")
         floor = {}
         for a in artifacts:
             if cache in a:
@@ -383,10 +382,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cold-method", choices=("auto", "drop_caches", "fadvise", "none"), default="auto")
     parser.add_argument("--skip-gil", action="store_true")
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON at --out")
     arguments = parser.parse_args(argv)
+    if arguments.replot:
+        png = arguments.png or arguments.out.with_suffix(".png")
+        plot(orjson.loads(arguments.out.read_bytes()), png)
+        print(f"wrote {png}")
+        return 0
 
     import torch
-
     from redge.runtime.manifest import Manifest
     from redge.runtime.zoo import export
 

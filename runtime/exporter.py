@@ -123,7 +123,7 @@ def _write_onnx(module: Any, examples: tuple[Any, ...], inputs: tuple[TensorSpec
                 dynamic_axes=dynamic_axes, opset_version=ONNX_OPSET, dynamo=False,
             )
         return
-    except Exception:  # the legacy exporter is deprecated and may be gone: use the new one
+    except Exception:  # noqa: BLE001 - the legacy exporter is deprecated and may be gone: use the new one
         for leftover in path.parent.iterdir():
             leftover.unlink()
     import onnx

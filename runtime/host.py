@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -41,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import structlog
-
 from redge.runtime.errors import (
     ArtifactNotFound,
     DeadlineExceeded,
@@ -165,7 +164,6 @@ def _aligned(size_bytes: int) -> int:
 def _host_main(connection: Connection, options: HostOptions) -> None:
     """Entry point of the host process: receive commands, run them, reply."""
     import torch
-
     from redge.runtime.loader import load
 
     if options.nice:
@@ -201,7 +199,7 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
             reply(request_id, True, report)
         except RuntimeFailure as error:
             reply(request_id, False, error)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001
             reply(request_id, False, LoadFailed("?", "?", "?", "host", f"{type(error).__name__}: {error}"))
 
     def run_unload(request_id: int, payload: dict[str, Any]) -> None:
@@ -232,7 +230,7 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
             reply(request_id, True, result)
         except RuntimeFailure as error:
             reply(request_id, False, error)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001
             reply(request_id, False, InferenceFailed(key, f"{type(error).__name__}: {error}"))
 
     def worker(work: queue.Queue[Any]) -> None:
@@ -487,7 +485,7 @@ class ModelHost:
             import psutil
 
             return int(psutil.Process(self.pid).memory_info().rss) if self.pid else None
-        except Exception:
+        except Exception:  # noqa: BLE001
             return None
 
     # -- plumbing
@@ -553,7 +551,7 @@ class ModelHost:
                 message = self._connection.recv()
             except (EOFError, OSError):
                 break
-            except Exception as error:  # an unpicklable reply: report it, keep reading
+            except Exception as error:  # noqa: BLE001 - an unpicklable reply: report it, keep reading
                 log.error("model_host_reply_unreadable", error=repr(error))
                 continue
             self._call_soon(self._on_reply, message)

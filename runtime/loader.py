@@ -15,7 +15,7 @@ The backends, and why each loads the way it does (measured on the project's CPU)
 - onnx: ONNX Runtime, the fastest CPU inference; `threads` sets its intra-op threads.
 - tensorrt: only when `torch_tensorrt` imports and a GPU is present; engines are built
   ahead of time, never at load.
-- pt2: `torch.export.load` works but is 20-40x slower than its read: accepted, never
+- pt2: `torch.export.load` works but is 10-190x slower than its read: accepted, never
   chosen as a backup format (see `manifest.FORMATS`).
 
 Every expected failure is typed: `ArtifactCorrupt` (size or sha256), `UnknownFormat`,
@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from redge.runtime.errors import (
     ArtifactCorrupt,
     ArtifactNotFound,
@@ -297,7 +296,7 @@ def _initialisation_skipped() -> Iterator[None]:
     skipping it builds resnet152 in 90 ms instead of 790 ms on the project's CPU.
     Process-wide, so builds are serialised by a lock.
     """
-    import torch.nn.init as init
+    from torch.nn import init
 
     names = [name for name in dir(init) if name.endswith("_") and not name.startswith("_")]
     with _INIT_LOCK:
@@ -353,7 +352,7 @@ def _read_safetensors(path: Path, manifest: Manifest) -> dict[str, Any]:
         raise ValueError(f"safetensors header length {header_bytes} is beyond the file")
     header = orjson.loads(buffer[8 : 8 + header_bytes].tobytes())
     if not isinstance(header, dict):
-        raise ValueError("safetensors header is not a JSON object")
+        raise TypeError("safetensors header is not a JSON object")
     data = torch.from_numpy(buffer)
     base = 8 + header_bytes
     state: dict[str, Any] = {}
@@ -391,16 +390,15 @@ def _load_safetensors(directory: Path, manifest: Manifest, device: str, options:
         started = time.perf_counter()
         try:
             read_result["state"] = _read_safetensors(path, manifest)
-        except BaseException as error:  # re-raised in the loading thread below
+        except BaseException as error:  # noqa: BLE001 - re-raised in the loading thread below
             read_result["error"] = error
         read_result["ms"] = (time.perf_counter() - started) * 1000
 
     reader = threading.Thread(target=read, name="safetensors-read", daemon=True)
     reader.start()
     try:
-        with phases.measure("deserialize"):
-            with torch.device("meta"), _initialisation_skipped():
-                module = build_architecture(manifest.architecture, options.trusted_modules)
+        with phases.measure("deserialize"), torch.device("meta"), _initialisation_skipped():
+            module = build_architecture(manifest.architecture, options.trusted_modules)
     finally:
         reader.join()
     phases.milliseconds["read"] = read_result["ms"]
@@ -473,7 +471,7 @@ def _load_onnx(directory: Path, manifest: Manifest, device: str, options: LoadOp
 def _load_tensorrt(directory: Path, manifest: Manifest, device: str, options: LoadOptions, phases: _Phases) -> LoadedModel:
     try:
         import torch_tensorrt  # noqa: F401  (registers the TensorRT engine ops with torch)
-    except Exception as error:  # ImportError, or a broken CUDA/TensorRT install
+    except Exception as error:  # noqa: BLE001 - ImportError, or a broken CUDA/TensorRT install
         raise BackendUnavailable("tensorrt", device, f"torch_tensorrt does not import: {error}") from None
     if device_kind(device) != "cuda":
         raise BackendUnavailable("tensorrt", device, "TensorRT engines run only on a CUDA device")

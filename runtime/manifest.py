@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-
 from redge.runtime.errors import ManifestInvalid, UnknownFormat
 from redge.runtime.tensor import TensorSpec
 
@@ -62,7 +61,7 @@ FORMATS: dict[str, FormatInfo] = {
     ),
     "pt2": FormatInfo(
         "pt2", False, False,
-        "torch.export archive; accepted, but loads 20-40x slower than its raw read: never a backup format",
+        "torch.export archive; accepted, but loads 10-190x slower than its raw read (measured): never a backup format",
     ),
 }
 FORMAT_NAMES: tuple[str, ...] = tuple(FORMATS)

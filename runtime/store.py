@@ -21,9 +21,9 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import structlog
-
 from redge.runtime.errors import (
     ArtifactConflict,
     ArtifactCorrupt,
@@ -150,7 +150,7 @@ class Staging:
     def abort(self, keep: bool = False) -> None:
         self.store._release(self, keep)
 
-    def __enter__(self) -> Staging:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

@@ -98,10 +98,10 @@ def write_artifact(
     accuracy: float | None = None,
 ) -> Manifest:
     """Export `module` into a store (verified, atomically) or into `<dir>/<name>/<version>/`."""
-    kwargs = dict(
-        name=name, version=version, format_name=format_name, family=family,
-        inputs=inputs, outputs=outputs, architecture=architecture, accuracy=accuracy,
-    )
+    kwargs: dict[str, Any] = {
+        "name": name, "version": version, "format_name": format_name, "family": family,
+        "inputs": inputs, "outputs": outputs, "architecture": architecture, "accuracy": accuracy,
+    }
     if isinstance(destination, Store):
         with tempfile.TemporaryDirectory(prefix="redge-export-") as scratch:
             export_module(module, Path(scratch) / "artifact", **kwargs)

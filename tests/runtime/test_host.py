@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from redge.runtime import errors
 from redge.runtime.host import HostOptions, ModelHost
 from redge.runtime.manifest import Manifest
