@@ -166,3 +166,25 @@ def test_killed_host_is_reported(tripwire_source) -> None:
             host.close()
 
     asyncio.run(scenario())
+
+
+def test_promotion_is_a_flag_even_while_the_host_is_busy(loop, host: ModelHost, family_source, tripwire_source) -> None:
+    trip_directory, trip_manifest = artifact(tripwire_source, "trip", "safetensors")
+    backup_directory, backup_manifest = artifact(family_source, "mlp-small", "onnx")
+
+    async def scenario() -> float:
+        await host.load("trip", trip_directory, trip_manifest, role="serving")
+        await host.load("backup", backup_directory, backup_manifest, role="warm")
+        busy = asyncio.ensure_future(
+            host.infer("trip", {"input": np.full((1, 16), SLOW_FROM + 300, np.float32)}, time.monotonic() + 10)
+        )
+        await asyncio.sleep(0)  # the slow inference is on its way to the host
+        started = time.perf_counter()
+        await host.promote("backup")
+        promote_ms = (time.perf_counter() - started) * 1000
+        assert not busy.done()
+        await busy
+        await host.unload("backup")
+        return promote_ms
+
+    assert loop.run_until_complete(scenario()) < 1.0

@@ -157,3 +157,18 @@ def test_open_range_refuses_outside_ranges_and_unknown_files(tmp_path: Path, fam
         store.open_range(*manifest.key, "other.bin")
     with pytest.raises(errors.ManifestInvalid):
         store.open_range("../x", "1", file)
+
+
+def test_staging_of_another_manifest_is_wiped_not_resumed(tmp_path: Path, family_source) -> None:
+    from dataclasses import replace
+
+    source, manifests = family_source
+    directory, manifest = artifact_dirs(source, manifests, "onnx")[0]
+    store = Store(tmp_path / "store", budget_bytes=10**9)
+    stale = replace(manifest, files=(replace(manifest.files[0], sha256="0" * 64),))
+    with store.begin(stale) as staging:
+        staging.file_path(manifest.files[0].path).write_bytes(b"stale partial bytes")
+    assert store.usage_bytes() == len(b"stale partial bytes")
+    assert store.add_directory(directory) == manifest
+    assert store.verify(*manifest.key) == manifest
+    assert store.usage_bytes() == manifest.size_bytes
