@@ -42,6 +42,7 @@ def _add_peer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accelerator-memory-bytes", type=int, help="accelerator memory offered to models")
     parser.add_argument("--device-kind", help="cpu or gpu")
     parser.add_argument("--model-threads", type=int, help="threads for model inference (default 1)")
+    parser.add_argument("--model-host-nice", type=int, help="CPU niceness added to the model host (default 10)")
     parser.add_argument("--request-body-bytes-max", type=int, help="largest inference request accepted")
 
 
@@ -135,7 +136,7 @@ def peer_values(args: argparse.Namespace) -> dict[str, Any]:
     for key in (
         "node_id", "http", "raft", "heartbeat", "peers", "join", "data_dir", "store", "storage_budget_bytes",
         "source", "profile", "secret_file", "admin_token_file", "log_level", "memory_bytes",
-        "accelerator_memory_bytes", "device_kind", "model_threads", "request_body_bytes_max",
+        "accelerator_memory_bytes", "device_kind", "model_threads", "model_host_nice", "request_body_bytes_max",
     ):
         value = getattr(args, key, None)
         if value is not None:

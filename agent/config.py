@@ -47,6 +47,7 @@ class PeerConfig:
     device_kind: str = "cpu"
     request_body_bytes_max: int = 64 * 1024 * 1024
     model_threads: int = 1
+    model_host_nice: int = 10
     # Filled by `load`, never from the file.
     secret: str = field(default="", repr=False)
     admin_token: str = field(default="", repr=False)
@@ -123,6 +124,8 @@ def load(values: dict[str, Any], environ: dict[str, str] | None = None) -> PeerC
         problems.append(f"profile {config.profile!r} is not one of {', '.join(sorted(PROFILES))}")
     if config.storage_budget_bytes <= 0:
         problems.append("storage-budget-bytes must be > 0")
+    if not 0 <= config.model_host_nice <= 19:
+        problems.append("model-host-nice must be between 0 and 19")
     if not 1 <= config.model_threads <= 256:
         problems.append("model-threads must be between 1 and 256")
     if config.request_body_bytes_max <= 0:

@@ -104,8 +104,13 @@ class Peer:
         self.raft.on_leader_change(self._on_leader_change)
         try:
             self.store = Store(config.store_dir, config.storage_budget_bytes)
+            # The model host runs below the peer's CPU priority: on a saturated box heartbeats
+            # and Raft must come first, or load alone looks like a failure to the neighbours.
+            # The price is slower loads while the box is busy.
             self.replicas = ReplicaManager(
-                self.store, config.device_kind, HostOptions(device=config.device_kind, threads=config.model_threads)
+                self.store,
+                config.device_kind,
+                HostOptions(device=config.device_kind, threads=config.model_threads, nice=config.model_host_nice),
             )
             self.reconciler = Reconciler(self, self.replicas, self.store, config.source)
             self.add_commit_hook(self.leader.on_commit)

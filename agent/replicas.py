@@ -12,9 +12,7 @@ memory.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from pathlib import Path
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,12 +41,8 @@ class LocalReplica:
 
 
 class ReplicaManager:
-    def __init__(
-        self, store: Store, device_kind: str = "cpu", host_options: HostOptions | None = None,
-        host_nice_increment: int = 10,
-    ) -> None:
+    def __init__(self, store: Store, device_kind: str = "cpu", host_options: HostOptions | None = None) -> None:
         self.store = store
-        self.host_nice_increment = host_nice_increment
         self.device_kind = device_kind
         self.host_options = host_options or HostOptions()
         self.host: ModelHost | None = None
@@ -63,27 +57,7 @@ class ReplicaManager:
                     self.replicas.clear()
                 self.host = ModelHost(self.host_options)
                 await self.host.start()
-                self._lower_host_priority()
             return self.host
-
-    def _lower_host_priority(self) -> None:
-        """Make the model host yield the CPU to this process.
-
-        Heartbeats and Raft run here; inference runs there. On a saturated edge box the
-        scheduler must favour the control plane, or a busy node's heartbeats stall and its
-        neighbours confirm a failure that is only load. Linux nice values are per thread,
-        so every thread of the host is lowered; threads it creates later inherit it.
-        """
-        if self.host is None or self.host.pid is None or self.host_nice_increment <= 0:
-            return
-        try:
-            own = os.getpriority(os.PRIO_PROCESS, 0)
-            for task in Path(f"/proc/{self.host.pid}/task").iterdir():
-                tid = int(task.name)
-                if os.getpriority(os.PRIO_PROCESS, tid) < own + self.host_nice_increment:
-                    os.setpriority(os.PRIO_PROCESS, tid, min(19, own + self.host_nice_increment))
-        except (OSError, ValueError) as error:
-            log.info("host_priority_unchanged", error=str(error))
 
     async def warm_up(self) -> None:
         try:
@@ -109,7 +83,6 @@ class ReplicaManager:
             return current
         directory = self.store.path(manifest.name, manifest.version)
         report = await host.load(key, directory, manifest, role="serving" if role == "primary" else "warm", timeout_s=timeout_s)
-        self._lower_host_priority()  # the backend may have started threads of its own
         await loop.run_in_executor(None, self.store.mark_used, manifest.name, manifest.version)
         replica = LocalReplica(app, variant, manifest, role, key, time.monotonic(), report)
         self.replicas[app] = replica
