@@ -87,6 +87,7 @@ class PlanResult:
 
 
 _ROLE_RANK = {Role.COLD: 0, Role.WARM: 1, Role.PRIMARY: 2}
+_ROLE_INDEX = {Role.PRIMARY: 0, Role.WARM: 1, Role.COLD: 2}
 
 
 class _State:
@@ -117,9 +118,10 @@ class _State:
         # replica could make an earlier refused one fit, and planning again
         # would then change the plan.
         self.storage_claimed = np.zeros(count)
-        # memory held per node by [priority][0: primaries, 1: warm backups],
-        # so that eviction can rule out most nodes with one vector bound
-        self.memory_by_class = np.zeros((len(Priority), 2, count))
+        # what each node holds per [priority][role][memory, claimed storage,
+        # utilisation, replicas], so that eviction can rule out most nodes
+        # with a few vector bounds
+        self.tally = np.zeros((len(Priority), len(Role), 4, count))
         self.utilisation_used = np.zeros(count)
         self.primaries = np.zeros(count)
         self.warm = np.zeros(count)
@@ -138,16 +140,15 @@ class _State:
                     self.artifact_size.get(variant.name, 0), variant.size_bytes
                 )
         self.references: dict[str, np.ndarray] = {}
-        # nodes that hold an artifact: on disk now, or referred to by the plan
-        self.on_disk: dict[str, set[int]] = {}
+        # nodes that have an artifact on disk now: loading there needs no
+        # transfer. (Not those this plan merely refers to: preferring them
+        # would pile every app of a family onto the first node that got one.)
+        self.holders: dict[str, set[int]] = {}
         for node_id, names in problem.artifacts.items():
             i = self.index.get(node_id)
             if i is not None:
                 for name in names:
-                    self.on_disk.setdefault(name, set()).add(i)
-        self.holders: dict[str, set[int]] = {
-            name: set(nodes) for name, nodes in self.on_disk.items()
-        }
+                    self.holders.setdefault(name, set()).add(i)
         # Every (app, variant) is one row of three matrices over the nodes:
         # isolated latency, SLO budget (the inflation it tolerates), utilisation.
         self.first_row: dict[str, int] = {}
@@ -204,12 +205,12 @@ class _State:
         variant = app.variants[index]
         assert name not in self.hosted[i], (name, i)
         self.hosted[i][name] = (role, index)
+        self._count(app, index, role, i, 1.0)
         references = self.references.get(variant.name)
         if references is None:
             references = self.references[variant.name] = np.zeros(len(self.nodes), dtype=np.int64)
         if references[i] == 0:
             self.storage_used[i] += self.artifact_size[variant.name]
-            self.holders.setdefault(variant.name, set()).add(i)
         references[i] += 1
         self.storage_claimed[i] += self.artifact_size[variant.name]
         if role is Role.COLD:
@@ -217,7 +218,6 @@ class _State:
             self._refresh(i)
             return
         self.memory_used[i] += variant.memory_bytes
-        self.memory_by_class[int(app.priority), int(role is Role.WARM), i] += variant.memory_bytes
         self.threshold[i] = min(self.threshold[i], self._inflation_threshold(app, index, role, i))
         if role is Role.PRIMARY:
             self.primaries[i] += 1
@@ -228,16 +228,25 @@ class _State:
             self.backup[name] = (i, index, role)
         self._refresh(i)
 
+    def _count(self, app: App, index: int, role: Role, i: int, sign: float) -> None:
+        variant = app.variants[index]
+        tally = self.tally[int(app.priority), _ROLE_INDEX[role]]
+        tally[1, i] += sign * self.artifact_size[variant.name]
+        tally[3, i] += sign
+        if role is not Role.COLD:
+            tally[0, i] += sign * variant.memory_bytes
+        if role is Role.PRIMARY:
+            tally[2, i] += sign * self.busy[self.first_row[app.name] + index, i]
+
     def remove(self, name: str, i: int) -> tuple[Role, int]:
         app = self.apps[name]
         role, index = self.hosted[i].pop(name)
+        self._count(app, index, role, i, -1.0)
         variant = app.variants[index]
         references = self.references[variant.name]
         references[i] -= 1
         if references[i] == 0:
             self.storage_used[i] -= self.artifact_size[variant.name]
-            if i not in self.on_disk.get(variant.name, ()):
-                self.holders[variant.name].discard(i)
         self.storage_claimed[i] -= self.artifact_size[variant.name]
         if role is Role.PRIMARY:
             del self.primary[name]
@@ -247,7 +256,6 @@ class _State:
             self._refresh(i)
             return role, index
         self.memory_used[i] -= variant.memory_bytes
-        self.memory_by_class[int(app.priority), int(role is Role.WARM), i] -= variant.memory_bytes
         if role is Role.PRIMARY:
             self.primaries[i] -= 1
             self.utilisation_used[i] -= self.busy[self.first_row[name] + index, i]
@@ -378,8 +386,9 @@ class _State:
         )
 
     def choose(self, name: str, index: int, role: Role, mask: np.ndarray) -> int:
-        """Among feasible nodes, one that already has the artifact, then the
-        one with most room left (spreading load keeps co-location low)."""
+        """Among feasible nodes, one that already has the artifact on disk,
+        then the one with most room left (spreading keeps co-location low),
+        or with least room when packing."""
         if role is Role.COLD:
             room = self.storage_room
         else:
@@ -424,6 +433,7 @@ class _Planner:
         self.prefetches_left = float("inf") if maximum is None else maximum
         self.placed_new: set[str] = set()
         self.evictions = 0
+        self.primaries_deferred = False
 
     def reason(self, app: str, kind: ReasonKind, detail: str) -> None:
         self.reasons.append(Reason(app, kind, detail))
@@ -442,18 +452,24 @@ class _Planner:
         # app was refused earlier; so repeat until a round evicts nothing.
         # Each eviction serves one more app at the expense of lower classes
         # only, so the rounds end (bounded besides by the number of apps).
-        for _ in range(len(self.problem.apps) + 1):
-            evictions = self.evictions
-            for _, apps in classes:
-                self.cover(apps)
-            if self.evictions == evictions:
+        # A primary that moves to grow frees room too: cover and grow again
+        # until nothing moves. Each move raises a variant, so this ends.
+        for _ in range(sum(len(a.variants) for a in self.problem.apps) + 1):
+            for _ in range(len(self.problem.apps) + 1):
+                evictions = self.evictions
+                for _, apps in classes:
+                    self.cover(apps)
+                if self.evictions == evictions:
+                    break
+            moved = False
+            for priority, apps in classes:
+                moved = self.grow(apps, priority) or moved
+            if not moved:
                 break
         deferred = {r.app for r in self.reasons if r.kind is ReasonKind.DEFERRED}
         for app in self.problem.apps:
             if app.name not in self.state.primary and app.name not in deferred:
                 self.reason(app.name, ReasonKind.SHED, "no node can take even its smallest variant")
-        for priority, apps in classes:
-            self.grow(apps, priority)
         ordered = sorted(self.problem.apps, key=lambda a: (-int(a.priority), a.name))
         self.add_warm_backups(ordered)
         self.add_cold_backups(ordered)
@@ -568,6 +584,7 @@ class _Planner:
                 continue
             if self.loads_left <= 0:
                 self.defer(app.name, "load bound reached before loading the cold backup")
+                self.primaries_deferred = True
                 continue
             self.loads_left -= 1
             state.remove(app.name, i)
@@ -588,6 +605,7 @@ class _Planner:
             for app in unplaced:
                 if self.loads_left <= 0:
                     self.defer(app.name, "load bound reached before placing a primary")
+                    self.primaries_deferred = True
                     continue
                 if self.place_primary(app) or self.evict_for(app):
                     self.loads_left -= 1
@@ -628,15 +646,38 @@ class _Planner:
         state = self.state
         weight = self.settings.weight
         exclude = set(state.nodes_of(app.name))
+        priority = int(app.priority)
+        tally = state.tally
+        # what evicting everything evictable would free, per node
+        freed = (
+            tally[:priority, _ROLE_INDEX[Role.PRIMARY]].sum(axis=0)
+            + tally[: priority + 1, _ROLE_INDEX[Role.WARM]].sum(axis=0)
+            + tally[: priority + 1, _ROLE_INDEX[Role.COLD]].sum(axis=0)
+        )
+        primaries_left = state.primaries - tally[:priority, _ROLE_INDEX[Role.PRIMARY], 3].sum(
+            axis=0
+        )
+        warm_left = state.warm - tally[: priority + 1, _ROLE_INDEX[Role.WARM], 3].sum(axis=0)
+        inflation_left = (
+            self.settings.inflation_per_primary * primaries_left
+            + self.settings.inflation_per_warm * warm_left
+        )
         for index in reversed(range(len(app.variants))):
-            memory = app.variants[index].memory_bytes
-            priority = int(app.priority)
-            freeable = state.memory_by_class[:priority, 0].sum(axis=0) + state.memory_by_class[
-                : priority + 1, 1
-            ].sum(axis=0)
-            possible = state.primary_rows[state.first_row[app.name] + index] & (
-                state.memory_used - freeable + memory <= state.memory_limit + TOLERANCE
+            variant = app.variants[index]
+            memory = variant.memory_bytes
+            row = state.first_row[app.name] + index
+            possible = state.primary_rows[row] & (
+                state.memory_used - freed[0] + memory <= state.memory_limit + TOLERANCE
             )
+            possible &= (
+                state.storage_claimed - freed[1] + state.artifact_size[variant.name]
+                <= state.storage_limit + TOLERANCE
+            )
+            possible &= (
+                state.utilisation_used - freed[2] + state.busy[row]
+                <= state.utilisation_limit + TOLERANCE
+            )
+            possible &= inflation_left <= state.budget[row] + TOLERANCE
             options = []
             for i in np.flatnonzero(possible).tolist():
                 if i in exclude:
@@ -678,14 +719,9 @@ class _Planner:
                     continue  # even evicting all would not make room
                 options.append((cost, i, prefix, [e[3] for e in evictable]))
             options.sort(key=lambda option: (option[0], option[1]))
-            for _, i, prefix, names in options:
-                chosen = list(prefix)
-                rest = [n for n in names if n not in prefix]
-                while not state.fits_at(app.name, index, Role.PRIMARY, i, removing=tuple(chosen)):
-                    if not rest:
-                        break
-                    chosen.append(rest.pop(0))
-                else:
+            for _, i, _, names in options:
+                chosen = list(names)
+                if state.fits_at(app.name, index, Role.PRIMARY, i, removing=tuple(chosen)):
                     for name in reversed(list(chosen)):  # keep whatever need not go
                         trial = tuple(n for n in chosen if n != name)
                         if state.fits_at(app.name, index, Role.PRIMARY, i, removing=trial):
@@ -705,8 +741,17 @@ class _Planner:
 
     # -- 2c. grow
 
-    def grow(self, apps: list[App], priority: Priority) -> None:
+    def grow(self, apps: list[App], priority: Priority) -> bool:
+        """Give this class's primaries the largest variant that fits: in
+        place if possible, else on another node. Returns whether a primary
+        moved, which frees room that others were refused."""
         state = self.state
+        moved = False
+        if self.primaries_deferred:
+            return False  # smaller variants first: nothing grows while apps wait to be served
+        waiting = sum(
+            1 for a in self.problem.apps if a.priority <= priority and a.name not in state.primary
+        )
         for app in apps:
             if app.name not in state.primary:
                 continue
@@ -716,25 +761,44 @@ class _Planner:
             new = app.name in self.placed_new
             if not new and not self.problem.restore_allowed:
                 continue
-            for larger in range(index):
-                growth_bytes = app.variants[larger].memory_bytes - app.variants[index].memory_bytes
-                if growth_bytes > 0 and state.memory_room[i] < growth_bytes:
-                    continue  # the common refusal, without the full check
-                if not state.fits_at(app.name, larger, Role.PRIMARY, i, removing=(app.name,)):
+            # The largest variant that fits anywhere, in place when that is
+            # as good: what a later plan would find, so it changes nothing.
+            here = self.larger_in_place(app, i, index)
+            found = self.larger_elsewhere(app, index if here is None else here)
+            if found is not None:
+                where, larger = found
+            elif here is not None:
+                where, larger = i, here
+            else:
+                continue
+            if not new:
+                if self.loads_left <= waiting:
+                    self.defer(app.name, "load bound reached before restoring a larger variant")
                     continue
-                if not new:
-                    waiting = sum(
-                        1
-                        for a in self.problem.apps
-                        if a.priority <= priority and a.name not in state.primary
-                    )
-                    if self.loads_left <= waiting:
-                        self.defer(app.name, "load bound reached before restoring a larger variant")
-                        break
-                    self.loads_left -= 1
-                state.remove(app.name, i)
-                state.add(app.name, i, larger, Role.PRIMARY)
-                break
+                self.loads_left -= 1
+            state.remove(app.name, i)
+            state.add(app.name, where, larger, Role.PRIMARY)
+            moved = moved or where != i
+        return moved
+
+    def larger_in_place(self, app: App, i: int, index: int) -> int | None:
+        state = self.state
+        for larger in range(index):
+            growth_bytes = app.variants[larger].memory_bytes - app.variants[index].memory_bytes
+            if growth_bytes > 0 and state.memory_room[i] < growth_bytes:
+                continue  # the common refusal, without the full check
+            if state.fits_at(app.name, larger, Role.PRIMARY, i, removing=(app.name,)):
+                return larger
+        return None
+
+    def larger_elsewhere(self, app: App, index: int) -> tuple[int, int] | None:
+        state = self.state
+        exclude = state.nodes_of(app.name)
+        for larger in range(index):
+            mask = state.candidates(app.name, larger, Role.PRIMARY, exclude)
+            if mask.any():
+                return state.choose(app.name, larger, Role.PRIMARY, mask), larger
+        return None
 
     # -- 3. warm backups, 4. cold backups
 
@@ -750,7 +814,21 @@ class _Planner:
                 self.defer(app.name, "load bound reached before loading a warm backup")
                 continue
             if existing is not None:
-                state.remove(app.name, existing[0])  # a cold backup may turn warm in place
+                # A cold backup may turn warm where it is, as the same variant;
+                # moving or shrinking it would free storage that an app was
+                # refused earlier, and planning again would change the plan.
+                node, index, _ = existing
+                if state.backup_allowed[node] and state.fits_at(
+                    app.name, index, Role.WARM, node, removing=(app.name,)
+                ):
+                    state.remove(app.name, node)
+                    state.add(app.name, node, index, Role.WARM)
+                    self.loads_left -= 1
+                else:
+                    self.reason(
+                        app.name, ReasonKind.BACKUP_COLD, "no memory to load the cold backup warm"
+                    )
+                continue
             primary_node, primary_index = state.primary[app.name]
             placed = False
             for index in range(primary_index, len(app.variants)):
@@ -763,8 +841,6 @@ class _Planner:
                     placed = True
                     break
             if not placed:
-                if existing is not None:
-                    state.add(app.name, existing[0], existing[1], existing[2])
                 self.reason(
                     app.name, ReasonKind.BACKUP_COLD, "no node has memory for a warm backup"
                 )

@@ -59,13 +59,27 @@ def actions_between(problem: Problem, current: Plan, target: Plan) -> tuple[Acti
         key = (_ORDER[stage], -priority.get(action.app, 0), action.app, action.node_id)
         steps.append((key, action))
 
+    # An app whose primary moves keeps serving from the old node until the
+    # new one is loaded: that unload goes last.
+    moving = {
+        r.app
+        for r in target.replicas
+        if r.role is Role.PRIMARY
+        and (
+            before.get((r.app, r.node_id)) is None
+            or before[(r.app, r.node_id)].role is not Role.WARM
+        )
+        and before.get((r.app, r.node_id)) != r
+    }
     for key in sorted(set(before) | set(after)):
         app, node_id = key
         old = before.get(key)
         new = after.get(key)
         if new is None:
             assert old is not None
-            if old.role is not Role.COLD:
+            if old.role is Role.PRIMARY and app in moving:
+                add("unload_replaced", Action(ActionKind.UNLOAD, app, node_id, old.variant, None))
+            elif old.role is not Role.COLD:
                 add("unload", Action(ActionKind.UNLOAD, app, node_id, old.variant, None))
             continue
         on_disk = new.variant in problem.artifacts_on(node_id)
