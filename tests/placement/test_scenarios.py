@@ -15,7 +15,6 @@ import os
 import pathlib
 
 import pytest
-
 from redge.placement.capacity import violations
 from redge.placement.planner import plan_for
 from redge.placement.problem import (
