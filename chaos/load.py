@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-
 from redge.chaos.history import FAIL, INFO, OK, History, Operation
 
 KINDS = ("probe", "infer")
@@ -173,7 +172,7 @@ class LoadGenerator:
                 outcome, served_by, epoch, error = classify(spec.kind, status, answer, dict(response.headers))
         except aiohttp.ClientConnectorError as exception:
             outcome, error = FAIL, f"not delivered: {exception.os_error or exception}"
-        except asyncio.TimeoutError:
+        except TimeoutError:
             outcome, error = INFO, f"no answer within {spec.timeout_s}s"
         except (aiohttp.ClientError, OSError) as exception:
             outcome, error = INFO, f"{type(exception).__name__}: {exception}"

@@ -66,7 +66,7 @@ class DelayProxy:
                 upstream_reader, upstream_writer = await asyncio.wait_for(
                     asyncio.open_connection(self.target, target_port), CONNECT_TIMEOUT_S
                 )
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 self.connections -= 1
                 writer.close()
                 return
