@@ -230,13 +230,15 @@ class _State:
 
     def _count(self, app: App, index: int, role: Role, i: int, sign: float) -> None:
         variant = app.variants[index]
-        tally = self.tally[int(app.priority), _ROLE_INDEX[role]]
-        tally[1, i] += sign * self.artifact_size[variant.name]
-        tally[3, i] += sign
+        tally = self.tally
+        priority = int(app.priority)
+        slot = _ROLE_INDEX[role]
+        tally[priority, slot, 1, i] += sign * self.artifact_size[variant.name]
+        tally[priority, slot, 3, i] += sign
         if role is not Role.COLD:
-            tally[0, i] += sign * variant.memory_bytes
+            tally[priority, slot, 0, i] += sign * variant.memory_bytes
         if role is Role.PRIMARY:
-            tally[2, i] += sign * self.busy[self.first_row[app.name] + index, i]
+            tally[priority, slot, 2, i] += sign * self.busy[self.first_row[app.name] + index, i]
 
     def remove(self, name: str, i: int) -> tuple[Role, int]:
         app = self.apps[name]
@@ -793,8 +795,13 @@ class _Planner:
 
     def larger_elsewhere(self, app: App, index: int) -> tuple[int, int] | None:
         state = self.state
+        if index == 0:
+            return None
         exclude = state.nodes_of(app.name)
+        room_max = float(np.max(state.memory_room, where=state.primary_allowed, initial=-np.inf))
         for larger in range(index):
+            if app.variants[larger].memory_bytes > room_max:
+                continue  # no node has the memory: skip the full test
             mask = state.candidates(app.name, larger, Role.PRIMARY, exclude)
             if mask.any():
                 return state.choose(app.name, larger, Role.PRIMARY, mask), larger
