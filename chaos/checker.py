@@ -9,7 +9,9 @@ reads no clock. Invariants always checked:
   served in an epoch by a node that epoch's plan gives no serving role.
 - `false_confirmation`: a `failure_confirmed` of a node that no crash, hang or partition
   touched at that time (a slowed, delayed or lossy node is alive and reachable: confirming
-  it is a false positive too, unless `degraded_confirmation_ok`).
+  it is a false positive too, unless `degraded_confirmation_ok`). A node that came back
+  after the heal (`member_recovered`, a new incarnation) and is then confirmed again was
+  alive: that confirmation is false too.
 - `lost_request`: operations with an unknown outcome, beyond `lost_requests_max`.
 - `unrecovered`: an app with no ok answer in the last `final_window_s` of the load, when
   `recovered` is expected (a scenario that kills a majority says `recovered = false`).
@@ -30,6 +32,7 @@ from redge.chaos.history import FAIL, INFO, OK, Operation
 FAILING_KINDS = ("crash", "kill-leader", "hang", "partition", "cascade")
 EXAMPLES_MAX = 5
 SERVING_ROLES = ("primary", "warm")
+REJOIN_KINDS = ("member_recovered", "member_rejoined", "member_cleared")
 
 
 @dataclass(frozen=True)
@@ -151,15 +154,32 @@ def false_confirmations(faults: Sequence[FaultRecord], events: Sequence[dict[str
             node in fault.targets
             and (justifying is None or fault.kind in justifying)
             and fault.applied_at_ms <= at_ms
-            and (fault.healed_at_ms is None or at_ms <= fault.healed_at_ms + expect.confirmation_grace_s * 1000)
+            and (fault.healed_at_ms is None or (
+                at_ms <= fault.healed_at_ms + expect.confirmation_grace_s * 1000
+                and not _came_back_before(events, node, fault.healed_at_ms, event)))
             for fault in faults
         )
         if not explained:
             violations.append(Violation(
-                "false_confirmation", f"{node} was confirmed failed at {at_ms:.0f} but no crash, hang or "
-                f"partition had touched it", at_ms, {"observers": event.get("observers", [])},
+                "false_confirmation", f"{node} (incarnation {event.get('incarnation', '?')}) was confirmed failed "
+                f"at {at_ms:.0f} but no crash, hang or partition had touched it then", at_ms,
+                {"observers": event.get("observers", [])},
             ))
     return violations
+
+
+def _came_back_before(events: Sequence[dict[str, Any]], node: str, healed_at_ms: float,
+                      confirmation: dict[str, Any]) -> bool:
+    """Whether `node` rejoined after the heal and the confirmation is of that new incarnation:
+    then the healed fault cannot explain it (the restarted node was alive)."""
+    incarnation = confirmation.get("incarnation")
+    for event in events:
+        if (event["kind"] in REJOIN_KINDS and event.get("node") == node
+                and healed_at_ms <= event["at_ms"] <= confirmation["at_ms"]
+                and event.get("seq", 0) < confirmation.get("seq", 2**62)
+                and (incarnation is None or event.get("incarnation") is None or event["incarnation"] <= incarnation)):
+            return True
+    return False
 
 
 def lost_requests(operations: Sequence[Operation], expect: Expectations) -> list[Violation]:

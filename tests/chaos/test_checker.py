@@ -107,3 +107,15 @@ def test_lost_requests_are_flagged_exactly_above_the_allowance(rows, allowance):
     result = check(operations, [], [], [], Expectations(lost_requests_max=allowance, recovered=False))
     unknown = sum(1 for _, outcome in rows if outcome == "info")
     assert ("lost_request" in [v.invariant for v in result.violations]) == (unknown > allowance)
+
+
+def test_a_restarted_node_confirmed_again_after_it_came_back_is_a_false_positive():
+    crash = fault(1000, ("n1",), healed_at_ms=5000)
+    first = event(1040, "failure_confirmed", seq=10, node="n1", incarnation=1)
+    back = event(6000, "member_recovered", seq=20, node="n1", incarnation=2)
+    again = event(7000, "failure_confirmed", seq=30, node="n1", incarnation=2)
+    assert invariants(faults=[crash], events=[first, back]) == []
+    assert invariants(faults=[crash], events=[first, back, again]) == ["false_confirmation"]
+    # the old incarnation's confirmation, committed late, is still the crash's
+    late_old = event(6500, "failure_confirmed", seq=25, node="n1", incarnation=1)
+    assert invariants(faults=[crash], events=[first, back, late_old]) == []
