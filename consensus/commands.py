@@ -158,6 +158,8 @@ class StoreReport:
     artifacts: tuple[ArtifactSummary, ...]
     used_bytes: int
     at_ms: int
+    # What this peer can fetch from its own model repository (--source), not stored yet.
+    source_artifacts: tuple[ArtifactSummary, ...] = ()
 
 
 @dataclass(frozen=True)
