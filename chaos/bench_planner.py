@@ -36,6 +36,7 @@ from redge.placement.testbed import random_problem, testbed_problem
 SIZES = ((5, 27), (10, 50), (25, 125), (50, 250), (100, 500))
 UNBOUNDED = Settings(loads_per_plan_max=None, prefetches_per_plan_max=None)
 SETTLE_PLANS_MAX = 64
+WARMUP_CALLS = 3
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -82,6 +83,8 @@ def timed(problem: Problem, repeats: int) -> dict[str, dict[str, float]]:
     clock includes waiting for a core; the process's CPU time does not."""
     wall_ms = []
     cpu_ms = []
+    for _ in range(WARMUP_CALLS):  # a leader's process is warm: caches, allocator, GC generations
+        plan_for(problem)
     for _ in range(repeats):
         start_wall = time.perf_counter()
         start_cpu = time.process_time()
