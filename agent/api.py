@@ -18,11 +18,11 @@ import orjson
 import structlog
 from aiohttp import web
 
+from redge import __version__
 from redge.agent import metrics as metrics_module
 from redge.consensus import commands as c
 from redge.consensus.errors import ConsensusError, ProposalTimeout
 from redge.consensus.raft import split_address
-from redge import __version__
 
 if TYPE_CHECKING:
     from redge.agent.peer import Peer

@@ -96,7 +96,7 @@ class AsyncClient:
         await self.start()
         return self
 
-    async def __aexit__(self, *exc_info: Any) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     async def start(self) -> None:
@@ -138,7 +138,7 @@ class AsyncClient:
                             self.routes = routes
                             self._routes_changed.set()
                         return True
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, orjson.JSONDecodeError):
+            except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError):
                 continue
         return False
 
@@ -206,7 +206,7 @@ class AsyncClient:
                     if 400 <= response.status < 500 and response.status not in (404, 408, 429):
                         raise RequestRejected(response.status, message)
                     attempts.append(f"{url}: {response.status} {message}")
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+            except (TimeoutError, aiohttp.ClientError, OSError) as error:
                 attempts.append(f"{url}: {type(error).__name__}")
             tried_primary_failed = True
             if self._session is not None and not self.watch_routes:
@@ -234,7 +234,7 @@ class AsyncClient:
                     if 400 <= response.status < 500:
                         raise RequestRejected(response.status, _error_message(payload))
                     errors.append(f"{url}: {response.status} {_error_message(payload)}")
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+            except (TimeoutError, aiohttp.ClientError, OSError) as error:
                 errors.append(f"{url}: {type(error).__name__}")
         raise NoReplicaAvailable("admin", errors)
 
@@ -252,7 +252,7 @@ class AsyncClient:
                         if response.status != 200:
                             continue
                         body = orjson.loads(await response.read())
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, orjson.JSONDecodeError):
+                except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError):
                     continue
                 got = True
                 for event in body["events"]:
@@ -301,5 +301,5 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()

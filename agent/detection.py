@@ -18,7 +18,16 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from redge.agent.detector import Degraded, Recover, Restarted, Restored, Suspect, Verdict, monitoring_targets, profile
+from redge.agent.detector import (
+    Degraded,
+    Recover,
+    Restarted,
+    Restored,
+    Suspect,
+    Verdict,
+    monitoring_targets,
+    profile,
+)
 from redge.agent.heartbeat import HeartbeatService
 from redge.consensus import commands as c
 from redge.consensus.errors import ConsensusError

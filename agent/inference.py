@@ -269,7 +269,7 @@ class InferenceService:
         headers[FORWARDED_HEADER] = self.peer.node_id
         timeout = aiohttp.ClientTimeout(total=self.peer.profile.forward_timeout_s, connect=min(1.0, self.peer.profile.forward_timeout_s))
         failures = []
-        for node_id, address, role, _variant in targets:
+        for node_id, address, _role, _variant in targets:
             url = f"http://{address}{request.rel_url.path}"
             try:
                 async with self.session().request(request.method, url, data=body or None, headers=headers, timeout=timeout) as response:
@@ -280,7 +280,7 @@ class InferenceService:
                     passed = {k: response.headers[k] for k in PASSED_HEADERS if k in response.headers}
                     self.peer.metrics.forwards.labels(outcome="ok" if response.status < 500 else "error").inc()
                     return web.Response(body=payload, status=response.status, headers=passed)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+            except (TimeoutError, aiohttp.ClientError, OSError) as error:
                 failures.append(f"{node_id}: {type(error).__name__}")
                 self.peer.metrics.forwards.labels(outcome="unreachable").inc()
                 if self.peer.detection is not None:

@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from functools import partial
 from typing import TYPE_CHECKING
 
 import structlog
 
 from redge.consensus import commands as c
 from redge.consensus.errors import ConsensusError
-from redge.consensus.state import ALIVE, FAILED, LEFT, SUSPECTED, ClusterState
+from redge.consensus.state import FAILED, LEFT, SUSPECTED, ClusterState
 from redge.placement.planner import PlanResult, ReasonKind, plan_for
 from redge.placement.problem import (
     App,
@@ -201,6 +202,10 @@ def describe(result: PlanResult) -> str:
     return actions + (f" ({reasons})" if reasons else "") + ("" if result.complete else " [more to follow]")
 
 
+def _problem_and_epoch(state: ClusterState, now_ms: int) -> tuple[Problem, int]:
+    return build_problem(state, now_ms), state.epoch
+
+
 class LeaderDuty:
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
@@ -251,8 +256,7 @@ class LeaderDuty:
         raft = self.peer.raft
         assert raft is not None
         for _ in range(PLAN_ATTEMPTS_MAX):
-            now_ms = int(time.time() * 1000)
-            problem, epoch = raft.read(lambda s: (build_problem(s, now_ms), s.epoch))
+            problem, epoch = raft.read(partial(_problem_and_epoch, now_ms=int(time.time() * 1000)))
             started = time.perf_counter()
             if len(problem.apps) * len(problem.nodes) <= INLINE_PLANNING_SIZE_MAX:
                 result = plan_with_fallback(problem)  # well under a millisecond: a thread hop costs more

@@ -28,13 +28,13 @@ from aiohttp import web
 
 from redge.agent.config import PeerConfig
 from redge.agent.detection import FailureDetection
+from redge.agent.errors import JoinFailed
 from redge.agent.inference import InferenceService
 from redge.agent.leader import LeaderDuty
-from redge.agent.reconciler import Reconciler
-from redge.agent.replicas import ReplicaManager
-from redge.agent.errors import JoinFailed
 from redge.agent.metrics import PeerMetrics
 from redge.agent.profile import Profile, get_profile
+from redge.agent.reconciler import Reconciler
+from redge.agent.replicas import ReplicaManager
 from redge.consensus import commands as c
 from redge.consensus.errors import ConsensusError
 from redge.consensus.raft import RaftNode, RaftStatus, split_address
@@ -172,7 +172,7 @@ class Peer:
                     if response.status != 200:
                         raise JoinFailed(f"{join_url}/cluster answered {response.status}")
                     snapshot = await response.json()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
             raise JoinFailed(f"cannot reach {join_url} to join: {error or type(error).__name__}") from None
         partners = [
             m["raft_address"] for m in snapshot.get("members", []) if m.get("status") != LEFT
@@ -192,7 +192,7 @@ class Peer:
                     text = await response.text()
                     if response.status != 200:
                         raise JoinFailed(f"{join_url} refused the join ({response.status}): {text}")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
             raise JoinFailed(f"join request to {join_url} failed: {error or type(error).__name__}") from None
         log.info("raft_membership_added", via=join_url)
 
@@ -297,7 +297,7 @@ class Peer:
         try:
             await asyncio.wait_for(self._commit_signal.wait(), timeout_s)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     def _on_leader_change(self, status: RaftStatus) -> None:
@@ -392,7 +392,7 @@ class Peer:
                 if not raft.status().is_leader:
                     await raft.remove_member(self.config.raft, timeout_s=max(0.1, deadline - time.monotonic()))
                 log.info("peer_left")
-            except (ConsensusError, asyncio.TimeoutError) as error:
+            except (TimeoutError, ConsensusError) as error:
                 log.warning("leave_incomplete", error=str(error) or type(error).__name__)
         await self.close()
 

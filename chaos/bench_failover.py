@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from redge.chaos.cluster import ClusterError, LocalCluster, http_json, wait_until
+from redge.chaos.observe import primary_of, replicas_loaded
 from redge.chaos.stats import summary
 
 APPS = [
@@ -46,23 +47,7 @@ def events_since(cluster: LocalCluster, via: str, since_ms: float) -> list[dict[
 
 
 def all_serving(cluster: LocalCluster, via: str) -> bool:
-    snapshot = cluster.peers[via].snapshot()
-    if snapshot is None or any(m["status"] != "alive" for m in snapshot["members"]):
-        return False
-    reports = {(r["app"], r["node_id"]): r["state"] for r in snapshot["replica_reports"]}
-    for app in APPS:
-        replicas = snapshot["plan"].get(app["name"], [])
-        if not any(r["role"] == "primary" for r in replicas) or len(replicas) < 2:
-            return False
-        for replica in replicas:
-            if replica["role"] in ("primary", "warm") and reports.get((app["name"], replica["node_id"])) not in ("serving", "load_done"):
-                return False
-    return True
-
-
-def primary_of(cluster: LocalCluster, via: str, app: str) -> str | None:
-    snapshot = cluster.peers[via].snapshot() or {}
-    return next((r["node_id"] for r in snapshot.get("plan", {}).get(app, []) if r["role"] == "primary"), None)
+    return replicas_loaded(cluster, via, [app["name"] for app in APPS], backups_min=1, members_alive=True)
 
 
 def trial(cluster: LocalCluster, fault: str) -> dict[str, Any]:

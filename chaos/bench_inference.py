@@ -122,9 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-round", type=int, default=25)
     parser.add_argument("--duration-s", type=float, default=10.0)
     args = parser.parse_args(argv)
-    from redge.chaos.demo import zoo_directory
-
     import torch
+
+    from redge.chaos.demo import zoo_directory
 
     torch.set_num_threads(1)
     zoo = prepare(zoo_directory())

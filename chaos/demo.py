@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from redge.chaos.cluster import LocalCluster, http_json, wait_until
+from redge.chaos.observe import primary_of, replicas_loaded
 from redge.chaos.stats import summary
 
 ZOO_MODELS = ("resnet50", "resnet18", "mobilenet_v3_large", "mobilenet_v3_small")
@@ -139,23 +140,7 @@ class ClosedLoopClient(threading.Thread):
 
 
 def serving(cluster: LocalCluster, via: str) -> bool:
-    snapshot = cluster.peers[via].snapshot()
-    if snapshot is None:
-        return False
-    reports = {(r["app"], r["node_id"]): r["state"] for r in snapshot["replica_reports"]}
-    for app in APPS:
-        replicas = snapshot["plan"].get(app["name"], [])
-        if not any(r["role"] == "primary" for r in replicas) or len(replicas) < 2:
-            return False
-        for replica in replicas:
-            if replica["role"] in ("primary", "warm") and reports.get((app["name"], replica["node_id"])) not in ("serving", "load_done"):
-                return False
-    return True
-
-
-def primary_of(cluster: LocalCluster, via: str, app: str) -> str | None:
-    snapshot = cluster.peers[via].snapshot() or {}
-    return next((r["node_id"] for r in snapshot.get("plan", {}).get(app, []) if r["role"] == "primary"), None)
+    return replicas_loaded(cluster, via, [app["name"] for app in APPS], backups_min=1)
 
 
 def fault_timeline(fault: dict[str, Any], events: list[dict[str, Any]], history: list[Operation]) -> dict[str, Any]:
@@ -325,9 +310,9 @@ def plot_timeline(history: list[Operation], faults: list[dict[str, Any]], events
             ok = [(o.start - start, 1000 * (o.end - o.start)) for o in ops if o.outcome == "ok"]
             bad = [(o.start - start, 1000 * (o.end - o.start)) for o in ops if o.outcome != "ok"]
             if ok:
-                axis.plot(*zip(*ok), ".", markersize=2, label=f"{client}")
+                axis.plot(*zip(*ok, strict=True), ".", markersize=2, label=f"{client}")
             if bad:
-                axis.plot(*zip(*bad), "x", color="red", markersize=5, label=f"{client} failed")
+                axis.plot(*zip(*bad, strict=True), "x", color="red", markersize=5, label=f"{client} failed")
         for fault in faults:
             axis.axvline(fault["at"] - start, color="black", linestyle="--", linewidth=1)
             axis.text(fault["at"] - start, axis.get_ylim()[1] if axis.lines else 1, " " + fault["kind"], fontsize=7, va="top")

@@ -224,8 +224,7 @@ class RaftNode:
             if leader is not None and node == leader and not self._sync._isLeader():
                 # pysyncobj keeps time with CLOCK_MONOTONIC_RAW, not time.monotonic().
                 deadline = raft_clock_s() + random.uniform(delay_min_s, delay_max_s)
-                if deadline < self._sync._SyncObj__raftElectionDeadline:
-                    self._sync._SyncObj__raftElectionDeadline = deadline
+                self._sync._SyncObj__raftElectionDeadline = min(self._sync._SyncObj__raftElectionDeadline, deadline)
 
         transport.setOnNodeDisconnectedCallback(on_disconnected)
 
@@ -280,7 +279,7 @@ class RaftNode:
         self._machine.apply_command(data, callback=settle)
         try:
             return await asyncio.wait_for(future, timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ProposalTimeout(
                 f"no commit within {timeout_s * 1000:.0f} ms for {type(command).__name__}; the outcome is unknown"
             ) from None
@@ -294,7 +293,7 @@ class RaftNode:
         operation(address, callback=settle)
         try:
             await asyncio.wait_for(future, timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ProposalTimeout(f"membership change for {address} not committed in {timeout_s}s") from None
 
     async def add_member(self, address: str, *, timeout_s: float) -> None:

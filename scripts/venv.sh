@@ -6,7 +6,9 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-python3}
-spec_hash=$(cat "$root/pyproject.toml" "$root/requirements/constraints.txt" | sha256sum | cut -c1-16)
+# Only what decides the installed packages goes into the key: the [project] table (not the
+# [tool.*] settings of pytest or ruff) and the constraints.
+spec_hash=$( (sed -n '/^\[project\]/,/^\[tool\./p' "$root/pyproject.toml"; cat "$root/requirements/constraints.txt") | sha256sum | cut -c1-16)
 venv=${REDGE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/redge/venv-$spec_hash}
 if [ ! -f "$venv/.deps-installed" ]; then
     echo "building the environment in $venv (first run only: torch is large)" >&2

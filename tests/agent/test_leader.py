@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from redge.agent.leader import build_problem, plan_with_fallback, placements_of
+from redge.agent.leader import build_problem, placements_of, plan_with_fallback
 from redge.consensus import commands as c
 from redge.consensus.state import ClusterState
 from redge.placement.planner import plan_for

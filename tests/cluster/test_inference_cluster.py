@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from redge.agent import oip
 from redge.agent.client import Client, RequestRejected
 from redge.chaos.cluster import LocalCluster, http_json, wait_until
+from redge.chaos.observe import primary_of, replicas_loaded
 from redge.runtime.testing import IN_FEATURES, write_family
 
 pytestmark = pytest.mark.cluster
@@ -35,25 +36,8 @@ def events(cluster: LocalCluster, via: str) -> list[dict]:
     return body["events"] if status == 200 else []
 
 
-def primary_of(cluster: LocalCluster, via: str, app: str) -> str | None:
-    snapshot = cluster.peers[via].snapshot() or {}
-    return next((r["node_id"] for r in snapshot.get("plan", {}).get(app, []) if r["role"] == "primary"), None)
-
-
 def serving_everywhere(cluster: LocalCluster, via: str, apps: list[str]) -> bool:
-    """Every app's primary and warm backups report loaded."""
-    snapshot = cluster.peers[via].snapshot()
-    if snapshot is None:
-        return False
-    reports = {(r["app"], r["node_id"]): r["state"] for r in snapshot["replica_reports"]}
-    for app in apps:
-        replicas = snapshot["plan"].get(app, [])
-        if not any(r["role"] == "primary" for r in replicas):
-            return False
-        for replica in replicas:
-            if replica["role"] in ("primary", "warm") and reports.get((app, replica["node_id"])) not in ("serving", "load_done"):
-                return False
-    return True
+    return replicas_loaded(cluster, via, apps)
 
 
 @pytest.fixture
@@ -86,7 +70,7 @@ def test_any_peer_serves_any_app_and_says_who_served(serving_cluster):
     primary = primary_of(cluster, "n1", "det")
     x = np.random.default_rng(0).standard_normal((2, IN_FEATURES)).astype(np.float32)
     answers = []
-    for node_id, peer in cluster.peers.items():
+    for peer in cluster.peers.values():
         for binary in (True, False):
             status, header, arrays = infer_http(peer.url, "det", {"input": x}, binary=binary)
             assert status == 200, header
@@ -131,9 +115,8 @@ def test_bad_input_gets_4xx_and_the_peer_keeps_serving(serving_cluster):
         pass  # the server may close the connection on an oversized body: also a refusal
     status, _, arrays = infer_http(url, "det", {"input": np.ones((1, IN_FEATURES), np.float32)})
     assert status == 200 and arrays["output"].shape == (1, 4)
-    with Client([url]) as client:
-        with pytest.raises(RequestRejected):
-            client.infer("det", {"input": np.zeros((1, 3), np.float32)})
+    with Client([url]) as client, pytest.raises(RequestRejected):
+        client.infer("det", {"input": np.zeros((1, 3), np.float32)})
 
 
 def test_primary_crash_warm_backup_serves_under_next_epoch_and_client_never_fails(serving_cluster):
