@@ -128,7 +128,10 @@ class FailureDetection:
             self._loop.call_soon_threadsafe(self.service.set_targets, targets)
         for node_id in list(self._opinions):
             if node_id not in watched_ids:
+                # No longer ours to watch: withdraw what we said, the monitor forgets silently.
                 self._opinions.pop(node_id, None)
+                if any(m[0] == node_id for m in members):
+                    self._propose_until_done(node_id, None)
 
     # ------------------------------------------------------------------ verdicts
 
