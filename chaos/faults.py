@@ -461,12 +461,12 @@ class Nemesis:
 
     def primary_of(self, app: str) -> str:
         """The node the committed plan makes `app`'s primary, as the leader sees it now."""
-        leader = self.leader()
-        snapshot = self.cluster.peers[leader].snapshot(timeout_s=2.0) or {}
-        for replica in (snapshot.get("plan") or {}).get(app, []):
-            if replica.get("role") == "primary":
-                return replica["node_id"]
-        raise FaultUnavailable(f"app {app!r} has no primary in the committed plan")
+        from redge.chaos.observe import primary_of
+
+        node = primary_of(self.cluster, self.leader(), app)
+        if node is None:
+            raise FaultUnavailable(f"app {app!r} has no primary in the committed plan")
+        return node
 
     def resolve(self, fault: Fault, selectors: tuple[str, ...]) -> tuple[str, ...]:
         """Node ids for `selectors`; random picks come from the seeded rng, from sorted lists."""
@@ -493,7 +493,7 @@ class Nemesis:
         named = [list(self.resolve(fault, tuple(s for s in group if s != "rest"))) for group in groups]
         everyone = {node for group in named for node in group}
         rest = sorted(n for n in self.cluster.peers if n not in everyone)
-        return [group + (rest if "rest" in original else []) for group, original in zip(named, groups)]
+        return [group + (rest if "rest" in original else []) for group, original in zip(named, groups, strict=True)]
 
     # ------------------------------------------------------------------ apply / heal
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+
 from redge.chaos.history import FAIL, INFO, OK, History, Operation
 
 KINDS = ("probe", "infer")

@@ -115,12 +115,12 @@ def plot(report: dict[str, Any], operations: Sequence[Operation], path: Path) ->
             ok = [((o.start_ms - start) / 1000, o.latency_ms) for o in mine
                   if o.outcome == OK and (o.node or o.target) == server]
             if ok:
-                axis.plot(*zip(*ok), markers[index % len(markers)], markersize=3,
+                axis.plot(*zip(*ok, strict=True), markers[index % len(markers)], markersize=3,
                           color=colors[server_index % len(colors)], label=f"{app} ok from {server}")
         for outcome, marker, color, label in ((FAIL, "x", "red", "failed"), (INFO, "^", "black", "unknown")):
             points = [((o.start_ms - start) / 1000, max(o.latency_ms, 0.1)) for o in mine if o.outcome == outcome]
             if points:
-                axis.plot(*zip(*points), marker, color=color, markersize=5, linestyle="none", label=f"{app} {label}")
+                axis.plot(*zip(*points, strict=True), marker, color=color, markersize=5, linestyle="none", label=f"{app} {label}")
     marks_seen: set[str] = set()
 
     def mark(at_ms: float, color: str, style: str, label: str) -> None:

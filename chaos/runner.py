@@ -32,6 +32,7 @@ from redge.chaos.faults import FaultRecord, FaultUnavailable, Nemesis
 from redge.chaos.history import History, Operation
 from redge.chaos.load import LoadGenerator
 from redge.chaos.measure import distributions, measure, overhead, response_times
+from redge.chaos.observe import replicas_loaded
 from redge.chaos.scenario import Scenario, load_scenario, load_scenario_with_seed
 
 CLUSTER_START_S = 90.0
@@ -127,20 +128,9 @@ def run_scenario(path: Path | str, out_dir: Path | str, *, quiet: bool = False,
 
 
 def serving(cluster: LocalCluster, apps: list[str]) -> bool:
-    """Every app has a primary, and its primary and warm backups report loaded."""
+    """Every app has a primary, and its primary and warm backups report loaded (leader's view)."""
     leader = cluster.leader()
-    snapshot = cluster.peers[leader].snapshot() if leader else None
-    if snapshot is None:
-        return False
-    reports = {(r["app"], r["node_id"]): r["state"] for r in snapshot.get("replica_reports", [])}
-    for app in apps:
-        replicas = snapshot.get("plan", {}).get(app, [])
-        if not any(r["role"] == "primary" for r in replicas):
-            return False
-        if any(r["role"] in ("primary", "warm") and reports.get((app, r["node_id"])) not in ("serving", "load_done")
-               for r in replicas):
-            return False
-    return True
+    return bool(leader) and replicas_loaded(cluster, leader, apps)
 
 
 def _source_args(scenario: Scenario, scratch: Path) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from redge.chaos.checker import Expectations, check
 from redge.chaos.measure import measure
 from redge.chaos.testing import event, fault, op

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from redge.chaos.cluster import wait_until
 from redge.chaos.faults import (
     Bandwidth,

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 from aiohttp import web
+
 from redge.chaos.cluster import free_ports, wait_until
 from redge.chaos.load import LoadGenerator, LoadSpec, classify, infer_body
 

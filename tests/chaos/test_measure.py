@@ -7,6 +7,7 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from redge.chaos.measure import (
     INFINITY_MS,
     app_recovery,

@@ -13,6 +13,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 import pytest
+
 from redge.chaos.faults import Nemesis, PacketLoss, Partition
 from redge.chaos.netns import NetnsNetwork, NetnsUnavailable, Portal, netns_unavailable_reason
 

@@ -11,6 +11,7 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from redge.chaos.cluster import free_ports
 from redge.chaos.proxy import DelayModel
 

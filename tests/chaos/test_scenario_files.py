@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from redge.chaos.faults import Cascade, Crash, Hang, KillLeader, Partition
 from redge.chaos.scenario import SCENARIO_DIRECTORY, ScenarioError, load_scenario, parse_scenario
 

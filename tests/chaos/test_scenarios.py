@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from redge.chaos.runner import run_scenario
 from redge.chaos.scenario import load_scenario
 
