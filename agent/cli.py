@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("zoo_command", choices=["export"], help="export: see `redge zoo export --help`")
     zoo.add_argument("zoo_args", nargs=argparse.REMAINDER)
 
+    chaos = commands.add_parser("chaos", help="break a local cluster on purpose and measure what it costs")
+    chaos.add_argument("chaos_command", choices=["run"], help="run: see `redge chaos run --help`")
+    chaos.add_argument("chaos_args", nargs=argparse.REMAINDER)
+
     demo = commands.add_parser("demo", help="run a local cluster, break it, and print what it cost")
     demo.add_argument("--out", type=Path, default=Path("results/demo"), help="where to write the report")
     demo.add_argument("--peers", type=int, default=3)
@@ -103,6 +107,10 @@ def main(argv: list[str] | None = None) -> None:
         from redge.runtime.zoo import main as zoo_main
 
         sys.exit(zoo_main(argv[2:]))
+    if argv[:2] == ["chaos", "run"]:
+        from redge.chaos.runner import main as chaos_main
+
+        sys.exit(chaos_main(argv[2:]))
     args = build_parser().parse_args(argv)
     try:
         if args.command == "peer":

@@ -166,8 +166,6 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
     import torch
     from redge.runtime.loader import load
 
-    if options.nice:
-        os.nice(options.nice)
     torch.set_num_threads(options.threads)
     try:
         torch.set_num_interop_threads(1)
@@ -333,6 +331,7 @@ class ModelHost:
         )
         self._process.start()
         child_end.close()  # so that the child's death closes the pipe and we see EOF
+        self._lower_priority()
         threading.Thread(target=self._read_loop, name="model-host-reader", daemon=True).start()
         threading.Thread(target=self._send_loop, name="model-host-sender", daemon=True).start()
         try:
@@ -343,6 +342,18 @@ class ModelHost:
         finally:
             self._pending.pop(0, None)
         log.info("model_host_started", pid=self._process.pid, threads=self.options.threads, device=self.options.device)
+
+    def _lower_priority(self) -> None:
+        """Apply `nice` from here, right after the spawn: the child's start-up (importing
+        torch takes seconds of CPU) already runs below the peer, and the threads it starts
+        later inherit the value. Linux nice values are per thread; the child has one now."""
+        if not self.options.nice or self._process is None:
+            return
+        try:
+            target = min(19, os.getpriority(os.PRIO_PROCESS, 0) + self.options.nice)
+            os.setpriority(os.PRIO_PROCESS, self._process.pid, target)
+        except OSError as error:
+            log.warning("model_host_priority_unchanged", error=str(error))
 
     def close(self) -> None:
         """Stop the host process (gracefully, then by force); idempotent and bounded.
