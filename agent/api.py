@@ -21,8 +21,7 @@ from aiohttp import web
 from redge import __version__
 from redge.agent import metrics as metrics_module
 from redge.consensus import commands as c
-from redge.consensus.errors import ConsensusError, ProposalTimeout
-from redge.consensus.raft import split_address
+from redge.consensus.errors import ConsensusError, MalformedCommand, ProposalTimeout
 
 if TYPE_CHECKING:
     from redge.agent.peer import Peer
@@ -191,19 +190,23 @@ async def cluster_join(request: web.Request) -> web.Response:
     if not hmac.compare_digest(signature.encode(), sign_join(peer.config.secret, body).encode()):
         raise HttpError(403, "join refused: the signature does not match this cluster's secret")
     try:
-        data = orjson.loads(body)
-        raft_address = str(data["raft_address"])
-        at_ms = int(data["at_ms"])
-        split_address(raft_address)
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-        raise HttpError(400, f"join body must be {{node_id, raft_address, at_ms}}: {error}") from None
-    if abs(time.time() * 1000 - at_ms) > JOIN_CLOCK_SKEW_S * 1000:
+        command = c.decode(body)
+    except MalformedCommand as error:
+        raise HttpError(400, f"join body must be an encoded Join command: {error}") from None
+    if not isinstance(command, c.Join):
+        raise HttpError(400, "join body must be an encoded Join command")
+    if abs(time.time() * 1000 - command.at_ms) > JOIN_CLOCK_SKEW_S * 1000:
         raise HttpError(403, "join refused: the request is too old (or the clocks disagree)")
+    raft_address = command.raft_address
     assert peer.raft is not None
+    # Record the member first, then make it a voter (see Peer._request_join).
+    outcome = await peer.propose(command)
+    if not outcome.accepted:
+        raise HttpError(409, f"join refused: {outcome.reason}")
     if raft_address == peer.config.raft or raft_address in peer.raft.status().partners:
         return json_response({"joined": True, "detail": "already a member of the Raft group"})
     await peer.raft.add_member(raft_address, timeout_s=peer.profile.proposal_timeout_s)
-    log.info("raft_member_added", raft_address=raft_address, node_id=data.get("node_id"))
+    log.info("raft_member_added", raft_address=raft_address, node_id=command.node_id)
     return json_response({"joined": True})
 
 

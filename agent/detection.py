@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("redge.detection")
 
 RETRY_S_FIRST = 0.02
-RETRY_S_MAX = 0.5
-ATTEMPTS_MAX = 200
+RETRY_S_MAX = 1.0
+STOP_TIMEOUT_S = 5.0
 
 
 def now_ms() -> int:
@@ -89,7 +89,11 @@ class FailureDetection:
         for task in self._proposals.values():
             task.cancel()
         if self.service is not None and self._loop is not None:
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.service.stop(), self._loop))
+            stopping = asyncio.run_coroutine_threadsafe(self.service.stop(), self._loop)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(stopping), STOP_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("heartbeat_stop_timed_out")
         await self._stop_thread()
 
     async def _stop_thread(self) -> None:
@@ -159,9 +163,13 @@ class FailureDetection:
         self._proposals[node_id] = asyncio.create_task(self._propose(node_id, reason))
 
     async def _propose(self, node_id: str, reason: str | None) -> None:
-        """Commit this observer's opinion; retried while it stands (bounded)."""
+        """Commit this observer's opinion; retried for as long as it stands.
+
+        No attempt limit: a partition can outlast any, and giving up would leave a dead node
+        unconfirmed (or a withdrawn suspicion standing) once it heals. The loop ends when
+        the opinion changes (this task is then cancelled) or the command commits."""
         delay_s = RETRY_S_FIRST
-        for _ in range(ATTEMPTS_MAX):
+        while True:
             command: c.Command
             if reason is None:
                 command = c.Unsuspect(self.peer.node_id, node_id, now_ms())
@@ -177,7 +185,6 @@ class FailureDetection:
                 log.debug("suspicion_retry", target=node_id, error=type(error).__name__)
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, RETRY_S_MAX)
-        log.warning("suspicion_not_committed", target=node_id)
 
     def stats(self) -> dict[str, object]:
         if self.service is None:

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import structlog
+
 from redge.agent.clock import Clock, MonotonicClock
 from redge.agent.detector import (
     Degraded,

@@ -156,7 +156,12 @@ class InferenceService:
                     "parameters": {"node_id": self.peer.node_id, "variant": local.variant, "epoch": self._epoch()},
                 }
             )
-        return await self._forward(request, app, b"")
+        if FORWARDED_HEADER in request.headers:
+            raise HttpError(503, f"{app} is not loaded on {self.peer.node_id}")
+        try:
+            return await self._forward(request, app, b"")
+        except Unavailable as error:
+            raise HttpError(503, str(error)) from None
 
     async def model_ready(self, request: web.Request) -> web.Response:
         from redge.agent.api import HttpError, json_response
@@ -208,7 +213,10 @@ class InferenceService:
         forwarded = FORWARDED_HEADER in request.headers
         prefer_local = forwarded or request.headers.get(PREFER_LOCAL_HEADER, "") not in ("", "0", "false")
         local = self.peer.replicas.serving(app) if self.peer.replicas else None
-        if local is not None and (local.role == "primary" or prefer_local):
+        # Serve here if the committed plan makes this node the primary, or if the caller
+        # already failed with the primary (a backup answering at once is the point of it).
+        planned_primary = self._state_read(lambda s: (p := s.primary_of(app)) is not None and p.node_id == self.peer.node_id)
+        if local is not None and (planned_primary or prefer_local):
             return await self._serve_locally(request, app, body)
         if forwarded:
             raise HttpError(503, f"{app} is not loaded on {self.peer.node_id}")
@@ -265,11 +273,18 @@ class InferenceService:
         targets = self._state_read(lambda s: route_targets(s, app, self.peer.node_id))
         if not targets:
             raise Unavailable(f"no replica of {app} can serve now")
-        headers = {name: request.headers[name] for name in ("Content-Type", oip.HEADER_LENGTH, DEADLINE_HEADER) if name in request.headers}
+        headers = {name: request.headers[name] for name in ("Content-Type", oip.HEADER_LENGTH) if name in request.headers}
         headers[FORWARDED_HEADER] = self.peer.node_id
-        timeout = aiohttp.ClientTimeout(total=self.peer.profile.forward_timeout_s, connect=min(1.0, self.peer.profile.forward_timeout_s))
+        deadline = self._deadline_s(request)  # one deadline for every target tried
         failures = []
         for node_id, address, _role, _variant in targets:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                failures.append("deadline passed")
+                break
+            headers[DEADLINE_HEADER] = str(max(1, int(remaining_s * 1000)))
+            attempt_s = min(self.peer.profile.forward_timeout_s, remaining_s)
+            timeout = aiohttp.ClientTimeout(total=attempt_s, connect=min(1.0, attempt_s))
             url = f"http://{address}{request.rel_url.path}"
             try:
                 async with self.session().request(request.method, url, data=body or None, headers=headers, timeout=timeout) as response:
@@ -283,8 +298,8 @@ class InferenceService:
             except (TimeoutError, aiohttp.ClientError, OSError) as error:
                 failures.append(f"{node_id}: {type(error).__name__}")
                 self.peer.metrics.forwards.labels(outcome="unreachable").inc()
-                if self.peer.detection is not None:
-                    self.peer.detection.on_request_timeout(node_id)
+                if isinstance(error, TimeoutError) and self.peer.detection is not None:
+                    self.peer.detection.on_request_timeout(node_id)  # slow, not gone: evidence of degradation
         raise Unavailable(f"no replica of {app} answered: {', '.join(failures)}")
 
     # ------------------------------------------------------------------ artifacts
@@ -312,7 +327,7 @@ class InferenceService:
         loop = asyncio.get_running_loop()
         try:
             whole = await loop.run_in_executor(None, store.open_range, name, version, file, 0, None)
-        except (ArtifactNotFound, ManifestInvalid, ValueError) as error:
+        except (RuntimeFailure, OSError, ValueError) as error:
             raise HttpError(404, str(error)) from None
         size = whole.size_bytes
         start, end, status = 0, size, 200
@@ -324,7 +339,10 @@ class InferenceService:
                                     body=orjson.dumps({"error": f"unsatisfiable range {range_header!r}"}),
                                     content_type="application/json")
             start, end, status = parsed[0], parsed[1], 206
-        part = await loop.run_in_executor(None, store.open_range, name, version, file, start, end)
+        try:
+            part = await loop.run_in_executor(None, store.open_range, name, version, file, start, end)
+        except (RuntimeFailure, OSError, ValueError) as error:
+            raise HttpError(404, f"artifact file went away: {error}") from None
         response = web.StreamResponse(status=status)
         response.content_length = part.length_bytes
         response.content_type = "application/octet-stream"

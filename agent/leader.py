@@ -12,6 +12,7 @@ refuses if anything else committed a plan first, and then the leader simply plan
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from functools import partial
@@ -45,6 +46,9 @@ log = structlog.get_logger("redge.leader")
 # Commands after which the right placement may differ.
 TRIGGERS = (c.Join, c.Leave, c.Suspect, c.Unsuspect, c.RegisterApp, c.RemoveApp, c.StoreReport, c.Report)
 PLAN_ATTEMPTS_MAX = 5
+REPLAN_S = 5.0
+STOP_TIMEOUT_S = 5.0
+DEPARTED_VOTER_GRACE_MS = 30_000
 # After a confirmed failure, keep running primaries at their variants this long instead of
 # growing them back: a cluster that was just hurt is not reshuffled.
 RESTORE_HOLD_DOWN_MS = 10_000
@@ -212,21 +216,25 @@ class LeaderDuty:
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.plans_committed = 0
+        self._stopped = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="leader_duty")
         self._dirty.set()
 
     async def stop(self) -> None:
+        """Stop the duty, bounded: its loop also checks the flag, since a cancellation that
+        lands as its wait completes can be swallowed by asyncio.wait_for."""
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+            self._dirty.set()
+            await asyncio.wait({self._task}, timeout=STOP_TIMEOUT_S)
 
     def on_commit(self, command: c.Command | None, outcome) -> None:
-        if outcome.accepted and not outcome.duplicate and isinstance(command, TRIGGERS):
+        if command is None and outcome.accepted:  # a snapshot replaced the state
+            self._dirty.set()
+        elif outcome.accepted and not outcome.duplicate and isinstance(command, TRIGGERS):
             if isinstance(command, c.Report) and command.kind not in ("load_failed", "degraded", "recovered"):
                 return
             self._dirty.set()
@@ -235,21 +243,71 @@ class LeaderDuty:
         self._dirty.set()
 
     async def _run(self) -> None:
-        while True:
-            await self._dirty.wait()
+        backoff_s = 0.05
+        while not self._stopped:
+            # Besides commits, time changes the answer: hold-downs end, the restore pause
+            # after a failure ends. Wake for those, and at least every REPLAN_S.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._next_deadline_s()):
+                    await self._dirty.wait()
             self._dirty.clear()
+            if self._stopped:
+                return
             raft = self.peer.raft
             if raft is None or not raft.status().is_leader:
                 continue
             try:
-                await self.plan_and_commit()
+                result = await self.plan_and_commit()
+                await self.remove_departed_voters()
+                backoff_s = 0.05
+                if result is None:  # refused every time: someone else keeps committing; try again
+                    self._dirty.set()
             except ConsensusError as error:
                 log.info("plan_not_committed", error=str(error) or type(error).__name__)
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 2.0)
                 self._dirty.set()
             except Exception:
                 log.exception("planning_failed")
                 await asyncio.sleep(1.0)
+                self._dirty.set()
+
+    def _next_deadline_s(self) -> float:
+        raft = self.peer.raft
+        if raft is None:
+            return REPLAN_S
+        now_ms = int(time.time() * 1000)
+
+        def deadlines(state: ClusterState) -> list[int]:
+            ends = [m.hold_down_until_ms for m in state.members.values() if m.hold_down_until_ms > now_ms]
+            failures = [m.status_changed_at_ms for m in state.members.values() if m.status == FAILED]
+            if failures:
+                ends.append(max(failures) + RESTORE_HOLD_DOWN_MS)
+            return [end for end in ends if end > now_ms]
+
+        soonest = min(raft.read(deadlines), default=None)
+        if soonest is None:
+            return REPLAN_S
+        return min(REPLAN_S, max(0.01, (soonest - now_ms) / 1000 + 0.01))
+
+    async def remove_departed_voters(self) -> None:
+        """Members that left stay Raft voters if their own removal did not finish: remove them
+        here (idempotent), or the group keeps counting a dead voter against its quorum."""
+        raft = self.peer.raft
+        assert raft is not None
+        partners = raft.status().partners
+        # A leaving peer removes itself right after its Leave commits; only one that did not
+        # finish within the grace is removed from here.
+        cutoff_ms = int(time.time() * 1000) - DEPARTED_VOTER_GRACE_MS
+        departed = raft.read(
+            lambda s: sorted(
+                m.raft_address for m in s.members.values()
+                if m.status == LEFT and m.raft_address in partners and m.status_changed_at_ms < cutoff_ms
+            )
+        )
+        for address in departed[:1]:  # Raft changes membership one at a time
+            log.info("removing_departed_voter", raft_address=address)
+            await raft.remove_member(address, timeout_s=self.peer.profile.proposal_timeout_s)
 
     async def plan_and_commit(self) -> PlanResult | None:
         """Plan from the committed state and commit the result if it changes anything."""

@@ -113,6 +113,8 @@ def parse_infer_request(body: bytes, header_length: str | None, body_bytes_max: 
         if name in inputs:
             raise BadRequest(f"{where} given twice")
         datatype = raw.get("datatype")
+        if not isinstance(datatype, str):
+            raise BadRequest(f"{where}: datatype must be a string such as FP32")
         if datatype == "BYTES":
             raise BadRequest(f"{where}: datatype BYTES is not supported by redge's tensor backends")
         if datatype not in DATATYPE_NUMPY:

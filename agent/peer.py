@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-import orjson
 import structlog
 from aiohttp import web
 
@@ -127,22 +126,25 @@ class Peer:
                 await site.start()
             except OSError as error:
                 raise OSError(f"cannot bind the HTTP address {config.http}: {error.strerror or error}") from None
+            log.info(
+                "peer_started",
+                http=config.http,
+                raft=config.raft,
+                heartbeat=config.heartbeat,
+                incarnation=self.incarnation,
+                profile=self.profile.name,
+                partners=partners,
+            )
+            if config.join:
+                await self._request_join(config.join)
         except BaseException:
+            if self._runner is not None:
+                await self._runner.cleanup()
+                self._runner = None
             if self.detection is not None:
                 await self.detection.stop()
             self.raft.close()
             raise
-        log.info(
-            "peer_started",
-            http=config.http,
-            raft=config.raft,
-            heartbeat=config.heartbeat,
-            incarnation=self.incarnation,
-            profile=self.profile.name,
-            partners=partners,
-        )
-        if config.join:
-            await self._request_join(config.join)
         self._tasks.append(asyncio.create_task(self._keep_registered(), name="keep_registered"))
         self.leader.start()
         self.reconciler.start()
@@ -183,7 +185,9 @@ class Peer:
         return partners
 
     async def _request_join(self, join_url: str) -> None:
-        body = orjson.dumps({"node_id": self.node_id, "raft_address": self.config.raft, "at_ms": now_ms()})
+        # The member records this peer in the cluster state before adding it to Raft: a Raft
+        # voter with no live member record would look like a departed one to the leader.
+        body = c.encode(self._join_command())
         headers = {JOIN_SIGNATURE_HEADER: sign_join(self.config.secret, body), "Content-Type": "application/json"}
         timeout = aiohttp.ClientTimeout(total=self.profile.request_timeout_s * 2)
         try:
@@ -281,11 +285,13 @@ class Peer:
             await asyncio.sleep(1.0)
 
     def _on_commit(self, command: c.Command | None, outcome: Outcome) -> None:
-        name = type(command).__name__ if command is not None else "malformed"
+        # `command is None` with an accepted outcome: a snapshot replaced the whole state.
+        name = type(command).__name__ if command is not None else ("snapshot" if outcome.accepted else "malformed")
         self.metrics.commands_applied.labels(command=name, outcome="accepted" if outcome.accepted else "rejected").inc()
-        if isinstance(command, (c.Join, c.Leave, c.Suspect)):
+        replaced = command is None and outcome.accepted
+        if replaced or isinstance(command, (c.Join, c.Leave, c.Suspect)):
             self._state_changed.set()
-        if isinstance(command, (c.Join, c.Leave, c.Suspect, c.Unsuspect)) and self.detection is not None:
+        if (replaced or isinstance(command, (c.Join, c.Leave, c.Suspect, c.Unsuspect))) and self.detection is not None:
             self.detection.refresh_targets()
         for hook in list(self._commit_hooks):
             hook(command, outcome)
@@ -398,6 +404,7 @@ class Peer:
 
     async def close(self) -> None:
         self._stopping = True
+        log.info("peer_closing", step="duties")
         await self.leader.stop()
         if self.reconciler is not None:
             await self.reconciler.stop()
@@ -406,14 +413,18 @@ class Peer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        log.info("peer_closing", step="http")
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        log.info("peer_closing", step="heartbeats")
         if self.detection is not None:
             await self.detection.stop()
         await self.inference.close()
+        log.info("peer_closing", step="models")
         if self.replicas is not None:
             await self.replicas.close()
+        log.info("peer_closing", step="raft")
         if self.raft is not None:
             self.raft.close()
         self._closed.set()

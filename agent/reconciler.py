@@ -36,6 +36,11 @@ log = structlog.get_logger("redge.reconciler")
 
 PRIORITY_ORDER = {"critical": 0, "standard": 1, "best-effort": 2}
 REPORT_TIMEOUT_S = 2.0
+LOAD_ATTEMPTS_MAX = 5
+RETRY_S = 1.0
+# How long a copy the plan no longer wants is kept while its successor elsewhere loads.
+KEEP_FOR_SUCCESSOR_S = 30.0
+STOP_TIMEOUT_S = 5.0
 
 
 def now_ms() -> int:
@@ -75,35 +80,54 @@ class Reconciler:
         self.source = source
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._failed: dict[tuple[str, str, int], str] = {}  # (app, variant, epoch) -> error
+        # (app, variant, epoch) -> (failed attempts, monotonic time of the next try)
+        self._failed: dict[tuple[str, str, int], tuple[int, float]] = {}
+        self._kept_since: dict[str, float] = {}
+        self._retry: asyncio.TimerHandle | None = None
+        self._stopped = False
         self._last_store_report: tuple | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="reconciler")
+        self.replicas.on_host_crash = self._on_host_crash
+        self._wake.set()
+
+    def _on_host_crash(self, lost_apps: list[str]) -> None:
+        """The model host died: what it held is gone; reload what the plan wants here."""
+        log.warning("model_host_crashed", apps=lost_apps)
+        for app in lost_apps:
+            asyncio.get_running_loop().create_task(self._report("load_failed", app, "", 0, detail="model host crashed"))
         self._wake.set()
 
     async def stop(self) -> None:
+        """Stop the duty, bounded: its loop also checks the flag, since a cancellation that
+        lands as its wait completes can be swallowed by asyncio.wait_for."""
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+            self._wake.set()
+            await asyncio.wait({self._task}, timeout=STOP_TIMEOUT_S)
 
     def on_commit(self, command: c.Command | None, outcome) -> None:
-        if outcome.accepted and isinstance(command, (c.CommitPlan, c.RemoveApp, c.StoreReport, c.Join)):
+        if not outcome.accepted:
+            return
+        if command is None or isinstance(command, (c.CommitPlan, c.RemoveApp, c.StoreReport, c.Join)):
             self._wake.set()
+        elif isinstance(command, c.Report) and command.kind in ("serving", "load_done") and command.node_id != self.peer.node_id:
+            self._wake.set()  # a new primary is up: an old copy kept for it can go now
 
     async def _run(self) -> None:
         await self.peer.wait_registered()
         if self.source or await asyncio.get_running_loop().run_in_executor(None, self.store.list):
             # This peer will host models: start the model host now rather than on the
             # first load, where its start-up (importing torch) would count as loading time.
-            asyncio.create_task(self.replicas.warm_up(), name="model_host_start")
+            self.replicas.warm_up()
         await self.report_store()
-        while True:
+        while not self._stopped:
             await self._wake.wait()
             self._wake.clear()
+            if self._stopped:
+                return
             try:
                 await self.reconcile()
             except ConsensusError as error:
@@ -139,7 +163,13 @@ class Reconciler:
     async def reconcile(self) -> None:
         epoch, desired, priorities = self._desired()
         ordered = sorted(desired.items(), key=lambda item: (PRIORITY_ORDER.get(priorities.get(item[0], ""), 9), item[0]))
-        # 1. Promotions and demotions of what is already loaded: flags, no loads.
+        # 1. Roles of what is already loaded: flags, no loads. Demotions first, so that a
+        #    node the plan no longer makes primary stops acting as one before anything else.
+        for app in sorted(self.replicas.replicas):
+            wanted = desired.get(app)
+            local = self.replicas.replicas[app]
+            if local.role == "primary" and (wanted is None or wanted.role != "primary" or wanted.variant != local.variant):
+                await self.replicas.set_role(app, "warm")
         for app, replica in ordered:
             local = self.replicas.serving(app)
             if local is not None and local.variant == replica.variant and replica.role in ("primary", "warm"):
@@ -157,7 +187,8 @@ class Reconciler:
             local = self.replicas.serving(app)
             if local is not None and local.variant == replica.variant:
                 continue
-            if (app, replica.variant, epoch) in self._failed:
+            failure = self._failed.get((app, replica.variant, epoch))
+            if failure is not None and (failure[0] >= LOAD_ATTEMPTS_MAX or time.monotonic() < failure[1]):
                 continue
             await self._load(app, replica, epoch)
         # 3. Cold backups: the artifact on disk, not in memory.
@@ -167,16 +198,51 @@ class Reconciler:
                 return
             if replica.role != "cold":
                 continue
-            if self.replicas.serving(app) is not None:
+            if self.replicas.serving(app) is not None and self._successor_serving(app):
                 await self.replicas.unload(app)
                 await self._report("unloaded", app, replica.variant, epoch, detail="now a cold backup")
-            await self._ensure_stored(app, replica.variant, "cold_backup", epoch)
-        # 4. Whatever this node no longer runs.
+            try:
+                await self._ensure_stored(app, replica.variant, "cold_backup", epoch)
+            except (RuntimeFailure, OSError) as error:
+                # One artifact that cannot be fetched now must not stop the rest of the work.
+                log.warning("prefetch_failed", app=app, variant=replica.variant, error=str(error))
+                self._retry_later()
+        # 4. Whatever this node no longer runs, once its successor serves (a copy that is no
+        #    longer planned still answers clients that reach it until then).
         for app in sorted(set(self.replicas.replicas) - set(desired)):
+            if not self._successor_serving(app):
+                self._retry_later()
+                continue
             variant = self.replicas.replicas[app].variant
             await self.replicas.unload(app)
             await self._report("unloaded", app, variant, epoch)
+        self._failed = {key: value for key, value in self._failed.items() if key[2] == epoch}
         await self.report_store()
+
+    def _successor_serving(self, app: str) -> bool:
+        """Whether `app`'s planned primary elsewhere reports itself loaded (or there is none
+        to wait for). Until then an old copy here is kept, bounded by KEEP_FOR_SUCCESSOR_S."""
+        me = self.peer.node_id
+
+        def check(state: ClusterState) -> bool:
+            primary = state.primary_of(app)
+            if primary is None or primary.node_id == me or app not in state.apps:
+                return True
+            member = state.members.get(primary.node_id)
+            if member is None or member.status not in (ALIVE, SUSPECTED):
+                return True
+            return state.replica_reports.get((app, primary.node_id)) in ("serving", "load_done")
+
+        assert self.peer.raft is not None
+        if self.peer.raft.read(check):
+            self._kept_since.pop(app, None)
+            return True
+        since = self._kept_since.setdefault(app, time.monotonic())
+        return time.monotonic() - since > KEEP_FOR_SUCCESSOR_S
+
+    def _retry_later(self) -> None:
+        if self._retry is None or self._retry.done():
+            self._retry = asyncio.get_running_loop().call_later(RETRY_S, self._wake.set)
 
     async def _load(self, app: str, replica: c.Replica, epoch: int) -> None:
         started = time.perf_counter()
@@ -185,8 +251,12 @@ class Reconciler:
             await self._ensure_stored(app, replica.variant, "serving", epoch)
             local = await self.replicas.load(app, replica.variant, replica.role)
         except (RuntimeFailure, OSError) as error:
-            self._failed[(app, replica.variant, epoch)] = str(error)
-            log.warning("load_failed", app=app, variant=replica.variant, error=str(error))
+            attempts = self._failed.get((app, replica.variant, epoch), (0, 0.0))[0] + 1
+            # Retried within the epoch with a growing pause: a fetch source may be back soon.
+            self._failed[(app, replica.variant, epoch)] = (attempts, time.monotonic() + RETRY_S * 2 ** (attempts - 1))
+            if attempts < LOAD_ATTEMPTS_MAX:
+                asyncio.get_running_loop().call_later(RETRY_S * 2 ** (attempts - 1), self._wake.set)
+            log.warning("load_failed", app=app, variant=replica.variant, attempts=attempts, error=str(error))
             await self._report("load_failed", app, replica.variant, epoch, detail=str(error)[:300],
                                duration_ms=(time.perf_counter() - started) * 1000)
             return

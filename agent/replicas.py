@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import structlog
 
-from redge.runtime.errors import ModelNotLoaded, RuntimeFailure
+from redge.runtime.errors import HostClosed, HostCrashed, ModelNotLoaded, RuntimeFailure
 from redge.runtime.host import HostOptions, ModelHost
 from redge.runtime.loader import LoadReport
 from redge.runtime.manifest import Manifest, choose_manifest
@@ -48,22 +48,37 @@ class ReplicaManager:
         self.host: ModelHost | None = None
         self._host_lock = asyncio.Lock()
         self.replicas: dict[str, LocalReplica] = {}
+        self.on_host_crash: Callable[[list[str]], None] | None = None
+        self._closed = False
+        self._warm_up: asyncio.Task[None] | None = None
 
     async def _ensure_host(self) -> ModelHost:
         async with self._host_lock:
+            if self._closed:
+                raise HostClosed()
             if self.host is None or not self.host.alive:
                 if self.host is not None:
                     log.warning("model_host_restarting", reason=str(self.host.crashed))
                     self.replicas.clear()
-                self.host = ModelHost(self.host_options)
+                self.host = ModelHost(self.host_options, on_crash=self._host_crashed)
                 await self.host.start()
             return self.host
 
-    async def warm_up(self) -> None:
-        try:
-            await self._ensure_host()
-        except RuntimeFailure as error:
-            log.warning("model_host_start_failed", error=str(error))
+    def _host_crashed(self, crash: HostCrashed) -> None:
+        lost = sorted(self.replicas)
+        self.replicas.clear()
+        if self.on_host_crash is not None and not self._closed:
+            self.on_host_crash(lost)
+
+    def warm_up(self) -> None:
+        """Start the model host in the background (its start-up imports torch: seconds)."""
+        async def start() -> None:
+            try:
+                await self._ensure_host()
+            except RuntimeFailure as error:
+                log.warning("model_host_start_failed", error=str(error))
+
+        self._warm_up = asyncio.create_task(start(), name="model_host_start")
 
     def manifests_of(self, variant: str, purpose: str) -> Manifest | None:
         """The stored artifact of `variant` this device should use for `purpose`."""
@@ -141,6 +156,11 @@ class ReplicaManager:
         ]
 
     async def close(self) -> None:
+        self._closed = True
+        if self._warm_up is not None:
+            self._warm_up.cancel()
+        async with self._host_lock:
+            pass  # a host start in progress finishes first, then is closed below
         if self.host is not None:
             await self.host.aclose()
             self.host = None

@@ -38,6 +38,8 @@ from redge.consensus.state import ClusterState, Outcome, Settings
 
 T = TypeVar("T")
 
+STATE_REPLACED = "state replaced from a snapshot"
+
 CommitListener = Callable[[commands.Command | None, Outcome], None]
 LeaderListener = Callable[["RaftStatus"], None]
 
@@ -119,6 +121,12 @@ class _StateMachine(SyncObjConsumer):
     def _deserialize(self, data: dict[str, bytes]) -> None:
         with self.lock:
             self.state = ClusterState.from_bytes(data["state"])
+        # The whole state changed at once (a snapshot from the leader, or the dump at start):
+        # listeners are told with `command=None` and an accepted outcome.
+        try:
+            self.on_applied(None, Outcome(True, STATE_REPLACED))
+        except Exception:
+            pass
 
 
 class _SyncObj(SyncObj):
@@ -232,19 +240,20 @@ class RaftNode:
 
     def _on_applied_thread(self, command: commands.Command | None, outcome: Outcome) -> None:
         if self._commit_listeners and not self._closed:
-            self._loop.call_soon_threadsafe(self._deliver_commit, command, outcome)
+            _call_soon(self._loop, self._deliver_commit, command, outcome)
 
     def _on_tick_thread(self) -> None:
         while self._tick_calls:
-            self._tick_calls.popleft()()
+            call = self._tick_calls.popleft()
+            try:
+                call()
+            except Exception:  # nothing may escape into pysyncobj's tick
+                pass
         leader = self._sync._getLeader()
         key = (leader.address if leader is not None else None, self._sync.raftCurrentTerm)
         if key != self._last_leader and not self._closed:
             self._last_leader = key
-            try:
-                self._loop.call_soon_threadsafe(self._deliver_leader)
-            except RuntimeError:  # loop closed during shutdown
-                pass
+            _call_soon(self._loop, self._deliver_leader)
 
     # ------------------------------------------------------------------ loop side
 
@@ -274,7 +283,7 @@ class RaftNode:
         future: asyncio.Future[Outcome] = self._loop.create_future()
 
         def settle(result: Any, error: int) -> None:  # tick thread
-            self._loop.call_soon_threadsafe(_settle_future, future, result, error)
+            _call_soon(self._loop, _settle_future, future, result, error)
 
         self._machine.apply_command(data, callback=settle)
         try:
@@ -287,8 +296,8 @@ class RaftNode:
     async def _membership(self, operation: Callable[..., None], address: str, timeout_s: float) -> None:
         future: asyncio.Future[Outcome] = self._loop.create_future()
 
-        def settle(result: Any, error: int) -> None:
-            self._loop.call_soon_threadsafe(_settle_future, future, {"accepted": True}, error)
+        def settle(result: Any, error: int) -> None:  # tick thread
+            _call_soon(self._loop, _settle_future, future, {"accepted": True}, error)
 
         operation(address, callback=settle)
         try:
@@ -307,8 +316,8 @@ class RaftNode:
     async def transfer_leadership(self, *, timeout_s: float) -> None:
         future: asyncio.Future[Outcome] = self._loop.create_future()
 
-        def settle(result: Any, error: int) -> None:
-            self._loop.call_soon_threadsafe(_settle_future, future, {"accepted": True}, error)
+        def settle(result: Any, error: int) -> None:  # tick thread
+            _call_soon(self._loop, _settle_future, future, {"accepted": True}, error)
 
         self._tick_calls.append(lambda: self._sync.transferLeadership(callback=settle))
         await asyncio.wait_for(future, timeout_s)
@@ -344,6 +353,18 @@ class RaftNode:
             return
         self._closed = True
         self._sync.destroy_synchronous()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    """Hand a call to the event loop from pysyncobj's tick thread; never raise there.
+
+    pysyncobj runs these callbacks while applying an entry, before it counts the entry as
+    applied: an exception would make it apply the entry again. A closed loop (shutdown, a
+    test's teardown) just means nobody is listening any more."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        pass
 
 
 def _settle_future(future: asyncio.Future[Outcome], result: Any, error: int) -> None:

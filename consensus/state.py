@@ -207,6 +207,8 @@ class ClusterState:
         member.status = ALIVE
         member.status_changed_at_ms = command.at_ms
         self.suspicions.pop(command.node_id, None)
+        # A new incarnation has no opinion yet: what its previous life said no longer counts.
+        self._drop_suspicions_by(command.node_id, command.at_ms)
         if previous_status == FAILED:
             member.hold_down_until_ms = command.at_ms + self.settings.hold_down_ms
             self._record(
@@ -229,6 +231,7 @@ class ClusterState:
         member.status = LEFT
         member.status_changed_at_ms = command.at_ms
         self.suspicions.pop(command.node_id, None)
+        self._drop_suspicions_by(command.node_id, command.at_ms)
         self._record(command.at_ms, "member_left", node=command.node_id)
         self._reevaluate_suspicions(command.at_ms)
         return ACCEPTED
@@ -318,6 +321,19 @@ class ClusterState:
             self._record(command.at_ms, "member_cleared", node=command.target_id)
         return ACCEPTED
 
+    def _drop_suspicions_by(self, observer_id: str, at_ms: int) -> None:
+        """Forget every suspicion `observer_id` holds; a node nobody suspects any more is alive."""
+        for target_id in sorted(self.suspicions):
+            by_observer = self.suspicions[target_id]
+            if by_observer.pop(observer_id, None) is None or by_observer:
+                continue
+            del self.suspicions[target_id]
+            target = self.members.get(target_id)
+            if target is not None and target.status == SUSPECTED:
+                target.status = ALIVE
+                target.status_changed_at_ms = at_ms
+                self._record(at_ms, "member_cleared", node=target_id, reason=f"{observer_id} no longer suspects it")
+
     def _live_observers_of(self, target_id: str) -> list[str]:
         live = set(self.live_member_ids())
         return sorted(o for o in self.suspicions.get(target_id, {}) if o in live and o != target_id)
@@ -333,6 +349,7 @@ class ClusterState:
         target.status = FAILED
         target.status_changed_at_ms = at_ms
         self.suspicions.pop(target_id, None)
+        self._drop_suspicions_by(target_id, at_ms)
         self._record(
             at_ms,
             "failure_confirmed",

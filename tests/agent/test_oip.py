@@ -87,6 +87,7 @@ BAD = [
     ("not json", b"{nope", None, "not valid JSON"),
     ("array at top", b"[]", None, "JSON object"),
     ("no inputs", b"{}", None, "non-empty 'inputs'"),
+    ("datatype not a string", orjson.dumps({"inputs": [{"name": "x", "datatype": [1], "shape": [1], "data": [1]}]}), None, "must be a string"),
     ("unknown datatype", orjson.dumps({"inputs": [{"name": "x", "datatype": "FP8", "shape": [1], "data": [1]}]}), None, "unknown datatype"),
     ("bytes datatype", orjson.dumps({"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}), None, "BYTES"),
     ("shape mismatch", orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [3], "data": [1, 2]}]}), None, "3 expected"),

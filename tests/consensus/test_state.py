@@ -324,3 +324,16 @@ def test_survivors_of_a_failure_cannot_confirm_each_other_on_one_word():
     assert state.observers_needed("n2") == 2
     state.apply(suspect("n1", "n2", at_ms=50))
     assert state.members["n2"].status == SUSPECTED
+
+
+def test_a_restarted_observer_no_longer_counts_its_old_suspicions():
+    state, _ = run(cluster("n1", "n2", "n3") + [suspect("n1", "n3"), join("n1", 2, at_ms=20)])
+    assert state.members["n3"].status == ALIVE and not state.suspicions
+    state.apply(suspect("n2", "n3", at_ms=100_000))
+    assert state.members["n3"].status == SUSPECTED  # one word is not enough
+
+
+def test_a_failed_observers_suspicions_are_dropped():
+    state, _ = run(cluster("n1", "n2", "n3", "n4", "n5") + [suspect("n5", "n4"), suspect("n1", "n5"), suspect("n2", "n5"), suspect("n3", "n5")])
+    assert state.members["n5"].status == FAILED
+    assert "n4" not in state.suspicions and state.members["n4"].status == ALIVE
