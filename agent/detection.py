@@ -154,6 +154,12 @@ class FailureDetection:
             return
         self._opinions[node_id] = opinion
         log.info("node_suspected_locally", target=node_id, reason=reason)
+        if opinion == "down" and self.peer.raft is not None:
+            # A hung leader keeps its TCP connections open: Raft would wait out its election
+            # timeout before anyone could commit this suspicion.
+            address = self.peer.raft.read(lambda s: s.members[node_id].raft_address if node_id in s.members else None)
+            if address is not None and self.peer.raft.hasten_election(address, self.peer.profile.raft):
+                log.info("election_hastened", suspected_leader=node_id)
         self._propose_until_done(node_id, reason)
 
     def _propose_until_done(self, node_id: str, reason: str | None) -> None:
@@ -169,13 +175,16 @@ class FailureDetection:
         unconfirmed (or a withdrawn suspicion standing) once it heals. The loop ends when
         the opinion changes (this task is then cancelled) or the command commits."""
         delay_s = RETRY_S_FIRST
+        # The command keeps the time the opinion was formed (`since_ms`) across retries: that
+        # is when this observer detected, whatever the commit had to wait for.
+        formed_at_ms = now_ms()
         while True:
             command: c.Command
             if reason is None:
                 command = c.Unsuspect(self.peer.node_id, node_id, now_ms())
             else:
                 incarnation = self.peer.raft.read(lambda s: s.members[node_id].incarnation if node_id in s.members else 0)
-                command = c.Suspect(self.peer.node_id, node_id, incarnation, reason, now_ms())
+                command = c.Suspect(self.peer.node_id, node_id, incarnation, reason, now_ms(), since_ms=formed_at_ms)
             try:
                 outcome = await self.peer.propose(command, timeout_s=self.peer.profile.proposal_timeout_s)
                 if not outcome.accepted:

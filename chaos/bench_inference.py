@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--per-round", type=int, default=25)
     parser.add_argument("--duration-s", type=float, default=10.0)
+    parser.add_argument("--model-host-nice", type=int, default=10, help="the peers' --model-host-nice")
     args = parser.parse_args(argv)
     import torch
 
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     zoo = prepare(zoo_directory())
     model = in_process_model(zoo)
-    with LocalCluster(size=2, extra_args=["--source", str(zoo), "--model-threads", "1"]) as cluster:
+    extra = ["--source", str(zoo), "--model-threads", "1", "--model-host-nice", str(args.model_host_nice)]
+    with LocalCluster(size=2, extra_args=extra) as cluster:
         leader = cluster.wait_leader()
         status, body = cluster.register_app(leader, APP)
         if status != 200:
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "inference",
         "command": "python -m redge.chaos.bench_inference " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": "resnet18, ONNX Runtime, 1 thread, batch 1, binary tensors",
+        "model_host_nice": args.model_host_nice,
         "goal": {"direct_http_added_p50_ms": 1.5},
         **result,
     }

@@ -154,7 +154,7 @@ def fault_timeline(fault: dict[str, Any], events: list[dict[str, Any]], history:
     row: dict[str, Any] = {
         "fault": fault["kind"],
         "node": victim,
-        "first_suspicion_ms": min(e["at_ms"] for e in suspicions) - at_ms if suspicions else None,
+        "first_suspicion_ms": min(e.get("since_ms", e["at_ms"]) for e in suspicions) - at_ms if suspicions else None,
         "confirmation_ms": confirmed["at_ms"] - at_ms if confirmed else None,
         "decision_ms": plan["at_ms"] - confirmed["at_ms"] if plan and confirmed else None,
         "apps": {},

@@ -59,6 +59,9 @@ class Suspect:
     target_incarnation: int
     reason: str
     at_ms: int
+    # When the observer formed this opinion, if earlier than `at_ms` (the proposal that
+    # committed may be a retry, after an election or a partition).
+    since_ms: int = 0
 
 
 @dataclass(frozen=True)

@@ -313,6 +313,23 @@ class RaftNode:
     async def remove_member(self, address: str, *, timeout_s: float) -> None:
         await self._membership(self._sync.removeNodeFromCluster, address, timeout_s)
 
+    def hasten_election(self, suspected_address: str, timing: RaftTiming) -> bool:
+        """Start an election soon if `suspected_address` is our leader: our failure detector,
+        with its 20 ms heartbeats, saw the leader hang long before Raft's election timeout
+        would. Safe in Raft at any time; the random delay keeps followers from splitting the
+        vote. Returns whether an election was scheduled."""
+        leader = self._sync._getLeader()
+        if leader is None or leader.address != suspected_address or self._sync._isLeader():
+            return False
+        delay_min_s, delay_max_s = timing.fast_election_delay_s
+
+        def hasten() -> None:  # tick thread
+            deadline = raft_clock_s() + random.uniform(delay_min_s, delay_max_s)
+            self._sync._SyncObj__raftElectionDeadline = min(self._sync._SyncObj__raftElectionDeadline, deadline)
+
+        self._tick_calls.append(hasten)
+        return True
+
     async def transfer_leadership(self, *, timeout_s: float) -> None:
         future: asyncio.Future[Outcome] = self._loop.create_future()
 

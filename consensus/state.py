@@ -283,13 +283,15 @@ class ClusterState:
         by_observer = self.suspicions.setdefault(command.target_id, {})
         if command.observer_id in by_observer:
             return Outcome(True, "already suspected by this observer", duplicate=True)
-        by_observer[command.observer_id] = (command.at_ms, command.reason)
+        since_ms = command.since_ms if 0 < command.since_ms <= command.at_ms else command.at_ms
+        by_observer[command.observer_id] = (since_ms, command.reason)
         self._record(
             command.at_ms,
             "suspicion",
             node=command.target_id,
             observer=command.observer_id,
             reason=command.reason,
+            since_ms=since_ms,
             first=len(by_observer) == 1,
         )
         if target.status == ALIVE:
