@@ -12,6 +12,7 @@ when the verdict changes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -54,6 +55,7 @@ class FailureDetection:
         self.service: HeartbeatService | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._leader_changed = asyncio.Event()
         # target -> the verdict this observer currently holds about it ("down" or "slow")
         self._opinions: dict[str, str] = {}
         self._proposals: dict[str, asyncio.Task[None]] = {}
@@ -109,6 +111,12 @@ class FailureDetection:
         if self.service is not None and self._loop is not None:
             service = self.service
             self._loop.call_soon_threadsafe(lambda: service.monitor.on_request_timeout(node_id, service.clock.now_ms()))
+
+    def on_leader_change(self, leader_known: bool) -> None:
+        """Pending proposals retry at once when a (new) leader appears."""
+        if leader_known:
+            changed, self._leader_changed = self._leader_changed, asyncio.Event()
+            changed.set()
 
     def set_incarnation(self, incarnation: int) -> None:
         if self.service is not None:
@@ -179,6 +187,7 @@ class FailureDetection:
         # is when this observer detected, whatever the commit had to wait for.
         formed_at_ms = now_ms()
         while True:
+            changed = self._leader_changed
             command: c.Command
             if reason is None:
                 command = c.Unsuspect(self.peer.node_id, node_id, now_ms())
@@ -192,7 +201,12 @@ class FailureDetection:
                 return
             except ConsensusError as error:
                 log.debug("suspicion_retry", target=node_id, error=type(error).__name__)
-            await asyncio.sleep(delay_s)
+            # Retry as soon as a new leader is known (the usual reason a proposal failed), or
+            # after the backoff. The event is replaced on every change: waiting on the one
+            # current at the failure wakes only for a change that came after it.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay_s):
+                    await changed.wait()
             delay_s = min(delay_s * 2, RETRY_S_MAX)
 
     def stats(self) -> dict[str, object]:

@@ -309,6 +309,8 @@ class Peer:
     def _on_leader_change(self, status: RaftStatus) -> None:
         self.metrics.leader_changes.inc()
         self.leader.on_leader_change()
+        if self.detection is not None:
+            self.detection.on_leader_change(status.leader_address is not None)
         leader = self.node_id_of(status.leader_address)
         log.info("raft_leader_changed", leader=leader, leader_address=status.leader_address, term=status.term)
 
