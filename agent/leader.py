@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from redge.agent.duty import Duty
 from redge.consensus import commands as c
 from redge.consensus.errors import ConsensusError
 from redge.consensus.state import FAILED, LEFT, SUSPECTED, ClusterState
@@ -47,7 +48,6 @@ log = structlog.get_logger("redge.leader")
 TRIGGERS = (c.Join, c.Leave, c.Suspect, c.Unsuspect, c.RegisterApp, c.RemoveApp, c.StoreReport, c.Report)
 PLAN_ATTEMPTS_MAX = 5
 REPLAN_S = 5.0
-STOP_TIMEOUT_S = 5.0
 DEPARTED_VOTER_GRACE_MS = 30_000
 # After a confirmed failure, keep running primaries at their variants this long instead of
 # growing them back: a cluster that was just hurt is not reshuffled.
@@ -210,37 +210,22 @@ def _problem_and_epoch(state: ClusterState, now_ms: int) -> tuple[Problem, int]:
     return build_problem(state, now_ms), state.epoch
 
 
-class LeaderDuty:
+class LeaderDuty(Duty):
     def __init__(self, peer: Peer) -> None:
+        super().__init__("leader_duty")
         self.peer = peer
-        self._dirty = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self.plans_committed = 0
-        self._stopped = False
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="leader_duty")
-        self._dirty.set()
-
-    async def stop(self) -> None:
-        """Stop the duty, bounded: its loop also checks the flag, since a cancellation that
-        lands as its wait completes can be swallowed by asyncio.wait_for."""
-        self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            self._dirty.set()
-            await asyncio.wait({self._task}, timeout=STOP_TIMEOUT_S)
 
     def on_commit(self, command: c.Command | None, outcome) -> None:
         if command is None and outcome.accepted:  # a snapshot replaced the state
-            self._dirty.set()
+            self._wake.set()
         elif outcome.accepted and not outcome.duplicate and isinstance(command, TRIGGERS):
             if isinstance(command, c.Report) and command.kind not in ("load_failed", "degraded", "recovered"):
                 return
-            self._dirty.set()
+            self._wake.set()
 
     def on_leader_change(self) -> None:
-        self._dirty.set()
+        self._wake.set()
 
     async def _run(self) -> None:
         backoff_s = 0.05
@@ -249,8 +234,8 @@ class LeaderDuty:
             # after a failure ends. Wake for those, and at least every REPLAN_S.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._next_deadline_s()):
-                    await self._dirty.wait()
-            self._dirty.clear()
+                    await self._wake.wait()
+            self._wake.clear()
             if self._stopped:
                 return
             raft = self.peer.raft
@@ -261,16 +246,16 @@ class LeaderDuty:
                 await self.remove_departed_voters()
                 backoff_s = 0.05
                 if result is None:  # refused every time: someone else keeps committing; try again
-                    self._dirty.set()
+                    self._wake.set()
             except ConsensusError as error:
                 log.info("plan_not_committed", error=str(error) or type(error).__name__)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 2.0)
-                self._dirty.set()
+                self._wake.set()
             except Exception:
                 log.exception("planning_failed")
                 await asyncio.sleep(1.0)
-                self._dirty.set()
+                self._wake.set()
 
     def _next_deadline_s(self) -> float:
         raft = self.peer.raft
@@ -335,7 +320,7 @@ class LeaderDuty:
                 self.plans_committed += 1
                 log.info("plan_committed", epoch=epoch + 1, planning_ms=round(planning_ms, 2), reason=command.reason)
                 if not result.complete:
-                    self._dirty.set()
+                    self._wake.set()
                 return result
             log.info("plan_refused", epoch=epoch + 1, reason=outcome.reason)
         return None

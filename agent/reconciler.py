@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from redge.agent.duty import Duty
 from redge.agent.replicas import ReplicaManager
 from redge.consensus import commands as c
 from redge.consensus.errors import ConsensusError
@@ -40,7 +41,6 @@ LOAD_ATTEMPTS_MAX = 5
 RETRY_S = 1.0
 # How long a copy the plan no longer wants is kept while its successor elsewhere loads.
 KEEP_FOR_SUCCESSOR_S = 30.0
-STOP_TIMEOUT_S = 5.0
 
 
 def now_ms() -> int:
@@ -72,25 +72,22 @@ def choose_version(state: ClusterState, variant: str, device_kind: str, purpose:
     return min(newest_first, key=lambda s: order.index(s.format)).version
 
 
-class Reconciler:
+class Reconciler(Duty):
     def __init__(self, peer: Peer, replicas: ReplicaManager, store: Store, source: str | None) -> None:
+        super().__init__("reconciler")
         self.peer = peer
         self.replicas = replicas
         self.store = store
         self.source = source
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         # (app, variant, epoch) -> (failed attempts, monotonic time of the next try)
         self._failed: dict[tuple[str, str, int], tuple[int, float]] = {}
         self._kept_since: dict[str, float] = {}
         self._retry: asyncio.TimerHandle | None = None
-        self._stopped = False
         self._last_store_report: tuple | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="reconciler")
         self.replicas.on_host_crash = self._on_host_crash
-        self._wake.set()
+        super().start()
 
     def _on_host_crash(self, lost_apps: list[str]) -> None:
         """The model host died: what it held is gone; reload what the plan wants here."""
@@ -98,15 +95,6 @@ class Reconciler:
         for app in lost_apps:
             asyncio.get_running_loop().create_task(self._report("load_failed", app, "", 0, detail="model host crashed"))
         self._wake.set()
-
-    async def stop(self) -> None:
-        """Stop the duty, bounded: its loop also checks the flag, since a cancellation that
-        lands as its wait completes can be swallowed by asyncio.wait_for."""
-        self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            self._wake.set()
-            await asyncio.wait({self._task}, timeout=STOP_TIMEOUT_S)
 
     def on_commit(self, command: c.Command | None, outcome) -> None:
         if not outcome.accepted:
