@@ -207,7 +207,12 @@ class InferenceService:
         from redge.agent.api import HttpError
 
         app = request.match_info["app"]
-        if not self._known(app):
+        me = self.peer.node_id
+        # One read of the state per request: is the app known, and does the plan make us its primary?
+        known, planned_primary = self._state_read(
+            lambda s: (app in s.apps, (p := s.primary_of(app)) is not None and p.node_id == me)
+        )
+        if not known:
             raise HttpError(404, f"unknown app {app!r}")
         body = await request.read()
         forwarded = FORWARDED_HEADER in request.headers
@@ -215,7 +220,6 @@ class InferenceService:
         local = self.peer.replicas.serving(app) if self.peer.replicas else None
         # Serve here if the committed plan makes this node the primary, or if the caller
         # already failed with the primary (a backup answering at once is the point of it).
-        planned_primary = self._state_read(lambda s: (p := s.primary_of(app)) is not None and p.node_id == self.peer.node_id)
         if local is not None and (planned_primary or prefer_local):
             return await self._serve_locally(request, app, body)
         if forwarded:

@@ -298,11 +298,8 @@ class Reconciler(Duty):
         """Artifacts the plan needs on this node: never evicted to make room."""
         assert self.peer.raft is not None
         _, desired, _ = self._desired()
-        pins = []
-        for replica in desired.values():
-            for manifest in self.store.versions(replica.variant):
-                pins.append(manifest.key)
-        return pins
+        wanted = {replica.variant for replica in desired.values()}
+        return [manifest.key for manifest in self.store.list() if manifest.name in wanted]  # one listing
 
     async def _report(self, kind: str, app: str, variant: str, epoch: int, detail: str = "", duration_ms: float = 0.0) -> None:
         command = c.Report(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from redge.runtime import errors
 from redge.runtime.host import HostOptions, ModelHost
 from redge.runtime.manifest import Manifest
@@ -152,15 +153,14 @@ def test_killed_host_is_reported(tripwire_source) -> None:
     import signal
 
     async def scenario() -> None:
-        host = ModelHost(HostOptions(threads=1))
+        crashed = asyncio.Event()
+        host = ModelHost(HostOptions(threads=1), on_crash=lambda crash: crashed.set())
         await host.start()
         try:
             os.kill(host.pid, signal.SIGKILL)
+            await asyncio.wait_for(crashed.wait(), 10)  # the reader sees the pipe close
             with pytest.raises(errors.HostCrashed) as caught:
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
-                    await host.unload("nothing", timeout_s=10)
-                    await asyncio.sleep(0.01)
+                await host.unload("nothing", timeout_s=10)
             assert caught.value.exit_code == -signal.SIGKILL
         finally:
             host.close()
