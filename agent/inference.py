@@ -49,6 +49,7 @@ DEADLINE_HEADER = "X-Redge-Deadline-Ms"
 NODE_HEADER = "X-Redge-Node"
 EPOCH_HEADER = "X-Redge-Epoch"
 VARIANT_HEADER = "X-Redge-Variant"
+TIMING_HEADER = "Server-Timing"
 PASSED_HEADERS = ("Content-Type", oip.HEADER_LENGTH, NODE_HEADER, EPOCH_HEADER, VARIANT_HEADER)
 CHUNK_BYTES = 1024 * 1024
 
@@ -95,6 +96,26 @@ def routes(state: ClusterState) -> dict[str, Any]:
         replicas.sort(key=lambda r: (order.get(r["role"], 9), r["status"] != ALIVE, r["node_id"]))
         apps[app] = {"replicas": replicas}
     return {"epoch": state.epoch, "apps": apps}
+
+
+def server_timing(**durations_ms: float) -> str:
+    """A `Server-Timing` header value (W3C): `read;dur=0.41, model;dur=12.03, ...`."""
+    return ", ".join(f"{name};dur={value:.3f}" for name, value in durations_ms.items())
+
+
+def parse_server_timing(value: str) -> dict[str, float]:
+    """The durations of a `Server-Timing` value, in ms (metrics without `dur` are skipped)."""
+    durations: dict[str, float] = {}
+    for metric in value.split(","):
+        name, *params = (part.strip() for part in metric.split(";"))
+        for param in params:
+            key, _, raw = param.partition("=")
+            if key.strip() == "dur" and name:
+                try:
+                    durations[name] = float(raw.strip().strip('"'))
+                except ValueError:
+                    pass
+    return durations
 
 
 class InferenceService:
@@ -206,6 +227,7 @@ class InferenceService:
     async def infer(self, request: web.Request) -> web.Response:
         from redge.agent.api import HttpError
 
+        started_s = time.perf_counter()
         app = request.match_info["app"]
         me = self.peer.node_id
         # One read of the state per request: is the app known, and does the plan make us its primary?
@@ -215,20 +237,21 @@ class InferenceService:
         if not known:
             raise HttpError(404, f"unknown app {app!r}")
         body = await request.read()
+        read_s = time.perf_counter()
         forwarded = FORWARDED_HEADER in request.headers
         prefer_local = forwarded or request.headers.get(PREFER_LOCAL_HEADER, "") not in ("", "0", "false")
         local = self.peer.replicas.serving(app) if self.peer.replicas else None
         # Serve here if the committed plan makes this node the primary, or if the caller
         # already failed with the primary (a backup answering at once is the point of it).
         if local is not None and (planned_primary or prefer_local):
-            return await self._serve_locally(request, app, body)
+            return await self._serve_locally(request, app, body, (started_s, read_s))
         if forwarded:
             raise HttpError(503, f"{app} is not loaded on {self.peer.node_id}")
         try:
-            return await self._forward(request, app, body)
+            return await self._forward(request, app, body, started_s)
         except Unavailable as error:
             if local is not None:
-                return await self._serve_locally(request, app, body)
+                return await self._serve_locally(request, app, body, (started_s, read_s))
             raise HttpError(503, str(error)) from None
 
     def _deadline_s(self, request: web.Request) -> float:
@@ -241,7 +264,9 @@ class InferenceService:
                 pass
         return time.monotonic() + budget_s
 
-    async def _serve_locally(self, request: web.Request, app: str, body: bytes) -> web.Response:
+    async def _serve_locally(self, request: web.Request, app: str, body: bytes, marks: tuple[float, float]) -> web.Response:
+        """Run `app` on this node's replica. `marks`: when the handler started, and when it
+        had read the body (perf_counter seconds), for the `Server-Timing` header."""
         from redge.agent.api import HttpError
 
         try:
@@ -251,7 +276,7 @@ class InferenceService:
         assert self.peer.replicas is not None
         started = time.perf_counter()
         try:
-            replica, outputs = await self.peer.replicas.infer(app, parsed.inputs, self._deadline_s(request))
+            replica, outputs, timing = await self.peer.replicas.infer(app, parsed.inputs, self._deadline_s(request))
         except InvalidInput as error:
             raise HttpError(400, str(error)) from None
         except DeadlineExceeded as error:
@@ -271,9 +296,19 @@ class InferenceService:
         except oip.BadRequest as error:
             raise HttpError(400, str(error)) from None
         headers.update({NODE_HEADER: self.peer.node_id, EPOCH_HEADER: str(epoch), VARIANT_HEADER: replica.variant})
+        handler_started_s, read_s = marks
+        headers[TIMING_HEADER] = server_timing(
+            read=(read_s - handler_started_s) * 1000,
+            parse=(started - read_s) * 1000,
+            queue=timing.queued_ms,
+            model=timing.compute_ms,
+            hop=timing.transfer_ms,
+            total=(time.perf_counter() - handler_started_s) * 1000,
+        )
+        self.peer.metrics.model_seconds.labels(app=app).observe(timing.compute_ms / 1000)
         return web.Response(body=response_body, headers=headers)
 
-    async def _forward(self, request: web.Request, app: str, body: bytes) -> web.Response:
+    async def _forward(self, request: web.Request, app: str, body: bytes, started_s: float | None = None) -> web.Response:
         targets = self._state_read(lambda s: route_targets(s, app, self.peer.node_id))
         if not targets:
             raise Unavailable(f"no replica of {app} can serve now")
@@ -297,6 +332,11 @@ class InferenceService:
                         failures.append(f"{node_id}: 503")
                         continue
                     passed = {k: response.headers[k] for k in PASSED_HEADERS if k in response.headers}
+                    if started_s is not None:
+                        # The serving peer's own timings, then this hop's whole time.
+                        upstream = response.headers.get(TIMING_HEADER)
+                        forward = server_timing(forward=(time.perf_counter() - started_s) * 1000)
+                        passed[TIMING_HEADER] = f"{upstream}, {forward}" if upstream else forward
                     self.peer.metrics.forwards.labels(outcome="ok" if response.status < 500 else "error").inc()
                     return web.Response(body=payload, status=response.status, headers=passed)
             except (TimeoutError, aiohttp.ClientError, OSError) as error:

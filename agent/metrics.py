@@ -55,6 +55,13 @@ class PeerMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             **labels,
         )
+        self.model_seconds = Histogram(
+            "redge_model_seconds",
+            "Time inside the model for one inference (the rest of redge_inference_seconds is the host hop and its queue)",
+            ["app"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            **labels,
+        )
         self.forwards = Counter(
             "redge_forwards_total", "Requests forwarded to another peer, by outcome", ["outcome"], **labels
         )

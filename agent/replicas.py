@@ -21,7 +21,7 @@ import numpy as np
 import structlog
 
 from redge.runtime.errors import HostClosed, HostCrashed, ModelNotLoaded, RuntimeFailure
-from redge.runtime.host import HostOptions, ModelHost
+from redge.runtime.host import HostOptions, InferTiming, ModelHost
 from redge.runtime.loader import LoadReport
 from redge.runtime.manifest import Manifest, choose_manifest
 from redge.runtime.store import Store
@@ -131,7 +131,9 @@ class ReplicaManager:
     def serving(self, app: str) -> LocalReplica | None:
         return self.replicas.get(app)
 
-    async def infer(self, app: str, inputs: Mapping[str, np.ndarray], deadline_s: float) -> tuple[LocalReplica, dict[str, np.ndarray]]:
+    async def infer(
+        self, app: str, inputs: Mapping[str, np.ndarray], deadline_s: float
+    ) -> tuple[LocalReplica, dict[str, np.ndarray], InferTiming]:
         """Run `app` here. A warm backup asked directly is promoted locally first (see module doc)."""
         replica = self.replicas.get(app)
         if replica is None or self.host is None:
@@ -139,8 +141,8 @@ class ReplicaManager:
         if self.host.role(replica.key) != "serving":
             self.host.promote_now(replica.key)
             log.info("warm_backup_serving_directly", app=app, variant=replica.variant)
-        outputs = await self.host.infer(replica.key, inputs, deadline_s)
-        return replica, outputs
+        outputs, timing = await self.host.infer_timed(replica.key, inputs, deadline_s)
+        return replica, outputs, timing
 
     def describe(self) -> list[dict[str, Any]]:
         return [

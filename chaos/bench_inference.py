@@ -4,6 +4,9 @@ resnet18 (ONNX Runtime, one thread), batch 1, on the CPU, measured side by side 
 in interleaved rounds so that machine noise hits every path alike:
 
 - in-process: the loaded model called directly in this process (the floor);
+- model + HTTP floor: what HTTP alone costs on this machine: the same request body to a
+  bare aiohttp server in another process that reads it and answers the same 4 KB, added to
+  the in-process time of the same round (redge's server side runs on aiohttp too);
 - direct: the Open Inference Protocol over HTTP with binary tensors, to the peer that
   serves the app (HTTP + the peer + the model host process);
 - forwarded: the same request to a second peer, which routes it to the first.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -27,8 +31,33 @@ import aiohttp
 import numpy as np
 
 from redge.agent import oip
+from redge.agent.inference import TIMING_HEADER, parse_server_timing
 from redge.chaos.cluster import LocalCluster, wait_until
 from redge.chaos.stats import summary
+
+FLOOR_RESPONSE_BYTES = 4000 + 200  # resnet18's 1000 FP32 scores and their JSON header
+
+
+def _floor_server(port_queue: Any) -> None:
+    """A bare aiohttp server in its own process: read the body, answer 4 KB."""
+    from aiohttp import web
+
+    async def echo(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=bytes(FLOOR_RESPONSE_BYTES))
+
+    async def serve() -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/infer", echo)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port_queue.put(runner.addresses[0][1])
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
 
 APP = {"name": "r18", "variants": ["resnet18"], "priority": "critical", "slo_ms": 1000, "backup": "none"}
 
@@ -47,7 +76,16 @@ def in_process_model(zoo: Path) -> Any:
     return model
 
 
-async def timed_posts(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], count: int) -> list[float]:
+async def timed_posts(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    count: int,
+    parts: dict[str, list[float]] | None = None,
+) -> list[float]:
+    """Client-side latencies of `count` requests; the servers' `Server-Timing` durations,
+    and what the client saw beyond the server's total (`client+net`), go into `parts`."""
     latencies = []
     for _ in range(count):
         started = time.perf_counter()
@@ -55,7 +93,15 @@ async def timed_posts(session: aiohttp.ClientSession, url: str, body: bytes, hea
             payload = await response.read()
             if response.status != 200:
                 raise RuntimeError(f"{url}: {response.status} {payload[:200]!r}")
-        latencies.append((time.perf_counter() - started) * 1000)
+            timing = parse_server_timing(response.headers.get(TIMING_HEADER, ""))
+        latency_ms = (time.perf_counter() - started) * 1000
+        latencies.append(latency_ms)
+        if parts is not None and timing:
+            for name, value in timing.items():
+                parts.setdefault(name, []).append(value)
+            outermost = timing.get("forward", timing.get("total"))
+            if outermost is not None:
+                parts.setdefault("client+net", []).append(latency_ms - outermost)
     return latencies
 
 
@@ -79,7 +125,9 @@ async def throughput(url: str, body: bytes, headers: dict[str, str], concurrency
     return {"concurrency": concurrency, "requests_per_s": len(latencies) / elapsed_s, "latency_ms": summary(latencies)}
 
 
-async def measure(cluster: LocalCluster, model: Any, rounds: int, per_round: int, duration_s: float) -> dict[str, Any]:
+async def measure(
+    cluster: LocalCluster, model: Any, floor_url: str, rounds: int, per_round: int, duration_s: float
+) -> dict[str, Any]:
     snapshot = cluster.peers["n1"].snapshot()
     primary = next(r["node_id"] for r in snapshot["plan"]["r18"] if r["role"] == "primary")
     other = next(n for n in cluster.peers if n != primary)
@@ -87,26 +135,43 @@ async def measure(cluster: LocalCluster, model: Any, rounds: int, per_round: int
     body, headers = oip.encode_infer_request({"input": x})
     direct_url = f"{cluster.peers[primary].url}/v2/models/r18/infer"
     forwarded_url = f"{cluster.peers[other].url}/v2/models/r18/infer"
-    paths: dict[str, list[float]] = {"in_process": [], "direct_http": [], "forwarded_http": []}
+    paths: dict[str, list[float]] = {"in_process": [], "http_floor": [], "direct_http": [], "forwarded_http": []}
+    parts: dict[str, dict[str, list[float]]] = {"direct_http": {}, "forwarded_http": {}}
     async with aiohttp.ClientSession() as session:
         await timed_posts(session, direct_url, body, headers, 10)
         await timed_posts(session, forwarded_url, body, headers, 10)
+        await timed_posts(session, floor_url, body, headers, 10)
         for _ in range(10):
             model.infer({"input": x})
         for round_index in range(rounds):
+            in_process = []
             for _ in range(per_round):
                 started = time.perf_counter()
                 model.infer({"input": x})
-                paths["in_process"].append((time.perf_counter() - started) * 1000)
-            paths["direct_http"] += await timed_posts(session, direct_url, body, headers, per_round)
-            paths["forwarded_http"] += await timed_posts(session, forwarded_url, body, headers, per_round)
+                in_process.append((time.perf_counter() - started) * 1000)
+            paths["in_process"] += in_process
+            # The model's time of this round plus what HTTP alone took, request by request.
+            floor = await timed_posts(session, floor_url, body, headers, per_round)
+            paths["http_floor"] += [model_ms + http_ms for model_ms, http_ms in zip(in_process, floor, strict=True)]
+            paths["direct_http"] += await timed_posts(session, direct_url, body, headers, per_round, parts["direct_http"])
+            paths["forwarded_http"] += await timed_posts(
+                session, forwarded_url, body, headers, per_round, parts["forwarded_http"]
+            )
             print(f"  round {round_index + 1}/{rounds}", file=sys.stderr)
     latency = {name: summary(values) for name, values in paths.items()}
     result = {
         "latency_ms": latency,
         "added_p50_ms": {
+            "http_floor": latency["http_floor"]["p50"] - latency["in_process"]["p50"],
             "direct_http": latency["direct_http"]["p50"] - latency["in_process"]["p50"],
             "forwarded_http": latency["forwarded_http"]["p50"] - latency["in_process"]["p50"],
+        },
+        # Where the time of each HTTP path went (p50 of each part, ms), from the serving
+        # peer's Server-Timing header: read (body), parse, queue + model + hop (the model
+        # host), total (the serving peer's handler), forward (the forwarding peer's handler,
+        # including the serving peer's), client+net (the client and the loopback).
+        "parts_p50_ms": {
+            path: {name: summary(values)["p50"] for name, values in sorted(found.items())} for path, found in parts.items()
         },
         "throughput": [],
     }
@@ -131,6 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     zoo = prepare(zoo_directory())
     model = in_process_model(zoo)
     extra = ["--source", str(zoo), "--model-threads", "1", "--model-host-nice", str(args.model_host_nice)]
+    context = multiprocessing.get_context("spawn")
+    port_queue = context.Queue()
+    floor_server = context.Process(target=_floor_server, args=(port_queue,), daemon=True)
+    floor_server.start()
+    floor_url = f"http://127.0.0.1:{port_queue.get(timeout=60)}/infer"
     with LocalCluster(size=2, extra_args=extra) as cluster:
         leader = cluster.wait_leader()
         status, body = cluster.register_app(leader, APP)
@@ -142,7 +212,10 @@ def main(argv: list[str] | None = None) -> None:
             return any(r["app"] == "r18" and r["state"] == "serving" for r in snapshot["replica_reports"])
 
         wait_until(serving, 180, interval_s=0.2, what="resnet18 serving")
-        result = asyncio.run(measure(cluster, model, args.rounds, args.per_round, args.duration_s))
+        try:
+            result = asyncio.run(measure(cluster, model, floor_url, args.rounds, args.per_round, args.duration_s))
+        finally:
+            floor_server.kill()
     report = {
         "benchmark": "inference",
         "command": "python -m redge.chaos.bench_inference " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -156,10 +229,13 @@ def main(argv: list[str] | None = None) -> None:
     latency = result["latency_ms"]
     print(
         f"p50/p99 ms: in-process {latency['in_process']['p50']:.2f}/{latency['in_process']['p99']:.2f}, "
+        f"model + HTTP floor {latency['http_floor']['p50']:.2f}/{latency['http_floor']['p99']:.2f}, "
         f"direct HTTP {latency['direct_http']['p50']:.2f}/{latency['direct_http']['p99']:.2f}, "
         f"forwarded {latency['forwarded_http']['p50']:.2f}/{latency['forwarded_http']['p99']:.2f}; "
-        f"added p50: direct {result['added_p50_ms']['direct_http']:.2f} ms, forwarded {result['added_p50_ms']['forwarded_http']:.2f} ms"
+        f"added p50: HTTP floor {result['added_p50_ms']['http_floor']:.2f} ms, direct {result['added_p50_ms']['direct_http']:.2f} ms, forwarded {result['added_p50_ms']['forwarded_http']:.2f} ms"
     )
+    for path, found in result["parts_p50_ms"].items():
+        print(f"  {path} parts p50 (ms): " + ", ".join(f"{name} {value:.2f}" for name, value in found.items()))
     for row in result["throughput"]:
         print(f"  {row['concurrency']:2d} clients: {row['requests_per_s']:.1f} req/s, p50 {row['latency_ms']['p50']:.1f} ms")
     print(f"wrote {args.out}")

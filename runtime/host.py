@@ -6,11 +6,15 @@ whole load, 474 ms for resnet152), and a peer that stalls that long looks dead t
 neighbours. So models live in a child process (multiprocessing, spawn context: no
 forked torch state), and the peer talks to it through a pipe:
 
-- commands (load, infer, unload) go through a sender thread, so the event loop never
-  blocks on a full pipe; replies come back through a reader thread that resolves
-  asyncio futures with `call_soon_threadsafe`;
-- tensors above `inline_bytes_max` travel in one `multiprocessing.shared_memory`
-  segment per message instead of through the pipe;
+- the parent's end of the pipe (a Unix socket pair) is read and written by its event loop
+  itself: a reply resolves its future in the same callback that reads it, with no thread
+  in between (each thread hand-off cost a wake-up, and under load a scheduling delay);
+  writes never block the loop, the transport buffers what the socket cannot take yet;
+- tensors above `inline_bytes_max` travel in a `multiprocessing.shared_memory` segment
+  instead of through the pipe. Request segments are pooled: the parent takes one from its
+  pool, the host maps each segment once and reads the inputs in place, and the segment goes
+  back to the pool when the host has answered (creating, mapping and unlinking a segment for
+  every request cost more than the copy itself);
 - every queue is bounded (`requests_pending_max`; past it `HostBusy`), every call has a
   deadline, and the child drops requests whose deadline passed before it got to them;
 - a crashed host (killed, out of memory, a model that aborts) closes the pipe: the reader
@@ -29,7 +33,10 @@ import asyncio
 import itertools
 import multiprocessing
 import os
+import pickle
 import queue
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -41,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import structlog
+
 from redge.runtime.errors import (
     ArtifactNotFound,
     DeadlineExceeded,
@@ -86,6 +94,21 @@ class HostOptions:
         assert self.threads >= 1 and self.infer_workers >= 1 and self.requests_pending_max >= 1
 
 
+@dataclass(frozen=True, slots=True)
+class InferTiming:
+    """Where one inference's time went, in ms: waiting in the host's queue, in the model,
+    and the whole round trip seen by the peer. What is left (`transfer_ms`) is the hop
+    itself: tensors in and out, pipes, thread wake-ups."""
+
+    queued_ms: float
+    compute_ms: float
+    total_ms: float
+
+    @property
+    def transfer_ms(self) -> float:
+        return max(0.0, self.total_ms - self.queued_ms - self.compute_ms)
+
+
 @dataclass
 class ModelState:
     key: str
@@ -108,12 +131,20 @@ class _Packed:
     tensors: tuple[tuple[str, str, tuple[int, ...], int, np.ndarray | None], ...]
 
 
-def _pack(arrays: Mapping[str, np.ndarray], inline_bytes_max: int) -> tuple[_Packed, shared_memory.SharedMemory | None]:
-    """Inline small tensors; put large ones into one new shared memory segment."""
+def _pack(
+    arrays: Mapping[str, np.ndarray],
+    inline_bytes_max: int,
+    take: Callable[[int], shared_memory.SharedMemory] | None = None,
+) -> tuple[_Packed, shared_memory.SharedMemory | None]:
+    """Inline small tensors; put large ones into one shared memory segment (from `take`,
+    or a new one)."""
     total_bytes = sum(_aligned(array.nbytes) for array in arrays.values())
     if total_bytes <= inline_bytes_max:
         return _Packed(None, tuple((n, a.dtype.str, a.shape, 0, a) for n, a in arrays.items())), None
-    segment = shared_memory.SharedMemory(create=True, size=max(total_bytes, 1))
+    if take is not None:
+        segment = take(total_bytes)
+    else:
+        segment = shared_memory.SharedMemory(create=True, size=max(total_bytes, 1))
     entries = []
     offset = 0
     for name, array in arrays.items():
@@ -144,6 +175,85 @@ def _unpack(packed: _Packed, unlink: bool) -> dict[str, np.ndarray]:
             segment.unlink()
 
 
+class _SegmentPool:
+    """The parent's request segments, reused from one request to the next.
+
+    A segment returns to the pool (`give`) only once the host has answered the request that
+    used it; a request that timed out or was abandoned may still be read by the host, so its
+    segment is unlinked instead (`drop`): the host's mapping keeps the memory alive until it
+    lets go. Sizes are rounded up to a power of two so that a pool serves varying batches.
+    """
+
+    SIZE_MIN_BYTES = 64 * 1024
+
+    def __init__(self, keep_max: int) -> None:
+        self.keep_max = keep_max
+        self._free: list[shared_memory.SharedMemory] = []
+        self.created_total = 0
+
+    def take(self, size_bytes: int) -> shared_memory.SharedMemory:
+        fitting = [segment for segment in self._free if segment.size >= size_bytes]
+        if fitting:
+            segment = min(fitting, key=lambda candidate: candidate.size)
+            self._free.remove(segment)
+            return segment
+        size = max(self.SIZE_MIN_BYTES, 1 << max(0, size_bytes - 1).bit_length())
+        self.created_total += 1
+        return shared_memory.SharedMemory(create=True, size=size)
+
+    def give(self, segment: shared_memory.SharedMemory | None) -> None:
+        if segment is None:
+            return
+        if len(self._free) < self.keep_max:
+            self._free.append(segment)
+        else:
+            _close_segment(segment, unlink=True)
+
+    def drop(self, segment: shared_memory.SharedMemory | None) -> None:
+        _close_segment(segment, unlink=True)
+
+    def close(self) -> None:
+        free, self._free = self._free, []
+        for segment in free:
+            _close_segment(segment, unlink=True)
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+
+class _MappedSegments:
+    """The host's mappings of the parent's request segments, by name, most recent last.
+
+    Mapping a segment costs a system call or three and a registration with the resource
+    tracker; a pooled segment comes back many times, so it is mapped once. Bounded: the
+    oldest mapping is closed when the cache is full (the parent may have unlinked it).
+    """
+
+    def __init__(self, keep_max: int) -> None:
+        self.keep_max = keep_max
+        self._segments: dict[str, shared_memory.SharedMemory] = {}
+
+    def get(self, name: str) -> shared_memory.SharedMemory:
+        segment = self._segments.pop(name, None)
+        if segment is None:
+            segment = shared_memory.SharedMemory(name=name)
+        self._segments[name] = segment
+        while len(self._segments) > self.keep_max:
+            oldest = next(iter(self._segments))
+            _close_segment(self._segments.pop(oldest), unlink=False)
+        return segment
+
+    def views(self, packed: _Packed) -> dict[str, np.ndarray]:
+        """The request's tensors in place, without a copy: valid until the host answers."""
+        if packed.segment is None:
+            return {name: array for name, _, _, _, array in packed.tensors if array is not None}
+        buffer = self.get(packed.segment).buf
+        return {
+            name: np.ndarray(shape, dtype=np.dtype(dtype), buffer=buffer, offset=offset)
+            for name, dtype, shape, offset, _ in packed.tensors
+        }
+
+
 def _discard(packed: Any) -> None:
     if isinstance(packed, _Packed) and packed.segment is not None:
         try:
@@ -164,6 +274,7 @@ def _aligned(size_bytes: int) -> int:
 def _host_main(connection: Connection, options: HostOptions) -> None:
     """Entry point of the host process: receive commands, run them, reply."""
     import torch
+
     from redge.runtime.loader import load
 
     torch.set_num_threads(options.threads)
@@ -175,6 +286,8 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
     models_lock = threading.Lock()
     send_lock = threading.Lock()
     load_options = LoadOptions(threads=options.threads, verify=options.verify, trusted_modules=options.trusted_modules)
+    segments = _MappedSegments(keep_max=2 * options.requests_pending_max)
+    segments_lock = threading.Lock()
     load_queue: queue.Queue[Any] = queue.Queue(maxsize=options.requests_pending_max)
     infer_queue: queue.Queue[Any] = queue.Queue(maxsize=options.requests_pending_max)
 
@@ -214,6 +327,7 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
     def run_infer(request_id: int, payload: dict[str, Any]) -> None:
         key = payload["key"]
         packed = payload["inputs"]
+        started_s = time.perf_counter()
         try:
             deadline_s = payload["deadline_s"]
             if deadline_s is not None and time.monotonic() > deadline_s:
@@ -222,10 +336,14 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
                 model = models.get(key)
             if model is None:
                 raise ModelNotLoaded(key)
-            inputs = _unpack(packed, unlink=False)
+            with segments_lock:
+                inputs = segments.views(packed)
             outputs = model.infer(inputs)
+            del inputs  # views into the parent's segment: it is reused once we answer
+            computed_s = time.perf_counter()
             result, _ = _pack(outputs, options.inline_bytes_max)
-            reply(request_id, True, result)
+            queued_ms = (started_s - payload["received_s"]) * 1000
+            reply(request_id, True, (result, queued_ms, (computed_s - started_s) * 1000))
         except RuntimeFailure as error:
             reply(request_id, False, error)
         except Exception as error:  # noqa: BLE001
@@ -260,6 +378,7 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
         elif operation == "unload":
             load_queue.put((run_unload, request_id, payload))
         elif operation == "infer":
+            payload["received_s"] = time.perf_counter()
             infer_queue.put((run_infer, request_id, payload))
         elif operation == "ping":
             reply(request_id, True, None)
@@ -272,10 +391,64 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
 # -- the parent's facade
 
 
+class _PipeProtocol(asyncio.Protocol):
+    """The parent's end of the pipe, framed as `multiprocessing.connection` frames them
+    (a 4-byte big-endian signed length, or -1 and an 8-byte length, then a pickle), so the
+    host process keeps its plain blocking `Connection`."""
+
+    def __init__(self, on_message: Callable[[Any], None], on_lost: Callable[[], None]) -> None:
+        self._on_message = on_message
+        self._on_lost = on_lost
+        self._buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while True:
+            frame = _next_frame(self._buffer)
+            if frame is None:
+                return
+            try:
+                message = pickle.loads(frame)
+            except Exception as error:  # noqa: BLE001 - an unreadable reply: report it, keep reading
+                log.error("model_host_reply_unreadable", error=repr(error))
+                continue
+            self._on_message(message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_lost()
+
+
+def _next_frame(buffer: bytearray) -> bytes | None:
+    """Take one complete frame's payload off the front of `buffer`, or None if incomplete."""
+    if len(buffer) < 4:
+        return None
+    (size,) = struct.unpack_from("!i", buffer)
+    header = 4
+    if size == -1:
+        if len(buffer) < 12:
+            return None
+        (size,) = struct.unpack_from("!Q", buffer, 4)
+        header = 12
+    if len(buffer) < header + size:
+        return None
+    frame = bytes(buffer[header : header + size])
+    del buffer[: header + size]
+    return frame
+
+
+def _frame(message: Any) -> bytes:
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    if len(payload) > 0x7FFFFFFF:
+        return struct.pack("!iQ", -1, len(payload)) + payload
+    return struct.pack("!i", len(payload)) + payload
+
+
+
 @dataclass
 class _Pending:
     future: asyncio.Future[Any]
     segment: shared_memory.SharedMemory | None = None
+    answered: bool = False  # the host replied: it no longer reads `segment`
 
 
 @dataclass
@@ -295,13 +468,13 @@ class ModelHost:
         self._loading: dict[str, asyncio.Future[LoadReport]] = {}
         self._pending: dict[int, _Pending] = {}
         self._request_ids = itertools.count(1)
-        self._outbox: queue.Queue[Any] = queue.Queue(maxsize=self.options.requests_pending_max + 8)
         self._process: Any = None
-        self._connection: Connection | None = None
+        self._transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._crashed: HostCrashed | None = None
         self._closed = False
         self._ready: asyncio.Future[Any] | None = None
+        self._segments = _SegmentPool(keep_max=self.options.requests_pending_max)
         self.counters = _Counters()
 
     # -- lifecycle
@@ -322,18 +495,22 @@ class ModelHost:
         assert self._process is None, "a ModelHost starts once; make a new one after a crash"
         self._loop = asyncio.get_running_loop()
         context = multiprocessing.get_context("spawn")
-        parent_end, child_end = context.Pipe(duplex=True)
-        self._connection = parent_end
+        parent_socket, child_socket = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child_end = Connection(child_socket.detach())
         self._ready = self._loop.create_future()
         self._pending[0] = _Pending(self._ready)
         self._process = context.Process(
             target=_host_main, args=(child_end, self.options), name="redge-model-host", daemon=True
         )
-        self._process.start()
-        child_end.close()  # so that the child's death closes the pipe and we see EOF
+        try:
+            self._process.start()
+        finally:
+            child_end.close()  # so that the child's death closes the pipe and we see EOF
         self._lower_priority()
-        threading.Thread(target=self._read_loop, name="model-host-reader", daemon=True).start()
-        threading.Thread(target=self._send_loop, name="model-host-sender", daemon=True).start()
+        parent_socket.setblocking(False)
+        self._transport, _ = await self._loop.create_connection(
+            lambda: _PipeProtocol(self._on_reply, self._on_pipe_closed), sock=parent_socket
+        )
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), self.options.start_timeout_s)
         except TimeoutError:
@@ -360,36 +537,36 @@ class ModelHost:
 
         Call it from the event loop's thread, or use `aclose()` from a coroutine.
         """
-        if self._stop_process():
+        if self._begin_close():
+            self._stop_process()
             self._finish_close()
 
     async def aclose(self) -> None:
-        if await asyncio.get_running_loop().run_in_executor(None, self._stop_process):
+        if self._begin_close():
+            await asyncio.get_running_loop().run_in_executor(None, self._stop_process)
             self._finish_close()
 
-    def _stop_process(self) -> bool:
+    def _begin_close(self) -> bool:
+        """Ask the host to shut down (in the loop's thread); False if there is nothing to close."""
         if self._closed or self._process is None:
             self._closed = True
             return False
         self._closed = True
-        try:
-            self._outbox.put_nowait((next(self._request_ids), "shutdown", None))
-        except queue.Full:
-            pass
+        self._write((next(self._request_ids), "shutdown", None))
+        return True
+
+    def _stop_process(self) -> None:
+        """Wait for the host to exit, killing it if it does not (blocks: an executor's job)."""
         self._process.join(self.options.close_timeout_s)
         if self._process.is_alive():
             self._process.kill()
             self._process.join(self.options.close_timeout_s)
-        try:
-            self._outbox.put_nowait(None)
-        except queue.Full:
-            pass
-        if self._connection is not None:
-            self._connection.close()
-        return True
 
     def _finish_close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
         self._fail_all(HostClosed())
+        self._segments.close()
         self._models.clear()
         log.info("model_host_closed", pid=self.pid, exit_code=self._process.exitcode)
 
@@ -442,6 +619,14 @@ class ModelHost:
         self, key: str, inputs: Mapping[str, np.ndarray], deadline_s: float | None = None
     ) -> dict[str, np.ndarray]:
         """Run a serving model. `deadline_s` is an absolute `time.monotonic()` time."""
+        outputs, _ = await self.infer_timed(key, inputs, deadline_s)
+        return outputs
+
+    async def infer_timed(
+        self, key: str, inputs: Mapping[str, np.ndarray], deadline_s: float | None = None
+    ) -> tuple[dict[str, np.ndarray], InferTiming]:
+        """`infer`, and where its time went."""
+        started_s = time.perf_counter()
         state = self._models.get(key)
         self._check_usable()
         if state is None:
@@ -453,12 +638,13 @@ class ModelHost:
         if budget_s <= 0:
             raise DeadlineExceeded("infer", key, 0.0)
         self._check_capacity()
-        packed, segment = _pack(dict(inputs), self.options.inline_bytes_max)
+        packed, segment = _pack(dict(inputs), self.options.inline_bytes_max, self._segments.take)
         future = self._submit("infer", {"key": key, "inputs": packed, "deadline_s": deadline_s}, segment)
-        result = await self._wait(future, budget_s, "infer", key)
+        result, queued_ms, compute_ms = await self._wait(future, budget_s, "infer", key)
         state.requests_total += 1
         state.last_request_at_s = time.monotonic()
-        return _unpack(result, unlink=True)
+        outputs = _unpack(result, unlink=True)
+        return outputs, InferTiming(queued_ms, compute_ms, (time.perf_counter() - started_s) * 1000)
 
     async def promote(self, key: str) -> None:
         """Warm backup -> serving: a flag in this process, no message, no load."""
@@ -517,26 +703,28 @@ class ModelHost:
         try:
             self._check_capacity()
         except HostBusy:
-            _close_segment(segment, unlink=True)
+            self._segments.give(segment)  # never sent
             raise
         assert self._loop is not None
         request_id = next(self._request_ids)
         future = self._loop.create_future()
         self._pending[request_id] = _Pending(future, segment)
-        try:
-            self._outbox.put_nowait((request_id, operation, payload))
-        except queue.Full:
+        if not self._write((request_id, operation, payload)):
             self._pending.pop(request_id)
-            _close_segment(segment, unlink=True)
-            raise HostBusy(len(self._pending), self.options.requests_pending_max) from None
+            self._segments.give(segment)  # never sent
+            raise HostClosed()
         self.counters.requests_total += 1
         future.add_done_callback(lambda _: self._forget(request_id))
         return future
 
     def _forget(self, request_id: int) -> None:
         pending = self._pending.pop(request_id, None)
-        if pending is not None:
-            _close_segment(pending.segment, unlink=True)
+        if pending is None:
+            return
+        if pending.answered:
+            self._segments.give(pending.segment)
+        else:
+            self._segments.drop(pending.segment)  # the host may still read it
 
     async def _wait(self, future: asyncio.Future[Any], budget_s: float, operation: str, key: str) -> Any:
         try:
@@ -544,47 +732,33 @@ class ModelHost:
         except TimeoutError:
             raise DeadlineExceeded(operation, key, budget_s * 1000) from None
 
-    def _send_loop(self) -> None:
-        assert self._connection is not None
-        while True:
-            item = self._outbox.get()
-            if item is None:
-                return
-            try:
-                self._connection.send(item)
-            except (OSError, ValueError):
-                return  # the reader reports the crash
-
-    def _read_loop(self) -> None:
-        assert self._connection is not None and self._loop is not None
-        while True:
-            try:
-                message = self._connection.recv()
-            except (EOFError, OSError):
-                break
-            except Exception as error:  # noqa: BLE001 - an unpicklable reply: report it, keep reading
-                log.error("model_host_reply_unreadable", error=repr(error))
-                continue
-            self._call_soon(self._on_reply, message)
-        if self._closed:
-            return
-        self._process.join(1.0)
-        exit_code = self._process.exitcode
-        self._call_soon(self._on_crash, exit_code)
-
-    def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
-        assert self._loop is not None
+    def _write(self, message: Any) -> bool:
+        """Send one command; False when the pipe is closed (the crash is reported apart)."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return False
         try:
-            self._loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:
-            pass  # the loop is closed: nobody is waiting any more
+            transport.write(_frame(message))
+        except (OSError, RuntimeError):
+            return False
+        return True
+
+    def _on_pipe_closed(self) -> None:
+        """EOF from the host: it exited (or was killed). Failing pending calls waits for the
+        exit code, which the kernel has by now or within moments."""
+        if self._closed or self._crashed is not None:
+            return
+        assert self._loop is not None
+        reaping = self._loop.run_in_executor(None, self._process.join, 1.0)
+        reaping.add_done_callback(lambda _: self._on_crash(self._process.exitcode))
 
     def _on_reply(self, message: tuple[int, bool, Any]) -> None:
         request_id, ok, payload = message
         pending = self._pending.get(request_id)
         if pending is None or pending.future.done():
-            _discard(payload)  # an answer after its deadline: free its shared memory
+            _discard(payload[0] if ok and isinstance(payload, tuple) else payload)  # answered after its deadline
             return
+        pending.answered = True
         if ok:
             pending.future.set_result(payload)
         else:
@@ -597,10 +771,8 @@ class ModelHost:
         self.counters.crashes_total += 1
         self._models.clear()
         self._fail_all(self._crashed)
-        try:
-            self._outbox.put_nowait(None)
-        except queue.Full:
-            pass
+        if self._transport is not None:
+            self._transport.close()
         log.error("model_host_crashed", pid=self.pid, exit_code=exit_code)
         if self.on_crash is not None:
             self.on_crash(self._crashed)

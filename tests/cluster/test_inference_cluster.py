@@ -82,6 +82,27 @@ def test_any_peer_serves_any_app_and_says_who_served(serving_cluster):
     assert answers[0].shape == (2, 4)
 
 
+def test_responses_say_where_the_time_went(serving_cluster):
+    """Server-Timing: the serving peer's parts (read, parse, queue, model, hop, total), and a
+    forwarding peer's whole hop after them."""
+    from redge.agent.inference import parse_server_timing
+
+    cluster = serving_cluster
+    primary = primary_of(cluster, "n1", "det")
+    other = next(node for node in cluster.peers if node != primary)
+    body, headers = oip.encode_infer_request({"input": np.ones((1, IN_FEATURES), np.float32)})
+    timings = {}
+    for node in (primary, other):
+        request = urllib.request.Request(f"{cluster.peers[node].url}/v2/models/det/infer", data=body, headers=headers, method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200 and response.headers["X-Redge-Node"] == primary
+            timings[node] = parse_server_timing(response.headers["Server-Timing"])
+    served = timings[primary]
+    assert {"read", "parse", "queue", "model", "hop", "total"} <= served.keys() and "forward" not in served
+    assert served["total"] >= served["model"] + served["queue"] + served["hop"]
+    assert timings[other]["forward"] >= timings[other]["total"] > 0
+
+
 def test_bad_input_gets_4xx_and_the_peer_keeps_serving(serving_cluster):
     cluster = serving_cluster
     url = cluster.peers["n2"].url

@@ -188,3 +188,47 @@ def test_promotion_is_a_flag_even_while_the_host_is_busy(loop, host: ModelHost, 
         return promote_ms
 
     assert loop.run_until_complete(scenario()) < 1.0
+
+
+def test_request_segments_are_reused_but_never_while_the_host_may_read_one(loop, host: ModelHost, tripwire_source) -> None:
+    """A segment goes back to the pool only once the host answered; a request that timed out
+    keeps its segment (the host is still reading it), and later requests get fresh ones."""
+    directory, manifest = artifact(tripwire_source, "trip", "safetensors")
+    rng = np.random.default_rng(1)
+    batches = [rng.standard_normal((64, 16)).astype(np.float32) for _ in range(3)]  # 4 KB: over inline_bytes_max
+
+    async def scenario() -> None:
+        await host.load("trip", directory, manifest, role="serving")
+        from redge.runtime.loader import load
+
+        local, _ = load(directory, manifest)
+        created = host._segments.created_total
+        for batch in batches * 2:  # different contents through one reused segment
+            output = await host.infer("trip", {"input": batch}, time.monotonic() + 10)
+            np.testing.assert_allclose(output["output"], local.infer({"input": batch})["output"], rtol=1e-5, atol=1e-6)
+        assert host._segments.created_total == created + (0 if created else 1)
+        pooled = len(host._segments)
+        slow = np.full((64, 16), SLOW_FROM + 300, np.float32)
+        with pytest.raises(errors.DeadlineExceeded):
+            await host.infer("trip", {"input": slow}, deadline_s=time.monotonic() + 0.05)
+        assert len(host._segments) == pooled - 1  # dropped, not returned
+        created = host._segments.created_total
+        output = await host.infer("trip", {"input": batches[0]}, time.monotonic() + 10)
+        np.testing.assert_allclose(output["output"], local.infer({"input": batches[0]})["output"], rtol=1e-5, atol=1e-6)
+        assert host._segments.created_total == created + (1 if pooled == 1 else 0)
+
+    loop.run_until_complete(scenario())
+
+
+def test_infer_timed_says_where_the_time_went(loop, host: ModelHost, tripwire_source) -> None:
+    directory, manifest = artifact(tripwire_source, "trip", "safetensors")
+
+    async def scenario() -> None:
+        await host.load("trip", directory, manifest, role="serving")
+        outputs, timing = await host.infer_timed("trip", {"input": np.full((1, 16), SLOW_FROM + 40, np.float32)})
+        assert outputs["output"].shape == (1, 4)
+        assert timing.compute_ms >= 40  # the tripwire model sleeps 40 ms
+        assert timing.total_ms >= timing.compute_ms + timing.queued_ms
+        assert timing.transfer_ms == pytest.approx(timing.total_ms - timing.compute_ms - timing.queued_ms)
+
+    loop.run_until_complete(scenario())
