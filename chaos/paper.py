@@ -15,8 +15,10 @@ Both of the paper's edges are emulated on one CPU-only machine:
 Fig. 2 (loading time) is `python -m redge.chaos.bench_loading` (docs/runtime.md).
 
 Server-side inference time comes from the serving peer's `redge_inference_seconds`
-histogram (sum and count, read before and after each window); network and HTTP time is the
-client's response time minus it. The tables and their arithmetic are pure functions at the
+histogram (sum and count, read before and after each window: a mean per window, not per
+request), and time inside the model from `redge_model_seconds` where the peer has it (the
+difference is the hop to the model host and its queue); network and HTTP time is the
+client's response time minus the inference time. The tables and their arithmetic are pure functions at the
 top of this module, so they have table tests (tests/test_paper.py); the shell below them
 runs the processes.
 
@@ -121,14 +123,16 @@ FIG5BC_APP2 = ("resnet50", "resnet18")
 
 # ---------------------------------------------------------------------- pure: metrics and tables
 
-_METRIC_LINE = re.compile(r'^redge_inference_seconds_(sum|count)\{([^}]*)\}\s+(\S+)$')
+INFERENCE_METRIC = "redge_inference_seconds"  # the peer's model host round trip, queue included
+MODEL_METRIC = "redge_model_seconds"  # time inside the model only, where the peer reports it
 
 
-def inference_totals(metrics_text: str) -> dict[str, tuple[float, float]]:
-    """app -> (seconds, count) of `redge_inference_seconds` in a Prometheus text page."""
+def inference_totals(metrics_text: str, metric: str = INFERENCE_METRIC) -> dict[str, tuple[float, float]]:
+    """app -> (seconds, count) of histogram `metric` in a Prometheus text page."""
+    pattern = re.compile(rf'^{re.escape(metric)}_(sum|count)\{{([^}}]*)\}}\s+(\S+)$')
     totals: dict[str, list[float]] = {}
     for line in metrics_text.splitlines():
-        match = _METRIC_LINE.match(line.strip())
+        match = pattern.match(line.strip())
         if not match:
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
@@ -219,6 +223,7 @@ def fig4_rows(rounds: Sequence[dict[str, dict[str, dict[str, Any]]]]) -> list[di
     for model in models:
         pooled: dict[str, list[float]] = {"isolated": [], "colocated": []}
         server: dict[str, list[float]] = {"isolated": [], "colocated": []}
+        model_only: dict[str, list[float]] = {"isolated": [], "colocated": []}
         ratios: list[float] = []
         server_ratios: list[float] = []
         for one in rounds:
@@ -230,6 +235,8 @@ def fig4_rows(rounds: Sequence[dict[str, dict[str, dict[str, Any]]]]) -> list[di
                 pooled[phase] += entry["latencies_ms"]
                 if entry.get("server_ms") is not None:
                     server[phase].append(entry["server_ms"])
+                if entry.get("model_ms") is not None:
+                    model_only[phase].append(entry["model_ms"])
                 means[phase] = (_mean(entry["latencies_ms"]), entry.get("server_ms"))
             if len(means) == 2:
                 (isolated_mean, isolated_server), (colocated_mean, colocated_server) = means["isolated"], means["colocated"]
@@ -243,6 +250,9 @@ def fig4_rows(rounds: Sequence[dict[str, dict[str, dict[str, Any]]]]) -> list[di
             "colocated_ms": summary(pooled["colocated"]),
             "response_mean_increase_percent": percent_change(_mean(pooled["isolated"]), _mean(pooled["colocated"])),
             "inference_mean_increase_percent": percent_change(_mean(server["isolated"]), _mean(server["colocated"])),
+            "model_ms_isolated": _mean(model_only["isolated"]),
+            "model_ms_colocated": _mean(model_only["colocated"]),
+            "model_mean_increase_percent": percent_change(_mean(model_only["isolated"]), _mean(model_only["colocated"])),
             "response_increase_percent_per_round": summary([(r - 1) * 100 for r in ratios]),
             "inference_increase_percent_per_round": summary([(r - 1) * 100 for r in server_ratios]),
         })
@@ -286,18 +296,20 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 def fig3_markdown(result: dict[str, Any]) -> str:
     rows = [(r["model"], r["requests"], r["response_ms"].get("p50"), r["response_ms"].get("p99"),
-             r["inference_ms_mean"], r["network_ms_mean"], r["response_cov"]) for r in result["rows"]]
+             r["inference_ms_mean"], r.get("model_ms_mean"), r["network_ms_mean"], r["response_cov"])
+            for r in result["rows"]]
     return markdown_table(("model", "requests", "response p50 ms", "response p99 ms", "inference mean ms",
-                           "network+HTTP mean ms", "response CoV"), rows)
+                           "of which in the model ms", "network+HTTP mean ms", "response CoV"), rows)
 
 
 def fig4_markdown(result: dict[str, Any]) -> str:
     rows = [(r["model"], r["isolated_ms"].get("p50"), r["colocated_ms"].get("p50"), r["isolated_ms"].get("p99"),
              r["colocated_ms"].get("p99"), r["response_mean_increase_percent"], r["inference_mean_increase_percent"],
-             r["response_increase_percent_per_round"].get("p50"))
+             r.get("model_mean_increase_percent"), r["response_increase_percent_per_round"].get("p50"))
             for r in result["rows"]]
     return markdown_table(("model", "isolated p50 ms", "co-located p50 ms", "isolated p99 ms", "co-located p99 ms",
-                           "response mean +%", "inference mean +%", "per-round response +% (p50)"), rows)
+                           "response mean +%", "inference mean +%", "in-model mean +%", "per-round response +% (p50)"),
+                          rows)
 
 
 def fig5bc_markdown(result: dict[str, Any]) -> str:
@@ -440,14 +452,20 @@ def run_clients(clients: Sequence[tuple[str, Sequence[tuple[str, str]], bytes, d
     return operations
 
 
-def read_totals(url: str) -> dict[str, tuple[float, float]]:
+def read_totals(url: str, metric: str = INFERENCE_METRIC) -> dict[str, tuple[float, float]]:
+    return read_all_totals(url).get(metric, {})
+
+
+def read_all_totals(url: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """metric -> app -> (seconds, count), for the inference and the model-only histograms."""
     import urllib.request
 
     try:
         with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
-            return inference_totals(response.read().decode())
+            text = response.read().decode()
     except OSError:
         return {}
+    return {metric: inference_totals(text, metric) for metric in (INFERENCE_METRIC, MODEL_METRIC)}
 
 
 def zoo_source(models: Sequence[str]) -> Path:
@@ -546,6 +564,7 @@ def fig3(profile: Profile, settings: Settings, source: Path, scratch: Path,
     bodies = {model: request_body(source, model) for model in models}
     latencies: dict[str, list[float]] = {model: [] for model in models}
     server: dict[str, list[float]] = {model: [] for model in models}
+    model_only: dict[str, list[float]] = {model: [] for model in models}
     failures: dict[str, int] = {model: 0 for model in models}
     with Bench(profile, 1, source, scratch, {}) as bench:
         for model in models:
@@ -559,17 +578,21 @@ def fig3(profile: Profile, settings: Settings, source: Path, scratch: Path,
         for round_index in range(settings.rounds):
             for model in models:
                 body, headers = bodies[model]
-                before = read_totals(url)
+                before = read_all_totals(url)
                 operations = run_clients([(apps[model], [("n1", url)], body, headers)], 120.0,
                                          count_max=settings.requests_per_model)
-                after = read_totals(url)
+                after = read_all_totals(url)
                 latencies[model] += ok_latencies(operations, apps[model])
                 failures[model] += sum(1 for o in operations if o.outcome != OK)
-                mean = server_mean_ms(before, after, apps[model])
+                mean = server_mean_ms(before.get(INFERENCE_METRIC, {}), after.get(INFERENCE_METRIC, {}), apps[model])
                 if mean is not None:
                     server[model].append(mean)
+                mean = server_mean_ms(before.get(MODEL_METRIC, {}), after.get(MODEL_METRIC, {}), apps[model])
+                if mean is not None:
+                    model_only[model].append(mean)
             print(f"  fig3 {profile.name}: round {round_index + 1}/{settings.rounds}", file=sys.stderr, flush=True)
-    rows = [dict(fig3_row(model, latencies[model], server[model]), failed=failures[model]) for model in models]
+    rows = [dict(fig3_row(model, latencies[model], server[model]), failed=failures[model],
+                 model_ms_mean=_mean(model_only[model])) for model in models]
     return {"figure": "fig3", "profile": profile.name, "emulation": profile.describe(), "degraded_by": applied,
             "rounds": settings.rounds, "requests_per_model_per_round": settings.requests_per_model, "rows": rows}
 
@@ -614,11 +637,13 @@ def fig4(profile: Profile, settings: Settings, source: Path, scratch: Path,
             run_clients([clients[model]], 30.0, count_max=3)
 
         def window(chosen: Sequence[str]) -> dict[str, dict[str, Any]]:
-            before = read_totals(url)
+            before = read_all_totals(url)
             operations = run_clients([clients[m] for m in chosen], settings.window_s)
-            after = read_totals(url)
+            after = read_all_totals(url)
             return {m: {"latencies_ms": ok_latencies(operations, apps[m]),
-                        "server_ms": server_mean_ms(before, after, apps[m]),
+                        "server_ms": server_mean_ms(before.get(INFERENCE_METRIC, {}), after.get(INFERENCE_METRIC, {}),
+                                                    apps[m]),
+                        "model_ms": server_mean_ms(before.get(MODEL_METRIC, {}), after.get(MODEL_METRIC, {}), apps[m]),
                         "failed": sum(1 for o in operations if o.app == apps[m] and o.outcome != OK)}
                     for m in chosen}
 

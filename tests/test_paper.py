@@ -21,6 +21,8 @@ redge_inference_seconds_sum{app="a"} 0.2
 redge_inference_seconds_count{app="b-1"} 1.0
 redge_inference_seconds_sum{app="b-1"} 0.05
 redge_inference_seconds_created{app="a"} 1.7e9
+redge_model_seconds_count{app="a"} 4.0
+redge_model_seconds_sum{app="a"} 0.1
 redge_forwards_total{outcome="ok"} 3.0
 """
 
@@ -32,6 +34,7 @@ def operation(app: str, start_ms: float, latency_ms: float, outcome: str = OK, n
 
 def test_inference_totals_reads_sum_and_count_per_app_and_nothing_else():
     assert paper.inference_totals(METRICS_PAGE) == {"a": (0.2, 4.0), "b-1": (0.05, 1.0)}
+    assert paper.inference_totals(METRICS_PAGE, paper.MODEL_METRIC) == {"a": (0.1, 4.0)}
     assert paper.inference_totals("") == {}
 
 
@@ -90,8 +93,8 @@ def test_fig3_compare_gives_iobt_over_enterprise_per_model():
 
 def test_fig4_rows_pool_phases_and_take_per_round_ratios():
     rounds = [
-        {"isolated": {"a": {"latencies_ms": [10.0, 10.0], "server_ms": 8.0}},
-         "colocated": {"a": {"latencies_ms": [12.0, 12.0], "server_ms": 10.0}}},
+        {"isolated": {"a": {"latencies_ms": [10.0, 10.0], "server_ms": 8.0, "model_ms": 5.0}},
+         "colocated": {"a": {"latencies_ms": [12.0, 12.0], "server_ms": 10.0, "model_ms": 6.0}}},
         {"isolated": {"a": {"latencies_ms": [20.0], "server_ms": 16.0}},
          "colocated": {"a": {"latencies_ms": [30.0], "server_ms": None}}},
     ]
@@ -105,6 +108,7 @@ def test_fig4_rows_pool_phases_and_take_per_round_ratios():
     assert row["response_increase_percent_per_round"]["count"] == 2
     assert row["response_increase_percent_per_round"]["max"] == pytest.approx(50.0)
     assert row["inference_increase_percent_per_round"]["count"] == 1
+    assert row["model_mean_increase_percent"] == pytest.approx(20.0)  # only where the peer reports it
 
 
 def test_fig5bc_row_compares_before_the_fault_with_after_it_settled():
