@@ -172,9 +172,16 @@ async def cluster_events(request: web.Request) -> web.Response:
     while not events and time.monotonic() < deadline:
         await peer.wait_for_commit(deadline - time.monotonic())
         events, last_seq = peer.raft.read(read)
+    applied = peer.raft.applied_times([e.seq for e in events])
+    # `at_ms`: when the command was proposed (its proposer's clock, replicated); `applied_ms`:
+    # when this peer applied it, i.e. saw it committed (local, absent if not known here).
     return json_response(
         {
-            "events": [{"seq": e.seq, "at_ms": e.at_ms, "kind": e.kind, **e.fields} for e in events],
+            "events": [
+                {"seq": e.seq, "at_ms": e.at_ms, "kind": e.kind, **e.fields}
+                | ({"applied_ms": round(applied[e.seq], 3)} if e.seq in applied else {})
+                for e in events
+            ],
             "last_seq": last_seq,
         }
     )

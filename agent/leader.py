@@ -215,6 +215,9 @@ class LeaderDuty(Duty):
         super().__init__("leader_duty")
         self.peer = peer
         self.plans_committed = 0
+        # The commit that woke this duty: (wall ms when applied here, its proposer's at_ms,
+        # its kind), so that the plan's log line says where a decision's time went.
+        self._trigger: tuple[float, float | None, str] | None = None
 
     def on_commit(self, command: c.Command | None, outcome) -> None:
         if command is None and outcome.accepted:  # a snapshot replaced the state
@@ -222,6 +225,8 @@ class LeaderDuty(Duty):
         elif outcome.accepted and not outcome.duplicate and isinstance(command, TRIGGERS):
             if isinstance(command, c.Report) and command.kind not in ("load_failed", "degraded", "recovered"):
                 return
+            if self._trigger is None:
+                self._trigger = (time.time() * 1000, getattr(command, "at_ms", None), type(command).__name__)
             self._wake.set()
 
     def on_leader_change(self) -> None:
@@ -298,6 +303,7 @@ class LeaderDuty(Duty):
         """Plan from the committed state and commit the result if it changes anything."""
         raft = self.peer.raft
         assert raft is not None
+        trigger, self._trigger = self._trigger, None
         for _ in range(PLAN_ATTEMPTS_MAX):
             problem, epoch = raft.read(partial(_problem_and_epoch, now_ms=int(time.time() * 1000)))
             started = time.perf_counter()
@@ -315,10 +321,17 @@ class LeaderDuty(Duty):
                 reason=describe(result),
                 at_ms=int(time.time() * 1000),
             )
+            proposed_ms = time.time() * 1000
             outcome = await self.peer.propose(command)
             if outcome.accepted:
                 self.plans_committed += 1
-                log.info("plan_committed", epoch=epoch + 1, planning_ms=round(planning_ms, 2), reason=command.reason)
+                timings = {"planning_ms": round(planning_ms, 2), "commit_ms": round(time.time() * 1000 - proposed_ms, 2)}
+                if trigger is not None:
+                    applied_ms, trigger_at_ms, kind = trigger
+                    timings.update(trigger=kind, since_trigger_ms=round(proposed_ms - applied_ms, 2))
+                    if trigger_at_ms is not None:
+                        timings["trigger_commit_ms"] = round(applied_ms - trigger_at_ms, 2)
+                log.info("plan_committed", epoch=epoch + 1, reason=command.reason, **timings)
                 if not result.complete:
                     self._wake.set()
                 return result

@@ -7,8 +7,10 @@ hangs (SIGSTOP) the node holding the critical app's primary and reads the replic
 log for:
 
 - detection: the fault -> the first `suspicion` of that node, and -> `failure_confirmed`;
-- decision: `failure_confirmed` -> the next `plan_committed`;
-- promotion: that plan -> the new primary's `serving` event;
+- decision: `failure_confirmed` committed -> the next `plan_committed` committed (commit
+  times as the observer applied them, `applied_ms`); `planned` is the part up to the
+  leader's proposal of the plan;
+- promotion: that plan's commit -> the new primary's `serving` event;
 - observers: how many distinct observers the confirmation named.
 
 Then it heals the fault (restart from the data dir, or SIGCONT) and waits for the cluster to
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from redge.chaos.cluster import ClusterError, LocalCluster, http_json, wait_until
+from redge.chaos.measure import committed_ms
 from redge.chaos.observe import primary_of, replicas_loaded
 from redge.chaos.stats import summary
 
@@ -62,7 +65,11 @@ def trial(cluster: LocalCluster, fault: str, settle_s: float) -> dict[str, Any]:
         cluster.peers[victim].signal(signal.SIGSTOP)
 
     def timeline() -> dict[str, Any] | None:
-        events = events_since(cluster, observer, fault_at_ms - 1)
+        # The log as the current leader applied it: it applies each entry as it commits, and
+        # before any other peer, so commit times (`applied_ms`) are the true ones and a
+        # node's later `serving` report never precedes the plan's commit.
+        via = cluster.leader(among=[n for n in cluster.peers if n != victim]) or observer
+        events = events_since(cluster, via, fault_at_ms - 1)
         suspicions = [e for e in events if e["kind"] == "suspicion" and e.get("node") == victim]
         confirmed = next((e for e in events if e["kind"] == "failure_confirmed" and e.get("node") == victim), None)
         if not suspicions or confirmed is None:
@@ -80,9 +87,12 @@ def trial(cluster: LocalCluster, fault: str, settle_s: float) -> dict[str, Any]:
         return {
             "victim": victim,
             "first_suspicion_ms": min(e.get("since_ms", e["at_ms"]) for e in suspicions) - fault_at_ms,
-            "confirmation_ms": confirmed["at_ms"] - fault_at_ms,
-            "decision_ms": plan["at_ms"] - confirmed["at_ms"],
-            "promotion_ms": serving["at_ms"] - plan["at_ms"],
+            # Commit times as the observer saw them (DESIGN.md: detection to the committed
+            # confirmation, decision from it to the committed plan); the plan's proposal apart.
+            "confirmation_ms": committed_ms(confirmed) - fault_at_ms,
+            "decision_ms": committed_ms(plan) - committed_ms(confirmed),
+            "planned_ms": plan["at_ms"] - committed_ms(confirmed),
+            "promotion_ms": serving["at_ms"] - committed_ms(plan),
             "fault_to_serving_ms": serving["at_ms"] - fault_at_ms,
             "observers": len(confirmed.get("observers", [])),
             "suspicion_reasons": sorted({e.get("reason", "") for e in suspicions}),
@@ -127,7 +137,7 @@ def measure(profile: str, fault: str, trials: int, source: Path, settle_s: float
                 f"promoted {row['promotion_ms']:.0f} ms",
                 file=sys.stderr,
             )
-    keys = ("first_suspicion_ms", "confirmation_ms", "decision_ms", "promotion_ms", "fault_to_serving_ms")
+    keys = ("first_suspicion_ms", "confirmation_ms", "decision_ms", "planned_ms", "promotion_ms", "fault_to_serving_ms")
     complete = [r for r in rows if "incomplete" not in r]
     return {
         "profile": profile,

@@ -12,8 +12,8 @@ Per fault (DESIGN.md, "Metrics"):
 | metric | from | to |
 | --- | --- | --- |
 | detection_ms | fault applied | first `suspicion` of a target |
-| confirmation_ms | fault applied | `failure_confirmed` of a target |
-| decision_ms | that confirmation | the next `plan_committed` |
+| confirmation_ms | fault applied | `failure_confirmed` of a target, committed (`applied_ms`) |
+| decision_ms | that confirmation, committed | the next `plan_committed`, committed |
 | loading | `load_started` of an app on a node after that plan | its `load_done` / `serving` |
 | reconfiguration_ms | the plan for the app, or the first client error, whichever is first | the first ok answer from a node the fault did not touch |
 | mttr_ms | fault applied | the last disrupted client's first ok answer from an untouched node |
@@ -108,6 +108,15 @@ def fault_windows(faults: Sequence[FaultRecord]) -> dict[int, float]:
                 break
         windows[fault.fault_id] = end
     return windows
+
+
+def committed_ms(event: dict[str, Any]) -> float:
+    """When an event's command was committed, as the peer that served the log saw it
+    (`applied_ms`); the proposer's `at_ms` where the peer does not know (an older log, or
+    one that came in a snapshot). DESIGN.md's confirmation and decision are commit times:
+    between a proposal and its commit lies a Raft round, which on a busy cluster is most
+    of a decision."""
+    return float(event.get("applied_ms", event["at_ms"]))
 
 
 def first_event(events: Iterable[dict[str, Any]], kind: str, after_ms: float, before_ms: float,
@@ -212,7 +221,7 @@ def measure_fault(fault: FaultRecord, operations: Sequence[Operation], events: S
     plan = None
     if confirmation is not None:
         plan = first_event(events, "plan_committed", confirmation["at_ms"], window_end_ms)
-    decision_ms = plan["at_ms"] - confirmation["at_ms"] if plan and confirmation else None
+    decision_ms = committed_ms(plan) - committed_ms(confirmation) if plan and confirmation else None
     loading = loadings(events, plan["at_ms"], window_end_ms) if plan else []
     apps = sorted({o.app for o in operations})
     recoveries = []
@@ -222,7 +231,7 @@ def measure_fault(fault: FaultRecord, operations: Sequence[Operation], events: S
             "plan_committed", applied, window_end_ms,
         )
         recoveries.append(app_recovery(operations, app, fault, window_end_ms,
-                                       app_plan["at_ms"] if app_plan else None, foreign))
+                                       committed_ms(app_plan) if app_plan else None, foreign))
     charged = tuple(
         e for e in ordered(events)
         if applied <= e["at_ms"] < window_end_ms
@@ -233,7 +242,7 @@ def measure_fault(fault: FaultRecord, operations: Sequence[Operation], events: S
         fault_id=fault.fault_id, kind=fault.kind, description=fault.description, targets=fault.targets,
         applied_at_ms=applied, healed_at_ms=fault.healed_at_ms, window_end_ms=window_end_ms,
         detection_ms=suspicion["at_ms"] - applied if suspicion else None,
-        confirmation_ms=confirmation["at_ms"] - applied if confirmation else None,
+        confirmation_ms=committed_ms(confirmation) - applied if confirmation else None,
         decision_ms=decision_ms,
         plan_epoch=plan.get("epoch") if plan else None,
         loading=tuple(loading),

@@ -16,6 +16,7 @@ import asyncio
 import random
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from redge.consensus.state import ClusterState, Outcome, Settings
 T = TypeVar("T")
 
 STATE_REPLACED = "state replaced from a snapshot"
+# How many events' local apply times a peer remembers (the event log itself is bounded too).
+APPLIED_TIMES_MAX = 8192
 
 CommitListener = Callable[[commands.Command | None, Outcome], None]
 LeaderListener = Callable[["RaftStatus"], None]
@@ -94,6 +97,10 @@ class _StateMachine(SyncObjConsumer):
         self.lock = threading.Lock()
         self.on_applied = on_applied
         self.state = ClusterState(settings=settings)
+        # Event seq -> wall ms when this peer applied the entry that recorded it. Not part
+        # of the replicated state (every replica applies at its own moment): it is what
+        # "committed at" means for metrics such as decision time, seen from this peer.
+        self.applied_ms: dict[int, float] = {}
 
     @replicated
     def apply_command(self, data: bytes) -> dict[str, Any]:
@@ -106,12 +113,24 @@ class _StateMachine(SyncObjConsumer):
                 outcome = self.state._reject("malformed", 0, str(error))
         else:
             with self.lock:
+                seq_before = self.state.event_seq
                 outcome = self.state.apply(command)
+                self._stamp(seq_before)
         try:
             self.on_applied(command, outcome)
         except Exception:  # a listener bug must not stop the log
             pass
         return {"accepted": outcome.accepted, "reason": outcome.reason, "duplicate": outcome.duplicate}
+
+    def _stamp(self, seq_before: int) -> None:
+        """Remember when this peer applied the events the last entry recorded (lock held)."""
+        if self.state.event_seq == seq_before:
+            return
+        now_ms = time.time() * 1000
+        for seq in range(seq_before + 1, self.state.event_seq + 1):
+            self.applied_ms[seq] = now_ms
+        while len(self.applied_ms) > APPLIED_TIMES_MAX:
+            del self.applied_ms[next(iter(self.applied_ms))]
 
     # pysyncobj dumps consumers with pickle; keep what it pickles plain bytes we control.
     def _serialize(self) -> dict[str, bytes]:
@@ -121,6 +140,7 @@ class _StateMachine(SyncObjConsumer):
     def _deserialize(self, data: dict[str, bytes]) -> None:
         with self.lock:
             self.state = ClusterState.from_bytes(data["state"])
+            self.applied_ms = {}  # when the replaced events were applied is not known here
         # The whole state changed at once (a snapshot from the leader, or the dump at start):
         # listeners are told with `command=None` and an accepted outcome.
         try:
@@ -343,6 +363,13 @@ class RaftNode:
         """Run `reader` on the current state under the apply lock. Keep it short."""
         with self._machine.lock:
             return reader(self._machine.state)
+
+    def applied_times(self, seqs: list[int]) -> dict[int, float]:
+        """When this peer applied the entries that recorded these events (seq -> wall ms),
+        for those it still remembers."""
+        with self._machine.lock:
+            known = self._machine.applied_ms
+            return {seq: known[seq] for seq in seqs if seq in known}
 
     def status(self) -> RaftStatus:
         leader = self._sync._getLeader()

@@ -51,6 +51,19 @@ def test_detection_confirmation_and_decision(events, detection, confirmation, de
     assert (m.detection_ms, m.confirmation_ms, m.decision_ms, m.plan_epoch) == (detection, confirmation, decision, epoch)
 
 
+def test_confirmation_and_decision_are_commit_times_where_the_log_has_them():
+    """A confirmation proposed at 1045 but committed at 1052, and a plan proposed at 1060 and
+    committed at 1064: detection to the committed confirmation is 52, the decision 12."""
+    committed = [dict(e) for e in EVENTS]
+    committed[2]["applied_ms"] = 1052.0
+    committed[3]["applied_ms"] = 1064.0
+    m = measure_fault(CRASH, [], committed)
+    assert (m.detection_ms, m.confirmation_ms, m.decision_ms) == (30, 52, 12)
+    without = [dict(e) for e in EVENTS]
+    without[3]["applied_ms"] = 1064.0  # the confirmation's commit unknown: its proposal time
+    assert measure_fault(CRASH, [], without).decision_ms == 19
+
+
 def test_loading_pairs_each_start_with_its_own_end():
     loads = {(x.app, x.node): x for x in loadings(EVENTS, 1060, INFINITY_MS)}
     assert loads[("det", "n3")].loading_ms == 150 and loads[("det", "n3")].ended_by == "load_done"

@@ -58,6 +58,12 @@ def test_three_peers_elect_a_leader_and_commit_from_any_peer(cluster):
     wait_app_everywhere(cluster, "at-follower", list(cluster.peers))
     snapshot = cluster.peers[follower].snapshot()
     assert {m["node_id"] for m in snapshot["members"]} == set(cluster.peers)
+    # Each peer says when it applied each event: never before its proposal.
+    for via in (leader, follower):
+        status, body = http_json("GET", cluster.peers[via].url + "/cluster/events?limit=100", timeout_s=5)
+        registered = [e for e in body["events"] if e["kind"] == "app_registered"]
+        assert status == 200 and len(registered) == 2
+        assert all(e["applied_ms"] >= e["at_ms"] for e in registered), registered
     assert all(m["status"] == "alive" for m in snapshot["members"])
     assert snapshot["leader"] == leader
 
