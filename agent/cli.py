@@ -44,6 +44,9 @@ def _add_peer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-threads", type=int, help="threads for model inference (default 1)")
     parser.add_argument("--model-host-nice", type=int, help="CPU niceness added to the model host (default 10)")
     parser.add_argument("--request-body-bytes-max", type=int, help="largest inference request accepted")
+    parser.add_argument(
+        "--slo-factor", type=float, help="report this node degraded when an app's median latency here exceeds this x its SLO (default 1.5)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +148,7 @@ def peer_values(args: argparse.Namespace) -> dict[str, Any]:
         "node_id", "http", "raft", "heartbeat", "peers", "join", "data_dir", "store", "storage_budget_bytes",
         "source", "profile", "secret_file", "admin_token_file", "log_level", "memory_bytes",
         "accelerator_memory_bytes", "device_kind", "model_threads", "model_host_nice", "request_body_bytes_max",
+        "slo_factor",
     ):
         value = getattr(args, key, None)
         if value is not None:

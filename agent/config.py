@@ -48,6 +48,8 @@ class PeerConfig:
     request_body_bytes_max: int = 64 * 1024 * 1024
     model_threads: int = 1
     model_host_nice: int = 10
+    # Degraded when an app's median latency here stays above this factor x its SLO (agent/slo.py).
+    slo_factor: float = 1.5
     # Filled by `load`, never from the file.
     secret: str = field(default="", repr=False)
     admin_token: str = field(default="", repr=False)
@@ -126,6 +128,8 @@ def load(values: dict[str, Any], environ: dict[str, str] | None = None) -> PeerC
         problems.append("storage-budget-bytes must be > 0")
     if not 0 <= config.model_host_nice <= 19:
         problems.append("model-host-nice must be between 0 and 19")
+    if not isinstance(config.slo_factor, (int, float)) or not 1.0 <= config.slo_factor <= 100.0:
+        problems.append("slo-factor must be between 1 and 100")
     if not 1 <= config.model_threads <= 256:
         problems.append("model-threads must be between 1 and 256")
     if config.request_body_bytes_max <= 0:

@@ -230,9 +230,14 @@ class InferenceService:
         started_s = time.perf_counter()
         app = request.match_info["app"]
         me = self.peer.node_id
-        # One read of the state per request: is the app known, and does the plan make us its primary?
-        known, planned_primary = self._state_read(
-            lambda s: (app in s.apps, (p := s.primary_of(app)) is not None and p.node_id == me)
+        # One read of the state per request: is the app known, its SLO, and does the plan make
+        # us its primary?
+        known, slo_ms, planned_primary = self._state_read(
+            lambda s: (
+                app in s.apps,
+                s.apps[app].slo_ms if app in s.apps else 0.0,
+                (p := s.primary_of(app)) is not None and p.node_id == me,
+            )
         )
         if not known:
             raise HttpError(404, f"unknown app {app!r}")
@@ -244,14 +249,14 @@ class InferenceService:
         # Serve here if the committed plan makes this node the primary, or if the caller
         # already failed with the primary (a backup answering at once is the point of it).
         if local is not None and (planned_primary or prefer_local):
-            return await self._serve_locally(request, app, body, (started_s, read_s))
+            return await self._serve_locally(request, app, body, (started_s, read_s), slo_ms)
         if forwarded:
             raise HttpError(503, f"{app} is not loaded on {self.peer.node_id}")
         try:
             return await self._forward(request, app, body, started_s)
         except Unavailable as error:
             if local is not None:
-                return await self._serve_locally(request, app, body, (started_s, read_s))
+                return await self._serve_locally(request, app, body, (started_s, read_s), slo_ms)
             raise HttpError(503, str(error)) from None
 
     def _deadline_s(self, request: web.Request) -> float:
@@ -264,7 +269,9 @@ class InferenceService:
                 pass
         return time.monotonic() + budget_s
 
-    async def _serve_locally(self, request: web.Request, app: str, body: bytes, marks: tuple[float, float]) -> web.Response:
+    async def _serve_locally(
+        self, request: web.Request, app: str, body: bytes, marks: tuple[float, float], slo_ms: float
+    ) -> web.Response:
         """Run `app` on this node's replica. `marks`: when the handler started, and when it
         had read the body (perf_counter seconds), for the `Server-Timing` header."""
         from redge.agent.api import HttpError
@@ -297,15 +304,18 @@ class InferenceService:
             raise HttpError(400, str(error)) from None
         headers.update({NODE_HEADER: self.peer.node_id, EPOCH_HEADER: str(epoch), VARIANT_HEADER: replica.variant})
         handler_started_s, read_s = marks
+        total_ms = (time.perf_counter() - handler_started_s) * 1000
         headers[TIMING_HEADER] = server_timing(
             read=(read_s - handler_started_s) * 1000,
             parse=(started - read_s) * 1000,
             queue=timing.queued_ms,
             model=timing.compute_ms,
             hop=timing.transfer_ms,
-            total=(time.perf_counter() - handler_started_s) * 1000,
+            total=total_ms,
         )
         self.peer.metrics.model_seconds.labels(app=app).observe(timing.compute_ms / 1000)
+        if slo_ms > 0:
+            self.peer.on_served(app, slo_ms, total_ms)
         return web.Response(body=response_body, headers=headers)
 
     async def _forward(self, request: web.Request, app: str, body: bytes, started_s: float | None = None) -> web.Response:

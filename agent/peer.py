@@ -27,6 +27,7 @@ from aiohttp import web
 
 from redge.agent.config import PeerConfig
 from redge.agent.detection import FailureDetection
+from redge.agent.detector import Degraded, Restored, SlownessJudge, SlownessSettings
 from redge.agent.errors import JoinFailed
 from redge.agent.inference import InferenceService
 from redge.agent.leader import LeaderDuty
@@ -45,6 +46,11 @@ log = structlog.get_logger("redge.peer")
 
 JOIN_SIGNATURE_HEADER = "X-Redge-Join-Signature"
 JOIN_CLOCK_SKEW_S = 300
+
+
+# A node judged too slow with no requests for this long is restored: the planner moved its
+# apps away, and without evidence it should get a chance again rather than stay marked.
+SLO_QUIET_S = 30.0
 
 
 def now_ms() -> int:
@@ -80,6 +86,13 @@ class Peer:
         self._state_changed = asyncio.Event()
         self._commit_hooks: list[Callable[[c.Command | None, Outcome], None]] = []
         self._commit_signal = asyncio.Event()
+        # This node's own latencies against its apps' SLOs (the judge observers use for the
+        # nodes they forward to, here pointed at itself): restored once the median is within
+        # the SLO again, or after SLO_QUIET_S without requests (its apps were moved away).
+        self.slowness = SlownessJudge(SlownessSettings(latency_factor=config.slo_factor, restore_factor=1.0))
+        self._slo_changed = asyncio.Event()
+        self._slo_detail = ""
+        self._served_at_s = 0.0
 
     # ------------------------------------------------------------------ start
 
@@ -149,6 +162,7 @@ class Peer:
         self.leader.start()
         self.reconciler.start()
         self._tasks.append(asyncio.create_task(self._refresh_metrics(), name="refresh_metrics"))
+        self._tasks.append(asyncio.create_task(self._report_slowness(), name="report_slowness"))
 
     def _next_incarnation(self) -> int:
         path = self.config.data_dir / "incarnation"
@@ -283,6 +297,55 @@ class Peer:
                 for reason, count in stats.packets_rejected.items():
                     self.metrics.heartbeats_rejected.labels(reason=reason).set(count)
             await asyncio.sleep(1.0)
+
+    def on_served(self, app: str, slo_ms: float, latency_ms: float) -> None:
+        """A request for `app` was served here in `latency_ms`: evidence for the SLO judge."""
+        now_s = time.monotonic()
+        self._served_at_s = now_s
+        self.slowness.on_latency(self.node_id, latency_ms, slo_ms, now_s * 1000)
+        if self._judge_slowness(now_s):
+            self._slo_changed.set()
+
+    def _judge_slowness(self, now_s: float) -> bool:
+        """Run the judge; True when its verdict about this node changed."""
+        if self.slowness.degraded() and now_s - self._served_at_s > SLO_QUIET_S:
+            self.slowness.forget(self.node_id)
+            self._slo_detail = f"no requests for {SLO_QUIET_S:g} s"
+            return True
+        changed = False
+        for verdict in self.slowness.judge(now_s * 1000, is_down=lambda _: False):
+            changed = True
+            if isinstance(verdict, Degraded):
+                self._slo_detail = (
+                    f"median latency {verdict.measure:.1f} x SLO over {self.slowness.settings.window_ms / 1000:g} s"
+                )
+            elif isinstance(verdict, Restored):
+                self._slo_detail = "latency within SLO again"
+        return changed
+
+    async def _report_slowness(self) -> None:
+        """Keep the committed `degraded` flag of this member equal to the SLO judge's verdict.
+
+        Reconciled, not fired once: a report that could not commit (no leader, a partition)
+        is proposed again on the next pass, and a verdict that flipped back meanwhile is
+        simply not sent."""
+        assert self.raft is not None
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slo_changed.wait(), 1.0)
+            self._slo_changed.clear()
+            self._judge_slowness(time.monotonic())
+            degraded = self.node_id in self.slowness.degraded()
+            committed = self.raft.read(lambda s: s.members[self.node_id].degraded if self.node_id in s.members else None)
+            if committed is None or committed == degraded:
+                continue
+            kind = "degraded" if degraded else "recovered"
+            detail = self._slo_detail
+            try:
+                outcome = await self.propose(c.Report(self.node_id, kind, now_ms(), detail=detail[:200]))
+                log.warning("slo_verdict_reported", kind=kind, detail=detail, accepted=outcome.accepted)
+            except ConsensusError as error:
+                log.info("slo_verdict_retry", kind=kind, error=str(error) or type(error).__name__)
 
     def _on_commit(self, command: c.Command | None, outcome: Outcome) -> None:
         # `command is None` with an accepted outcome: a snapshot replaced the whole state.
