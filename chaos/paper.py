@@ -105,11 +105,12 @@ class Settings:
     fig5bc_before_s: float = 10.0
     fig5bc_after_s: float = 20.0
     fig5a_repeat: int = 3
+    fig5bc_repeat: int = 3
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(rounds=1, requests_per_model=5, window_s=3.0, fig5bc_before_s=6.0, fig5bc_after_s=8.0,
-                   fig5a_repeat=1)
+                   fig5a_repeat=1, fig5bc_repeat=1)
 
 
 # Fig. 3's five models (the paper names EfficientNet-B2; the others are common torchvision ones).
@@ -280,6 +281,22 @@ def fig5bc_row(variant: str, operations: Sequence[Operation], fault_ms: float, s
     return result
 
 
+def fig5bc_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per backup kind and app, the trials' changes (%): their median (p50) and range."""
+    result = []
+    for variant in ("homogeneous", "heterogeneous"):
+        trials = [row for row in rows if row["backup"] == variant]
+        if not trials:
+            continue
+        for app in ("app1", "app2"):
+            entry: dict[str, Any] = {"backup": variant, "app": app, "trials": len(trials)}
+            for key in ("response_mean_percent", "response_p50_percent", "inference_percent"):
+                values = [t[app][key] for t in trials if t[app][key] is not None]
+                entry[key] = summary(values)
+            result.append(entry)
+    return result
+
+
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -317,11 +334,18 @@ def fig5bc_markdown(result: dict[str, Any]) -> str:
     for row in result["rows"]:
         for app in ("app1", "app2"):
             entry = row[app]
-            rows.append((row["backup"], app, entry["before_ms"].get("p50"), entry["after_ms"].get("p50"),
-                         entry["response_mean_percent"], entry["inference_ms_before"], entry["inference_ms_after"],
-                         entry["inference_percent"]))
-    return markdown_table(("backup", "app", "before p50 ms", "after p50 ms", "response mean +%",
-                           "inference before ms", "inference after ms", "inference +%"), rows)
+            rows.append((row["backup"], row.get("trial"), app, entry["before_ms"].get("p50"),
+                         entry["after_ms"].get("p50"), entry["response_mean_percent"], entry["inference_ms_before"],
+                         entry["inference_ms_after"], entry["inference_percent"]))
+    trials = markdown_table(("backup", "trial", "app", "before p50 ms", "after p50 ms", "response mean +%",
+                             "inference before ms", "inference after ms", "inference +%"), rows)
+    medians = [(e["backup"], e["app"], e["trials"], e["response_mean_percent"].get("p50"),
+                e["response_mean_percent"].get("min"), e["response_mean_percent"].get("max"),
+                e["inference_percent"].get("p50"), e["inference_percent"].get("min"), e["inference_percent"].get("max"))
+               for e in result.get("summary", [])]
+    summary_table = markdown_table(("backup", "app", "trials", "response mean +% (p50)", "min", "max",
+                                    "inference +% (p50)", "min", "max"), medians)
+    return summary_table + "\n\n" + trials
 
 
 def fig5a_markdown(result: dict[str, Any]) -> str:
@@ -844,23 +868,25 @@ def fig5bc_variant(profile: Profile, settings: Settings, source: Path, scratch: 
 
 
 def fig5bc(profile: Profile, settings: Settings, source: Path, scratch: Path, out: Path) -> dict[str, Any]:
+    from redge.chaos.faults import FaultRecord
     from redge.chaos.measure import measure
     from redge.chaos.report import plot
 
     rows = []
-    for variant in ("homogeneous", "heterogeneous"):
-        row, operations, timeline = fig5bc_variant(profile, settings, source, scratch / variant, variant)
-        from redge.chaos.faults import FaultRecord
-
-        faults = [FaultRecord.from_dict(f) for f in timeline["faults"]]
-        timeline["measurements"] = [m.to_dict() for m in measure(operations, faults, timeline["events"])]
-        plot(timeline, operations, out / f"fig5bc-{profile.name}-{variant}.png")
-        (out / f"fig5bc-{profile.name}-{variant}-history.jsonl").write_text(
-            "".join(json.dumps(o.to_dict()) + "\n" for o in operations))
-        rows.append(row)
-        print(f"  fig5bc {profile.name}: {variant} done", file=sys.stderr, flush=True)
+    # Trials alternate the two variants, so that the machine's background load hits both alike.
+    for trial in range(1, settings.fig5bc_repeat + 1):
+        for variant in ("homogeneous", "heterogeneous"):
+            name = f"fig5bc-{profile.name}-{variant}-trial{trial}"
+            row, operations, timeline = fig5bc_variant(profile, settings, source, scratch / name, variant)
+            faults = [FaultRecord.from_dict(f) for f in timeline["faults"]]
+            timeline["measurements"] = [m.to_dict() for m in measure(operations, faults, timeline["events"])]
+            plot(timeline, operations, out / f"{name}.png")
+            (out / f"{name}-history.jsonl").write_text("".join(json.dumps(o.to_dict()) + "\n" for o in operations))
+            rows.append(dict(row, trial=trial))
+            print(f"  fig5bc {profile.name}: {variant} trial {trial}/{settings.fig5bc_repeat} done",
+                  file=sys.stderr, flush=True)
     return {"figure": "fig5bc", "profile": profile.name, "emulation": profile.describe(),
-            "app1": list(FIG5BC_APP1), "app2": list(FIG5BC_APP2), "rows": rows}
+            "app1": list(FIG5BC_APP1), "app2": list(FIG5BC_APP2), "rows": rows, "summary": fig5bc_summary(rows)}
 
 
 # ---------------------------------------------------------------------- CLI

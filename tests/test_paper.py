@@ -130,6 +130,23 @@ def test_fig5bc_row_compares_before_the_fault_with_after_it_settled():
     assert row["app2"]["inference_percent"] is None
 
 
+def test_fig5bc_summary_takes_the_median_change_over_trials_per_backup_and_app():
+    def trial(backup: str, app1: float | None, app2: float) -> dict:
+        entry = {"response_p50_percent": None}
+        return {"backup": backup,
+                "app1": dict(entry, response_mean_percent=app1, inference_percent=app1),
+                "app2": dict(entry, response_mean_percent=app2, inference_percent=app2)}
+
+    rows = [trial("homogeneous", 10.0, 20.0), trial("homogeneous", None, 30.0), trial("homogeneous", 5.0, 10.0),
+            trial("heterogeneous", 8.0, -12.0)]
+    summary = {(e["backup"], e["app"]): e for e in paper.fig5bc_summary(rows)}
+    assert summary[("homogeneous", "app2")]["response_mean_percent"]["p50"] == 20.0
+    assert summary[("homogeneous", "app1")]["response_mean_percent"]["count"] == 2  # a trial without a value
+    assert summary[("homogeneous", "app1")]["trials"] == 3
+    assert summary[("heterogeneous", "app2")]["inference_percent"]["p50"] == -12.0
+    assert summary[("heterogeneous", "app1")]["response_p50_percent"] == {"count": 0}
+
+
 def _replica(node: str, variant: str, role: str) -> dict[str, str]:
     return {"node_id": node, "variant": variant, "role": role}
 
