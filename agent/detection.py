@@ -85,6 +85,10 @@ class FailureDetection:
         except OSError as error:
             await self._stop_thread()
             raise OSError(f"cannot bind the heartbeat address {config.heartbeat}: {error.strerror or error}") from None
+        # Read at scrape time: plain floats the heartbeat thread writes, so no lock is needed.
+        monitor = self.service.monitor
+        self.peer.metrics.detector_phi_max.set_function(lambda: monitor.phi_at_arrival_max)
+        self.peer.metrics.detector_self_pause_ms_max.set_function(lambda: monitor.self_pause_ms_max)
         self.refresh_targets()
 
     async def stop(self) -> None:

@@ -602,6 +602,9 @@ class Monitor:
         self.heartbeats_unknown_sender = 0
         self.self_pauses = 0
         self.self_pause_ms_max = 0.0
+        # The highest phi a watched node reached and then answered, without being suspected:
+        # how close the links came to a false suspicion (the soak reports it).
+        self.phi_at_arrival_max = 0.0
 
     # -- watch set
 
@@ -642,7 +645,13 @@ class Monitor:
             self.heartbeats_unknown_sender += 1
             return []
         previous_incarnation = detector.incarnation
+        phi_before = (
+            detector.phi(now_ms)
+            if detector.suspected is None and detector.last_arrival_ms is not None else 0.0
+        )
         outcome = detector.on_heartbeat(incarnation, sequence, now_ms)
+        if outcome is HeartbeatOutcome.ACCEPTED:
+            self.phi_at_arrival_max = max(self.phi_at_arrival_max, phi_before)
         verdicts: list[Verdict] = []
         if outcome is HeartbeatOutcome.RESTARTED:
             verdicts.append(Restarted(node_id, previous_incarnation, incarnation, now_ms))

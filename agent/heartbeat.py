@@ -159,6 +159,7 @@ class HeartbeatStats:
     send_slots_skipped: int  # slots dropped after a stall instead of a burst
     self_pauses: int
     self_pause_ms_max: float
+    phi_at_arrival_max: float  # the highest phi a heartbeat arrived at, unsuspected
     targets: int
     suspected: list[str]
 
@@ -493,6 +494,7 @@ class HeartbeatService:
             send_slots_skipped=self._send_slots_skipped,
             self_pauses=self.monitor.self_pauses,
             self_pause_ms_max=self.monitor.self_pause_ms_max,
+            phi_at_arrival_max=self.monitor.phi_at_arrival_max,
             targets=len(self._peers),
             suspected=[n for n in self._peers if self.monitor.is_suspected(n)],
         )

@@ -48,6 +48,14 @@ class PeerMetrics:
         self.heartbeat_send_gap_ms_max = Gauge(
             "redge_heartbeat_send_gap_ms_max", "Longest gap between two heartbeat sends", **labels
         )
+        self.detector_phi_max = Gauge(
+            "redge_detector_phi_max",
+            "Highest phi a watched node reached before its next heartbeat arrived, without being suspected",
+            **labels,
+        )
+        self.detector_self_pause_ms_max = Gauge(
+            "redge_detector_self_pause_ms_max", "Longest stall of this peer's own detector loop", **labels
+        )
         self.inference_seconds = Histogram(
             "redge_inference_seconds",
             "Time to run one inference on this peer (model host round trip)",

@@ -20,6 +20,7 @@ What each fault needs:
 | Crash, KillLeader | SIGKILL; heal restarts from the data dir | yes | yes |
 | Hang | SIGSTOP / SIGCONT | yes | yes |
 | SlowNode | cgroup v1 cpu.cfs_quota_us (root) | yes | yes |
+| CpuLoad | busy-loop processes beside the peers (touches no node) | yes | yes |
 | Partition, PacketLoss | nftables in the namespaces | no | yes |
 | Delay | user-space proxy (chaos/proxy.py) behind an nftables redirect | no | yes |
 | Bandwidth | tc tbf on the node's interface | no | yes |
@@ -54,6 +55,18 @@ PROXY_PORT_OFFSET = 10000
 CGROUP_CPU_ROOT = Path("/sys/fs/cgroup/cpu")
 CGROUP_PERIOD_US = 100_000
 CASCADE_DURATION_S_MAX = 600.0
+CPU_LOAD_WORKERS_MAX = 16
+CPU_LOAD_PERIOD_S = 0.1
+# A worker is busy for `busy_fraction` of every period and sleeps the rest: load that comes
+# and goes on the scheduler's time scale, as a co-located job's would.
+_CPU_LOAD_WORKER = (
+    "import sys, time\n"
+    "busy_s = float(sys.argv[1]) * float(sys.argv[2]); period_s = float(sys.argv[2])\n"
+    "while True:\n"
+    "    start = time.monotonic()\n"
+    "    while time.monotonic() - start < busy_s: pass\n"
+    "    time.sleep(max(0.0, period_s - (time.monotonic() - start)))\n"
+)
 
 
 class FaultUnavailable(Exception):
@@ -332,6 +345,34 @@ class SlowNode(Fault):
 
 
 @dataclass(frozen=True)
+class CpuLoad(Fault):
+    """Run `workers` busy-loop processes on the machine, each busy `busy_fraction` of the time.
+
+    CPU pressure with every peer alive and reachable: the peers, their model hosts and the
+    workers share the cores. It touches no node, so a failure confirmed while it runs is a
+    false positive. Heal: the workers are killed. Nice 0 like the peers, no root needed.
+    """
+
+    workers: int = 2
+    busy_fraction: float = 0.5
+    kind: ClassVar[str] = "cpu-load"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.workers <= CPU_LOAD_WORKERS_MAX:
+            raise ValueError(f"workers must be 1..{CPU_LOAD_WORKERS_MAX}")
+        if not 0.01 <= self.busy_fraction <= 1.0:
+            raise ValueError("busy_fraction must be in 0.01..1")
+
+    def apply(self, nemesis: Nemesis) -> tuple[str, ...]:
+        command = [sys.executable, "-c", _CPU_LOAD_WORKER, str(self.busy_fraction), str(CPU_LOAD_PERIOD_S)]
+        nemesis.start_workers(self, [command] * self.workers)
+        return ()
+
+    def heal(self, nemesis: Nemesis) -> None:
+        nemesis.stop_workers(self)
+
+
+@dataclass(frozen=True)
 class Cascade(Fault):
     """A schedule of faults: (offset_s, fault, duration_s or None for "until healed")."""
 
@@ -387,7 +428,8 @@ class Cascade(Fault):
 
 
 FAULT_KINDS: dict[str, type[Fault]] = {
-    cls.kind: cls for cls in (Crash, KillLeader, Hang, Partition, PacketLoss, Delay, Bandwidth, SlowNode, Cascade)
+    cls.kind: cls
+    for cls in (Crash, KillLeader, Hang, Partition, PacketLoss, Delay, Bandwidth, SlowNode, CpuLoad, Cascade)
 }
 
 
@@ -428,6 +470,7 @@ class Nemesis:
     tag: str = field(default_factory=lambda: f"redge-chaos-{os.getpid()}-{time.monotonic_ns() % 10**6}")
     _active: dict[Fault, FaultRecord] = field(default_factory=dict)
     _proxies: dict[Any, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _workers: dict[Any, list[subprocess.Popen[bytes]]] = field(default_factory=dict)
     cpu_groups: CpuGroups = field(default_factory=lambda: CpuGroups())
 
     @property
@@ -538,6 +581,8 @@ class Nemesis:
         errors = self.heal_all()
         for key in list(self._proxies):
             self.stop_proxy(key)
+        for key in list(self._workers):
+            self.stop_workers(key)
         errors += self.cpu_groups.release_all()
         return errors
 
@@ -564,6 +609,23 @@ class Nemesis:
         process = self._proxies.pop(key, None)
         if process is not None and process.poll() is None:
             process.kill()
+            process.wait(timeout=10)
+
+
+    # ------------------------------------------------------------------ load workers
+
+    def start_workers(self, key: Any, commands: list[list[str]]) -> None:
+        if key in self._workers:
+            return
+        processes = self._workers[key] = []
+        for command in commands:
+            processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                              start_new_session=True))
+
+    def stop_workers(self, key: Any) -> None:
+        for process in self._workers.pop(key, []):
+            if process.poll() is None:
+                process.kill()
             process.wait(timeout=10)
 
 

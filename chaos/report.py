@@ -56,8 +56,49 @@ def timeline(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows[:TIMELINE_ROWS_MAX]
 
 
+DETECTION_METRICS = (
+    "redge_heartbeat_send_gap_ms_max", "redge_detector_phi_max", "redge_detector_self_pause_ms_max",
+)
+
+
+def detection_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """What the failure detectors said during the load: committed suspicions by reason and by
+    node, confirmations, and each peer's own figures (`peer_metrics`, scraped at the end of the
+    run): its longest heartbeat send gap, the highest phi it saw answered, its longest stall.
+    A soak without faults must show no confirmation; the rest says how close it came."""
+    start = report["started_at_ms"]
+    events = [e for e in report["events"] if e["at_ms"] >= start]
+    suspicions = [e for e in events if e["kind"] == "suspicion"]
+    by_reason: dict[str, int] = {}
+    by_node: dict[str, int] = {}
+    for event in suspicions:
+        by_reason[str(event.get("reason"))] = by_reason.get(str(event.get("reason")), 0) + 1
+        by_node[str(event.get("node"))] = by_node.get(str(event.get("node")), 0) + 1
+    peers: dict[str, dict[str, float]] = report.get("peer_metrics") or {}
+
+    def largest(name: str) -> float | None:
+        values = [figures[name] for figures in peers.values() if name in figures]
+        return max(values) if values else None
+
+    return {
+        "suspicions": len(suspicions),
+        "suspicions_by_reason": dict(sorted(by_reason.items())),
+        "suspicions_by_node": dict(sorted(by_node.items())),
+        "confirmations": sum(1 for e in events if e["kind"] == "failure_confirmed"),
+        "confirmed_nodes": [e.get("node") for e in events if e["kind"] == "failure_confirmed"],
+        "send_gap_ms_max": largest("redge_heartbeat_send_gap_ms_max"),
+        "phi_max": largest("redge_detector_phi_max"),
+        "self_pause_ms_max": largest("redge_detector_self_pause_ms_max"),
+        "peers": peers,
+    }
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def print_tables(report: dict[str, Any], width: int = 120) -> None:
@@ -92,6 +133,14 @@ def print_tables(report: dict[str, Any], width: int = 120) -> None:
                 str(app["failed"]) if app else "-", str(app["unknown"]) if app else "-",
             )
     console.print(metrics)
+    detection = report.get("detection")
+    if detection:
+        console.print(
+            f"detection: {detection['suspicions']} suspicions {detection['suspicions_by_reason']} on "
+            f"{detection['suspicions_by_node']}, {detection['confirmations']} confirmations "
+            f"{detection['confirmed_nodes']}; send gap max {_ms(detection['send_gap_ms_max'])} ms, "
+            f"phi max {_number(detection['phi_max'])}, self pause max {_ms(detection['self_pause_ms_max'])} ms"
+        )
     for violation in check["violations"]:
         console.print(f"[red]violation[/red] {violation['invariant']}: {violation['message']}")
 

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ EVENTS_PAGE = 2000
 PLAN_OBSERVATION_INTERVAL_S = 0.5
 PLAN_OBSERVATIONS_MAX = 5000
 REPEAT_MAX = 100
+METRICS_BYTES_MAX = 1 << 20
 
 
 class ScenarioUnavailable(Exception):
@@ -96,6 +98,29 @@ def fetch_events(cluster: LocalCluster) -> list[dict[str, Any]]:
         if events:
             return events
     return []
+
+
+def scrape_detection_metrics(cluster: LocalCluster) -> dict[str, dict[str, float]]:
+    """Each running peer's detection figures from its /metrics (report.DETECTION_METRICS)."""
+    figures: dict[str, dict[str, float]] = {}
+    for peer in cluster.peers.values():
+        if not peer.running():
+            continue
+        try:
+            with urllib.request.urlopen(f"{peer.url}/metrics", timeout=5.0) as response:
+                text = response.read(METRICS_BYTES_MAX).decode(errors="replace")
+        except OSError:
+            continue
+        found = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in report_module.DETECTION_METRICS:
+                try:
+                    found[name] = float(value)
+                except ValueError:
+                    pass
+        figures[peer.node_id] = found
+    return figures
 
 
 def register_apps(cluster: LocalCluster, apps: list[dict[str, Any]]) -> None:
@@ -157,6 +182,7 @@ def analyse(report: dict[str, Any], operations: list[Operation], faults: list[Fa
         distributions=distributions(measurements),
         overhead=overhead(operations, faults),
         check=result.to_dict(),
+        detection=report_module.detection_summary(report),
         response_times=response_times(operations, report["started_at_ms"]),
     )
     report["timeline"] = report_module.timeline(report)
@@ -214,6 +240,7 @@ def _run_in(scenario: Scenario, out: Path, quiet: bool, scratch: Path) -> dict[s
         observer.stopping.set()
         observer.join(timeout=5)
         events = fetch_events(cluster)
+        peer_metrics = scrape_detection_metrics(cluster)
     finally:
         load.stop()
         observer.stopping.set()
@@ -232,6 +259,7 @@ def _run_in(scenario: Scenario, out: Path, quiet: bool, scratch: Path) -> dict[s
         "history_dropped": history.dropped,
         "errors": errors,
         "events": events,
+        "peer_metrics": peer_metrics,
         "plans": observer.observations,
         "files": {"history": "history.jsonl", "plot": "timeline.png", "report": "report.json"},
     }

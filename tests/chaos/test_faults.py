@@ -17,6 +17,7 @@ from redge.chaos.cluster import wait_until
 from redge.chaos.faults import (
     Bandwidth,
     Cascade,
+    CpuLoad,
     Crash,
     Delay,
     FaultUnavailable,
@@ -205,3 +206,33 @@ def test_slow_node_caps_the_cpu_of_a_real_process_and_cleans_up():
     finally:
         busy.send_signal(signal.SIGKILL)
         busy.wait(timeout=10)
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def test_cpu_load_runs_busy_workers_touching_no_node_and_heal_stops_them():
+    n = nemesis()
+    record = n.apply(CpuLoad(workers=2, busy_fraction=0.5))
+    assert record.targets == ()  # every peer stays alive: a confirmation meanwhile is false
+    assert n.apply(CpuLoad(workers=2, busy_fraction=0.5)) is record
+    workers = n._workers[CpuLoad(workers=2, busy_fraction=0.5)]
+    assert len(workers) == 2 and all(w.poll() is None for w in workers)
+    wait_until(lambda: all(cpu_ticks(w.pid) > 0 for w in workers), 10, what="the workers to burn CPU")
+    n.heal(CpuLoad(workers=2, busy_fraction=0.5))
+    assert all(w.poll() is not None for w in workers) and not n._workers
+    n.heal(CpuLoad(workers=2, busy_fraction=0.5))  # healing twice changes nothing
+
+
+def test_cpu_load_is_bounded_and_closed_with_the_nemesis():
+    with pytest.raises(ValueError):
+        CpuLoad(workers=0)
+    with pytest.raises(ValueError):
+        CpuLoad(busy_fraction=1.5)
+    n = nemesis()
+    n.apply(CpuLoad(workers=1))
+    [worker] = n._workers[CpuLoad(workers=1)]
+    assert n.close() == []
+    assert worker.poll() is not None

@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 from redge.chaos.checker import Expectations
 from redge.chaos.history import History
+from redge.chaos.report import detection_summary
 from redge.chaos.runner import main, recheck
 from redge.chaos.testing import event, fault, op
 
@@ -51,3 +52,28 @@ def test_a_bad_scenario_exits_2_with_the_reason(tmp_path, capsys):
     path.write_text('name = "bad"\npeers = 0\n')
     assert main([str(path), "--out", str(tmp_path / "out")]) == 2
     assert "peers must be 1..9" in capsys.readouterr().err
+
+
+def test_detection_summary_counts_suspicions_and_confirmations_during_the_load():
+    report = {
+        "started_at_ms": 1000.0,
+        "events": [
+            event(500, "suspicion", node="n1", observer="n2", reason="silent"),  # start-up: not counted
+            event(1100, "suspicion", node="n1", observer="n2", reason="phi"),
+            event(1105, "suspicion", node="n1", observer="n3", reason="phi"),
+            event(1106, "failure_confirmed", node="n1", observers=["n2", "n3"]),
+            event(2000, "suspicion", node="n3", observer="n1", reason="unreachable"),
+        ],
+        "peer_metrics": {
+            "n1": {"redge_heartbeat_send_gap_ms_max": 140.0, "redge_detector_phi_max": 2.5},
+            "n2": {"redge_heartbeat_send_gap_ms_max": 30.0, "redge_detector_phi_max": 6.0,
+                   "redge_detector_self_pause_ms_max": 45.0},
+        },
+    }
+    summary = detection_summary(report)
+    assert summary["suspicions"] == 3
+    assert summary["suspicions_by_reason"] == {"phi": 2, "unreachable": 1}
+    assert summary["suspicions_by_node"] == {"n1": 2, "n3": 1}
+    assert (summary["confirmations"], summary["confirmed_nodes"]) == (1, ["n1"])
+    assert (summary["send_gap_ms_max"], summary["phi_max"], summary["self_pause_ms_max"]) == (140.0, 6.0, 45.0)
+    assert detection_summary({"started_at_ms": 0.0, "events": []})["phi_max"] is None

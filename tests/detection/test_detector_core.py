@@ -167,6 +167,29 @@ def test_self_pause_is_not_held_against_watched_nodes():
     assert monitor.tick(resumed_ms + 200.0)
 
 
+@pytest.mark.parametrize(
+    ("late_gap_ms", "suspected"),
+    [
+        (INTERVAL_MS, False),  # on time: phi stays near zero
+        (60.0, False),  # late, still answered below the threshold
+        (90.0, False),
+        (5000.0, True),  # a real silence: suspected, so not "close to a false suspicion"
+    ],
+)
+def test_phi_at_arrival_max_is_the_highest_phi_answered_without_suspicion(late_gap_ms, suspected):
+    monitor = Monitor(ENTERPRISE)
+    monitor.watch("b", 1, 0.0)
+    last_ms = steady(monitor, "b", 100)
+    expected = monitor.phi("b", last_ms + INTERVAL_MS)  # the steady gaps before the late one
+    arrival_ms = last_ms + late_gap_ms
+    if not suspected:
+        expected = max(expected, monitor.phi("b", arrival_ms))
+    assert bool(monitor.tick(arrival_ms)) is suspected
+    monitor.on_heartbeat("b", 1, 101, arrival_ms)
+    assert monitor.phi_at_arrival_max == pytest.approx(expected, abs=0.05)
+    assert monitor.phi_at_arrival_max < ENTERPRISE.phi_threshold
+
+
 def test_unknown_sender_is_counted_not_watched():
     monitor = Monitor(ENTERPRISE)
     assert monitor.on_heartbeat("stranger", 1, 1, 0.0) == []
