@@ -30,6 +30,7 @@ model (`ModelNotServing`): routing traffic to a backup is a decision, not an acc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import multiprocessing
 import os
@@ -67,6 +68,7 @@ from redge.runtime.manifest import Manifest
 log = structlog.get_logger(__name__)
 
 ROLES = ("warm", "serving")
+PIPE_CLOSED_GRACE_S = 2.0
 _ALIGNMENT_BYTES = 64
 _READY = "ready"
 
@@ -147,13 +149,17 @@ def _pack(
         segment = shared_memory.SharedMemory(create=True, size=max(total_bytes, 1))
     entries = []
     offset = 0
-    for name, array in arrays.items():
-        contiguous = np.ascontiguousarray(array)
-        view = np.ndarray(contiguous.shape, dtype=contiguous.dtype, buffer=segment.buf, offset=offset)
-        view[...] = contiguous
-        del view
-        entries.append((name, contiguous.dtype.str, contiguous.shape, offset, None))
-        offset += _aligned(contiguous.nbytes)
+    try:
+        for name, array in arrays.items():
+            contiguous = np.ascontiguousarray(array)
+            view = np.ndarray(contiguous.shape, dtype=contiguous.dtype, buffer=segment.buf, offset=offset)
+            view[...] = contiguous
+            del view
+            entries.append((name, contiguous.dtype.str, contiguous.shape, offset, None))
+            offset += _aligned(contiguous.nbytes)
+    except BaseException:
+        _close_segment(segment, unlink=True)
+        raise
     return _Packed(segment.name, tuple(entries)), segment
 
 
@@ -190,6 +196,7 @@ class _SegmentPool:
         self.keep_max = keep_max
         self._free: list[shared_memory.SharedMemory] = []
         self.created_total = 0
+        self._names = itertools.count()
 
     def take(self, size_bytes: int) -> shared_memory.SharedMemory:
         fitting = [segment for segment in self._free if segment.size >= size_bytes]
@@ -199,7 +206,10 @@ class _SegmentPool:
             return segment
         size = max(self.SIZE_MIN_BYTES, 1 << max(0, size_bytes - 1).bit_length())
         self.created_total += 1
-        return shared_memory.SharedMemory(create=True, size=size)
+        # Named after this process, so that what a killed process left behind can be found
+        # and removed by the next one (`sweep_orphans`).
+        name = f"{SEGMENT_PREFIX}{os.getpid()}_{next(self._names)}_{os.urandom(4).hex()}"
+        return shared_memory.SharedMemory(name=name, create=True, size=size)
 
     def give(self, segment: shared_memory.SharedMemory | None) -> None:
         if segment is None:
@@ -219,6 +229,51 @@ class _SegmentPool:
 
     def __len__(self) -> int:
         return len(self._free)
+
+
+SEGMENT_PREFIX = "redge_"
+_SHM_DIRECTORY = Path("/dev/shm")
+
+
+def sweep_orphans(directory: Path = _SHM_DIRECTORY) -> list[str]:
+    """Unlink request segments whose creating process is gone; returns their names.
+
+    A pooled segment lives as long as its host, so a peer killed with SIGKILL (together with
+    multiprocessing's resource tracker, when a whole process group is killed) leaves its
+    pool behind in /dev/shm. Each new model host sweeps them up."""
+    removed = []
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return removed  # no /dev/shm here: segments live elsewhere and are not ours to sweep
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(SEGMENT_PREFIX):
+            continue
+        try:
+            pid = int(name[len(SEGMENT_PREFIX) :].split("_", 1)[0])
+        except ValueError:
+            continue
+        if _process_exists(pid):
+            continue
+        try:
+            entry.unlink()
+            removed.append(name)
+        except OSError:
+            pass
+    if removed:
+        log.info("orphan_segments_removed", count=len(removed))
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
 
 
 class _MappedSegments:
@@ -408,11 +463,9 @@ class _PipeProtocol(asyncio.Protocol):
             if frame is None:
                 return
             try:
-                message = pickle.loads(frame)
-            except Exception as error:  # noqa: BLE001 - an unreadable reply: report it, keep reading
+                self._on_message(pickle.loads(frame))
+            except Exception as error:  # noqa: BLE001 - one bad reply must not end the host's pipe
                 log.error("model_host_reply_unreadable", error=repr(error))
-                continue
-            self._on_message(message)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._on_lost()
@@ -470,6 +523,7 @@ class ModelHost:
         self._request_ids = itertools.count(1)
         self._process: Any = None
         self._transport: asyncio.Transport | None = None
+        self._pipe_closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._crashed: HostCrashed | None = None
         self._closed = False
@@ -485,7 +539,7 @@ class ModelHost:
 
     @property
     def alive(self) -> bool:
-        return self._process is not None and self._crashed is None and not self._closed
+        return self._process is not None and self._crashed is None and not self._closed and not self._pipe_closed
 
     @property
     def crashed(self) -> HostCrashed | None:
@@ -494,6 +548,7 @@ class ModelHost:
     async def start(self) -> None:
         assert self._process is None, "a ModelHost starts once; make a new one after a crash"
         self._loop = asyncio.get_running_loop()
+        sweep_orphans()
         context = multiprocessing.get_context("spawn")
         parent_socket, child_socket = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         child_end = Connection(child_socket.detach())
@@ -563,10 +618,11 @@ class ModelHost:
             self._process.join(self.options.close_timeout_s)
 
     def _finish_close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-        self._fail_all(HostClosed())
         self._segments.close()
+        self._fail_all(HostClosed())
+        if self._transport is not None:
+            with contextlib.suppress(RuntimeError):  # the loop may be closed already
+                self._transport.close()
         self._models.clear()
         log.info("model_host_closed", pid=self.pid, exit_code=self._process.exitcode)
 
@@ -692,6 +748,8 @@ class ModelHost:
             raise self._crashed
         if self._closed:
             raise HostClosed()
+        if self._pipe_closed:
+            raise HostCrashed(None, "the pipe to the host closed; the host is exiting")
         assert self._process is not None, "call `await host.start()` first"
 
     def _check_capacity(self) -> None:
@@ -699,20 +757,21 @@ class ModelHost:
             raise HostBusy(len(self._pending), self.options.requests_pending_max)
 
     def _submit(self, operation: str, payload: Any, segment: shared_memory.SharedMemory | None = None) -> asyncio.Future[Any]:
-        self._check_usable()
         try:
+            self._check_usable()
             self._check_capacity()
-        except HostBusy:
+            request_id = next(self._request_ids)
+            frame = _frame((request_id, operation, payload))  # an unpicklable payload fails here, unregistered
+        except BaseException:
             self._segments.give(segment)  # never sent
             raise
         assert self._loop is not None
-        request_id = next(self._request_ids)
         future = self._loop.create_future()
         self._pending[request_id] = _Pending(future, segment)
-        if not self._write((request_id, operation, payload)):
+        if not self._write_frame(frame):
             self._pending.pop(request_id)
             self._segments.give(segment)  # never sent
-            raise HostClosed()
+            raise self._crashed or HostCrashed(None, "the pipe to the host is closed")
         self.counters.requests_total += 1
         future.add_done_callback(lambda _: self._forget(request_id))
         return future
@@ -733,24 +792,45 @@ class ModelHost:
             raise DeadlineExceeded(operation, key, budget_s * 1000) from None
 
     def _write(self, message: Any) -> bool:
-        """Send one command; False when the pipe is closed (the crash is reported apart)."""
+        return self._write_frame(_frame(message))
+
+    def _write_frame(self, frame: bytes) -> bool:
+        """Send one framed command; False when the pipe is closed (the crash is reported apart)."""
         transport = self._transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self._pipe_closed:
             return False
         try:
-            transport.write(_frame(message))
+            transport.write(frame)
         except (OSError, RuntimeError):
             return False
         return True
 
     def _on_pipe_closed(self) -> None:
-        """EOF from the host: it exited (or was killed). Failing pending calls waits for the
-        exit code, which the kernel has by now or within moments."""
-        if self._closed or self._crashed is not None:
+        """EOF from the host: it exited, or was killed. The crash is reported once the
+        process is reaped, for its exit code: the loop watches the process sentinel, which
+        turns readable at the exit (no thread, no executor that could be busy or gone)."""
+        if self._closed or self._crashed is not None or self._pipe_closed:
             return
+        self._pipe_closed = True  # from now on nothing is sent and every call fails at once
         assert self._loop is not None
-        reaping = self._loop.run_in_executor(None, self._process.join, 1.0)
-        reaping.add_done_callback(lambda _: self._on_crash(self._process.exitcode))
+        loop, process = self._loop, self._process
+        sentinel = process.sentinel
+
+        def reap() -> None:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(sentinel)
+            if process.is_alive():  # the pipe closed but the process lingers: end it
+                process.kill()
+            process.join(1.0)
+            self._on_crash(process.exitcode)
+
+        try:
+            loop.add_reader(sentinel, reap)
+        except (OSError, RuntimeError, ValueError):
+            reap()
+            return
+        # A host that closed its end but does not exit is ended after a grace period.
+        loop.call_later(PIPE_CLOSED_GRACE_S, lambda: self._crashed is None and not self._closed and reap())
 
     def _on_reply(self, message: tuple[int, bool, Any]) -> None:
         request_id, ok, payload = message
@@ -771,6 +851,7 @@ class ModelHost:
         self.counters.crashes_total += 1
         self._models.clear()
         self._fail_all(self._crashed)
+        self._segments.close()
         if self._transport is not None:
             self._transport.close()
         log.error("model_host_crashed", pid=self.pid, exit_code=exit_code)
@@ -780,8 +861,9 @@ class ModelHost:
     def _fail_all(self, error: RuntimeFailure) -> None:
         for request_id, pending in list(self._pending.items()):
             if not pending.future.done():
-                pending.future.set_exception(error)
-                pending.future.exception()  # mark retrieved: nobody may be awaiting it
+                with contextlib.suppress(RuntimeError):  # a closed loop: nobody awaits it any more
+                    pending.future.set_exception(error)
+                    pending.future.exception()  # mark retrieved: nobody may be awaiting it
             self._forget(request_id)
 
 

@@ -152,16 +152,23 @@ def test_killed_host_is_reported(tripwire_source) -> None:
     import os
     import signal
 
+    directory, manifest = artifact(tripwire_source, "trip", "safetensors")
+
     async def scenario() -> None:
         crashed = asyncio.Event()
-        host = ModelHost(HostOptions(threads=1), on_crash=lambda crash: crashed.set())
+        host = ModelHost(HostOptions(threads=1, inline_bytes_max=1024), on_crash=lambda crash: crashed.set())
         await host.start()
         try:
+            await host.load("trip", directory, manifest, role="serving")
+            await host.infer("trip", {"input": np.zeros((64, 16), np.float32)}, time.monotonic() + 10)
+            assert len(host._segments) == 1  # a pooled request segment, alive with the host
+            pooled = host._segments._free[0].name
             os.kill(host.pid, signal.SIGKILL)
-            await asyncio.wait_for(crashed.wait(), 10)  # the reader sees the pipe close
+            await asyncio.wait_for(crashed.wait(), 10)  # the loop sees the pipe close
             with pytest.raises(errors.HostCrashed) as caught:
                 await host.unload("nothing", timeout_s=10)
             assert caught.value.exit_code == -signal.SIGKILL
+            assert len(host._segments) == 0 and not (Path("/dev/shm") / pooled).exists()
         finally:
             host.close()
 
@@ -232,3 +239,18 @@ def test_infer_timed_says_where_the_time_went(loop, host: ModelHost, tripwire_so
         assert timing.transfer_ms == pytest.approx(timing.total_ms - timing.compute_ms - timing.queued_ms)
 
     loop.run_until_complete(scenario())
+
+
+def test_close_after_the_loop_is_gone_still_frees_everything(tripwire_source) -> None:
+    directory, manifest = artifact(tripwire_source, "trip", "safetensors")
+    host = ModelHost(HostOptions(threads=1, inline_bytes_max=1024))
+
+    async def scenario() -> str:
+        await host.start()
+        await host.load("trip", directory, manifest, role="serving")
+        await host.infer("trip", {"input": np.zeros((64, 16), np.float32)}, time.monotonic() + 10)
+        return host._segments._free[0].name
+
+    pooled = asyncio.run(scenario())  # the loop is closed when this returns
+    host.close()
+    assert not host.alive and len(host._segments) == 0 and not (Path("/dev/shm") / pooled).exists()

@@ -101,3 +101,24 @@ def test_pool_keeps_at_most_keep_max_and_drop_never_returns() -> None:
     finally:
         pool.close()
     assert len(pool) == 0
+
+
+def test_sweep_removes_only_segments_of_processes_that_are_gone(tmp_path) -> None:
+    import os
+    import subprocess
+
+    from redge.runtime.host import SEGMENT_PREFIX, sweep_orphans
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    names = {
+        "dead": f"{SEGMENT_PREFIX}{gone.pid}_0_abcd",
+        "alive": f"{SEGMENT_PREFIX}{os.getpid()}_0_abcd",
+        "foreign": "psm_1234",
+        "odd": f"{SEGMENT_PREFIX}notapid_0",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    assert sweep_orphans(tmp_path) == [names["dead"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for k, n in names.items() if k != "dead")
+    assert sweep_orphans(tmp_path / "missing") == []
