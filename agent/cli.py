@@ -231,7 +231,7 @@ def status_tables(snapshot: dict[str, Any]) -> list[Any]:
     for column in ("node", "status", "incarnation", "http", "raft", "heartbeat", "memory GiB", "role"):
         members.add_column(column)
     for member in snapshot.get("members", []):
-        status = member["status"] + (" (degraded)" if member.get("degraded") else "")
+        status = member["status"] + (" (degraded)" if member.get("degraded") or member.get("slow") else "")
         members.add_row(
             member["node_id"],
             status,

@@ -287,8 +287,12 @@ class InferenceService:
         except InvalidInput as error:
             raise HttpError(400, str(error)) from None
         except DeadlineExceeded as error:
+            self.peer.on_timed_out()
             raise HttpError(504, str(error)) from None
-        except (ModelNotLoaded, ModelNotServing, HostBusy, HostCrashed, HostClosed) as error:
+        except HostBusy as error:
+            self.peer.on_timed_out()  # the model host's queue is full: as slow as a timeout
+            raise HttpError(503, str(error)) from None
+        except (ModelNotLoaded, ModelNotServing, HostCrashed, HostClosed) as error:
             raise HttpError(503, str(error)) from None
         except RuntimeFailure as error:
             raise HttpError(500, f"inference failed: {error}") from None
@@ -315,7 +319,9 @@ class InferenceService:
         )
         self.peer.metrics.model_seconds.labels(app=app).observe(timing.compute_ms / 1000)
         if slo_ms > 0:
-            self.peer.on_served(app, slo_ms, total_ms)
+            # From the parsed request to the answer: not the client's upload, nor a failed
+            # forward to the primary that came before serving here.
+            self.peer.on_served(app, slo_ms, latency_ms)
         return web.Response(body=response_body, headers=headers)
 
     async def _forward(self, request: web.Request, app: str, body: bytes, started_s: float | None = None) -> web.Response:

@@ -67,7 +67,7 @@ def build_problem(state: ClusterState, now_ms: int, device_kinds: dict[str, str]
             continue
         if member.status == FAILED:
             health = Health.FAILED
-        elif member.degraded:
+        elif member.degraded or member.slow:
             health = Health.DEGRADED
         elif member.status == SUSPECTED:
             health = Health.SUSPECTED

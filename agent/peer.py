@@ -51,6 +51,7 @@ JOIN_CLOCK_SKEW_S = 300
 # A node judged too slow with no requests for this long is restored: the planner moved its
 # apps away, and without evidence it should get a chance again rather than stay marked.
 SLO_QUIET_S = 30.0
+SLO_JUDGE_INTERVAL_S = 1.0
 
 
 def now_ms() -> int:
@@ -90,7 +91,6 @@ class Peer:
         # nodes they forward to, here pointed at itself): restored once the median is within
         # the SLO again, or after SLO_QUIET_S without requests (its apps were moved away).
         self.slowness = SlownessJudge(SlownessSettings(latency_factor=config.slo_factor, restore_factor=1.0))
-        self._slo_changed = asyncio.Event()
         self._slo_detail = ""
         self._served_at_s = 0.0
 
@@ -303,8 +303,11 @@ class Peer:
         now_s = time.monotonic()
         self._served_at_s = now_s
         self.slowness.on_latency(self.node_id, latency_ms, slo_ms, now_s * 1000)
-        if self._judge_slowness(now_s):
-            self._slo_changed.set()
+
+    def on_timed_out(self) -> None:
+        """A request served here ran out of its deadline (or found the model host full)."""
+        self._served_at_s = time.monotonic()
+        self.slowness.on_timeout(self.node_id, self._served_at_s * 1000)
 
     def _judge_slowness(self, now_s: float) -> bool:
         """Run the judge; True when its verdict about this node changed."""
@@ -324,19 +327,18 @@ class Peer:
         return changed
 
     async def _report_slowness(self) -> None:
-        """Keep the committed `degraded` flag of this member equal to the SLO judge's verdict.
+        """Keep the committed `slow` flag of this member equal to the SLO judge's verdict,
+        judged once a second (not per request: the judge sorts its window).
 
         Reconciled, not fired once: a report that could not commit (no leader, a partition)
         is proposed again on the next pass, and a verdict that flipped back meanwhile is
         simply not sent."""
         assert self.raft is not None
         while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._slo_changed.wait(), 1.0)
-            self._slo_changed.clear()
+            await asyncio.sleep(SLO_JUDGE_INTERVAL_S)
             self._judge_slowness(time.monotonic())
             degraded = self.node_id in self.slowness.degraded()
-            committed = self.raft.read(lambda s: s.members[self.node_id].degraded if self.node_id in s.members else None)
+            committed = self.raft.read(lambda s: s.members[self.node_id].slow if self.node_id in s.members else None)
             if committed is None or committed == degraded:
                 continue
             kind = "degraded" if degraded else "recovered"

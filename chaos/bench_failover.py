@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from redge.chaos.cluster import ClusterError, LocalCluster, http_json, wait_until
-from redge.chaos.measure import committed_ms
+from redge.chaos.measure import commit_interval_ms, committed_ms
 from redge.chaos.observe import primary_of, replicas_loaded
 from redge.chaos.stats import summary
 
@@ -90,7 +90,7 @@ def trial(cluster: LocalCluster, fault: str, settle_s: float) -> dict[str, Any]:
             # Commit times as the observer saw them (DESIGN.md: detection to the committed
             # confirmation, decision from it to the committed plan); the plan's proposal apart.
             "confirmation_ms": committed_ms(confirmed) - fault_at_ms,
-            "decision_ms": committed_ms(plan) - committed_ms(confirmed),
+            "decision_ms": commit_interval_ms(confirmed, plan),
             "planned_ms": plan["at_ms"] - committed_ms(confirmed),
             "promotion_ms": serving["at_ms"] - committed_ms(plan),
             "fault_to_serving_ms": serving["at_ms"] - fault_at_ms,

@@ -119,6 +119,14 @@ def committed_ms(event: dict[str, Any]) -> float:
     return float(event.get("applied_ms", event["at_ms"]))
 
 
+def commit_interval_ms(first: dict[str, Any], then: dict[str, Any]) -> float:
+    """From one event's commit to another's, on one clock: both `applied_ms` (one peer's
+    apply times) where both have them, else both proposal times, never one of each."""
+    if "applied_ms" in first and "applied_ms" in then:
+        return float(then["applied_ms"]) - float(first["applied_ms"])
+    return float(then["at_ms"]) - float(first["at_ms"])
+
+
 def first_event(events: Iterable[dict[str, Any]], kind: str, after_ms: float, before_ms: float,
                 nodes: Sequence[str] | None = None) -> dict[str, Any] | None:
     for event in ordered(events):
@@ -221,7 +229,7 @@ def measure_fault(fault: FaultRecord, operations: Sequence[Operation], events: S
     plan = None
     if confirmation is not None:
         plan = first_event(events, "plan_committed", confirmation["at_ms"], window_end_ms)
-    decision_ms = committed_ms(plan) - committed_ms(confirmation) if plan and confirmation else None
+    decision_ms = commit_interval_ms(confirmation, plan) if plan and confirmation else None
     loading = loadings(events, plan["at_ms"], window_end_ms) if plan else []
     apps = sorted({o.app for o in operations})
     recoveries = []

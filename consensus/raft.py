@@ -101,6 +101,9 @@ class _StateMachine(SyncObjConsumer):
         # of the replicated state (every replica applies at its own moment): it is what
         # "committed at" means for metrics such as decision time, seen from this peer.
         self.applied_ms: dict[int, float] = {}
+        # False while this peer replays its journal or catches up at start: those entries
+        # were committed long before they are applied here, so their apply time means nothing.
+        self.live = False
 
     @replicated
     def apply_command(self, data: bytes) -> dict[str, Any]:
@@ -124,7 +127,7 @@ class _StateMachine(SyncObjConsumer):
 
     def _stamp(self, seq_before: int) -> None:
         """Remember when this peer applied the events the last entry recorded (lock held)."""
-        if self.state.event_seq == seq_before:
+        if self.state.event_seq == seq_before or not self.live:
             return
         now_ms = time.time() * 1000
         for seq in range(seq_before + 1, self.state.event_seq + 1):
@@ -223,6 +226,7 @@ class RaftNode:
             maxBindRetries=1,
             logCompactionMinEntries=5000,
             logCompactionMinTime=300,
+            onReady=self._on_ready_thread,
             **timing.to_conf_kwargs(),
         )
         partners = [a for a in partner_addresses if a != self_address]
@@ -257,6 +261,10 @@ class RaftNode:
         transport.setOnNodeDisconnectedCallback(on_disconnected)
 
     # ------------------------------------------------------------------ tick thread side
+
+    def _on_ready_thread(self) -> None:
+        """pysyncobj caught up with the leader's commit index for the first time (replay done)."""
+        self._machine.live = True
 
     def _on_applied_thread(self, command: commands.Command | None, outcome: Outcome) -> None:
         if self._commit_listeners and not self._closed:

@@ -61,8 +61,9 @@ class Member:
     accelerator_memory_bytes: int = 0
     storage_bytes: int = 0
     device_kind: str = "cpu"
-    degraded: bool = False
+    degraded: bool = False  # observers judged it too slow (their Suspect with reason `degraded`)
     hold_down_until_ms: int = 0
+    slow: bool = False  # it judged itself too slow for its apps' SLOs (its own Report)
 
 
 @dataclass
@@ -204,6 +205,7 @@ class ClusterState:
         member.storage_bytes = command.storage_bytes
         member.device_kind = command.device_kind
         member.degraded = False
+        member.slow = False
         member.status = ALIVE
         member.status_changed_at_ms = command.at_ms
         self.suspicions.pop(command.node_id, None)
@@ -480,7 +482,9 @@ class ClusterState:
         if command.kind not in c.REPORT_KINDS:
             return self._reject("report", command.at_ms, f"unknown report kind {command.kind!r}")
         if command.kind in ("degraded", "recovered"):
-            self.members[command.node_id].degraded = command.kind == "degraded"
+            # The node's verdict about itself, kept apart from its observers' `degraded`:
+            # neither may clear what the other said.
+            self.members[command.node_id].slow = command.kind == "degraded"
         elif command.app:
             self.replica_reports[(command.app, command.node_id)] = command.kind
         fields = {"node": command.node_id}
