@@ -78,6 +78,9 @@ class HostOptions:
     device: str = "cpu"
     # torch intra-op threads in the host, and ONNX Runtime's per session.
     threads: int = 1
+    # Inference threads per loaded model. Models run side by side, each in its own order
+    # (as Triton runs one instance of each model): a co-located app does not queue behind
+    # another app's requests, it shares the device with them.
     infer_workers: int = 1
     requests_pending_max: int = 64
     inline_bytes_max: int = 64 * 1024
@@ -344,7 +347,7 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
     segments = _MappedSegments(keep_max=2 * options.requests_pending_max)
     segments_lock = threading.Lock()
     load_queue: queue.Queue[Any] = queue.Queue(maxsize=options.requests_pending_max)
-    infer_queue: queue.Queue[Any] = queue.Queue(maxsize=options.requests_pending_max)
+    infer_queues: dict[str, queue.Queue[Any]] = {}  # per model key; the receive loop's alone
 
     def reply(request_id: int, ok: bool, payload: Any) -> None:
         with send_lock:
@@ -412,13 +415,15 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
             function, request_id, payload = item
             function(request_id, payload)
 
-    threads = [threading.Thread(target=worker, args=(load_queue,), name="host-load", daemon=True)]
-    threads += [
-        threading.Thread(target=worker, args=(infer_queue,), name=f"host-infer-{index}", daemon=True)
-        for index in range(options.infer_workers)
-    ]
-    for thread in threads:
-        thread.start()
+    def infer_queue(key: str) -> queue.Queue[Any]:
+        work = infer_queues.get(key)
+        if work is None:
+            work = infer_queues[key] = queue.Queue(maxsize=options.requests_pending_max)
+            for index in range(options.infer_workers):
+                threading.Thread(target=worker, args=(work,), name=f"host-infer-{key}-{index}", daemon=True).start()
+        return work
+
+    threading.Thread(target=worker, args=(load_queue,), name="host-load", daemon=True).start()
     reply(0, True, (_READY, multiprocessing.current_process().pid))
     while True:
         try:
@@ -432,9 +437,12 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
             load_queue.put((run_load, request_id, payload))
         elif operation == "unload":
             load_queue.put((run_unload, request_id, payload))
+            stopping = infer_queues.pop(payload["key"], None)
+            for _ in range(options.infer_workers if stopping is not None else 0):
+                stopping.put(None)  # after the requests already queued for it
         elif operation == "infer":
             payload["received_s"] = time.perf_counter()
-            infer_queue.put((run_infer, request_id, payload))
+            infer_queue(payload["key"]).put((run_infer, request_id, payload))
         elif operation == "ping":
             reply(request_id, True, None)
         else:

@@ -254,3 +254,27 @@ def test_close_after_the_loop_is_gone_still_frees_everything(tripwire_source) ->
     pooled = asyncio.run(scenario())  # the loop is closed when this returns
     host.close()
     assert not host.alive and len(host._segments) == 0 and not (Path("/dev/shm") / pooled).exists()
+
+
+def test_models_run_side_by_side_not_behind_each_other(loop, host: ModelHost, tripwire_source, family_source) -> None:
+    """A slow request to one model does not hold up another model's requests (one worker
+    per model, as Triton runs one instance of each)."""
+    trip_directory, trip_manifest = artifact(tripwire_source, "trip", "safetensors")
+    small_directory, small_manifest = artifact(family_source, "mlp-small", "onnx")
+
+    async def scenario() -> None:
+        await host.load("trip", trip_directory, trip_manifest, role="serving")
+        await host.load("other", small_directory, small_manifest, role="serving")
+        slow = asyncio.ensure_future(
+            host.infer("trip", {"input": np.full((1, 16), SLOW_FROM + 1500, np.float32)}, time.monotonic() + 10)
+        )
+        await asyncio.sleep(0)  # the slow request is on its way
+        await host.infer("other", SMALL, time.monotonic() + 10)
+        assert not slow.done()  # the other model answered while this one still runs
+        await slow
+        await host.unload("other")
+        with pytest.raises(errors.ModelNotLoaded):
+            await host.infer("other", SMALL)
+        assert (await host.infer("trip", SMALL))["output"].shape == (2, 4)
+
+    loop.run_until_complete(scenario())
