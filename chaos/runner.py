@@ -77,8 +77,12 @@ class PlanObserver(threading.Thread):
 
 
 def fetch_events(cluster: LocalCluster) -> list[dict[str, Any]]:
-    """The whole event log, from the first peer that answers, page by page (bounded)."""
-    for peer in cluster.peers.values():
+    """The whole event log, page by page (bounded): from the leader if there is one, since it
+    applies each entry as it commits (its `applied_ms` are the commit times; a follower that
+    lagged or restarted applied late), else from the first peer that answers."""
+    leader = cluster.leader()
+    ordered = sorted(cluster.peers.values(), key=lambda p: p.node_id != leader)
+    for peer in ordered:
         if not peer.running():
             continue
         events: list[dict[str, Any]] = []
