@@ -229,6 +229,7 @@ async def _max_gap_during(operation: Any) -> float:
 
 async def measure_gil_and_promotion(zoo_dir: Path, trials: int, threads: int) -> dict[str, Any]:
     import torch
+
     from redge.runtime.host import HostOptions, ModelHost
     from redge.runtime.loader import LoadOptions, load
     from redge.runtime.manifest import Manifest
@@ -391,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import torch
+
     from redge.runtime.manifest import Manifest
     from redge.runtime.zoo import export
 

@@ -26,6 +26,7 @@ import sys
 import time
 
 import orjson
+
 from redge.placement.capacity import violations
 from redge.placement.objective import objective, served_accuracy
 from redge.placement.planner import plan_for

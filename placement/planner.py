@@ -45,6 +45,7 @@ import dataclasses
 import enum
 
 import numpy as np
+
 from redge.placement.capacity import TOLERANCE
 from redge.placement.objective import objective
 from redge.placement.problem import (

@@ -18,11 +18,12 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_matrix
+
 from redge.placement.errors import ProblemTooLarge, SolverFailed
 from redge.placement.objective import objective, remote_recovery_ms
 from redge.placement.problem import Health, Plan, Problem, Replica, Role
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import coo_matrix
 
 VARIABLES_MAX = 20_000
 MIP_RELATIVE_GAP = 1e-7
@@ -87,7 +88,7 @@ def solve(
 
     cost = np.zeros(variable_count)  # milp minimises: negate the objective
     recovery_weight = settings.recovery_weight_per_s
-    for k, (a, v, n, role) in enumerate(replicas):
+    for k, (a, v, _n, role) in enumerate(replicas):
         app = apps[a]
         weight = settings.weight(app.priority)
         if role is Role.PRIMARY:
@@ -121,7 +122,7 @@ def solve(
     by_app_role: dict[tuple[int, bool], list[int]] = {}
     by_app_node: dict[tuple[int, int], list[int]] = {}
     by_node: dict[int, list[int]] = {}
-    for k, (a, v, n, role) in enumerate(replicas):
+    for k, (a, _v, n, role) in enumerate(replicas):
         by_app_role.setdefault((a, role is Role.PRIMARY), []).append(k)
         by_app_node.setdefault((a, n), []).append(k)
         by_node.setdefault(n, []).append(k)

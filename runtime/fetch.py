@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import aiohttp
 import structlog
+
 from redge.runtime.errors import ArtifactCorrupt, ArtifactNotFound, FetchFailed, ManifestInvalid
 from redge.runtime.manifest import MANIFEST_BYTES_MAX, Manifest
 from redge.runtime.store import Pin, Store

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
 from redge.runtime.errors import ManifestInvalid, UnknownFormat
 from redge.runtime.tensor import TensorSpec
 

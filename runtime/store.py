@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Self
 
 import structlog
+
 from redge.runtime.errors import (
     ArtifactConflict,
     ArtifactCorrupt,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from redge.runtime.errors import InvalidInput, ManifestInvalid
 
 # KServe v2 datatype -> numpy dtype. BYTES is not supported by the tensor backends here.

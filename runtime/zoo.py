@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+
 from redge.runtime.errors import BackendUnavailable
 from redge.runtime.exporter import artifact_version, export_module
 from redge.runtime.manifest import FORMAT_NAMES, Architecture, Manifest

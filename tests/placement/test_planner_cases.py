@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+
 from redge.placement.capacity import violations
 from redge.placement.planner import ReasonKind, plan_for
 from redge.placement.problem import (

@@ -11,6 +11,7 @@ import random
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
 from redge.placement.capacity import violations
 from redge.placement.planner import plan_for
 from redge.placement.problem import Health, Problem, Role, Settings

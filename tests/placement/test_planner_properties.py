@@ -12,6 +12,7 @@ import statistics
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from redge.placement.capacity import violations
 from redge.placement.objective import objective
 from redge.placement.planner import ReasonKind, plan_for

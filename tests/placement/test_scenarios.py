@@ -15,6 +15,7 @@ import os
 import pathlib
 
 import pytest
+
 from redge.placement.capacity import violations
 from redge.placement.planner import plan_for
 from redge.placement.problem import (

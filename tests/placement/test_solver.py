@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from redge.placement.capacity import violations
 from redge.placement.errors import ProblemTooLarge
 from redge.placement.objective import objective

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from redge.runtime.manifest import Manifest
 from redge.runtime.testing import write_family
 

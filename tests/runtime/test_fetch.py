@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+
 from redge.runtime import errors
 from redge.runtime.fetch import FetchProgress, fetch_artifact
 from redge.runtime.manifest import Manifest

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from redge.runtime import errors
 from redge.runtime.loader import LoadOptions, load
 from redge.runtime.manifest import Architecture, Manifest

@@ -5,6 +5,7 @@ import pickle
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from redge.runtime import errors
 from redge.runtime.manifest import (
     FORMAT_NAMES,

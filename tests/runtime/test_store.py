@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from redge.runtime import errors
 from redge.runtime.manifest import Manifest
 from redge.runtime.store import STAGING_DIRNAME, Store, StoredArtifact, is_pinned, plan_eviction

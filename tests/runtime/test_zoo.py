@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from redge.runtime.loader import load
 from redge.runtime.manifest import Manifest
 from redge.runtime.store import Store
