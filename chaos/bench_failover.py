@@ -68,7 +68,9 @@ def trial(cluster: LocalCluster, fault: str, settle_s: float) -> dict[str, Any]:
         # The log as the current leader applied it: it applies each entry as it commits, and
         # before any other peer, so commit times (`applied_ms`) are the true ones and a
         # node's later `serving` report never precedes the plan's commit.
-        via = cluster.leader(among=[n for n in cluster.peers if n != victim]) or observer
+        # The survivors agree on the hung victim as leader until they elect another one.
+        leader = cluster.leader(among=[n for n in cluster.peers if n != victim])
+        via = leader if leader is not None and leader != victim else observer
         events = events_since(cluster, via, fault_at_ms - 1)
         suspicions = [e for e in events if e["kind"] == "suspicion" and e.get("node") == victim]
         confirmed = next((e for e in events if e["kind"] == "failure_confirmed" and e.get("node") == victim), None)
