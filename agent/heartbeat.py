@@ -419,7 +419,8 @@ class HeartbeatService:
             return
         self._heartbeats_accepted += 1
         verdicts = self.monitor.on_heartbeat(
-            heartbeat.node_id, heartbeat.incarnation, heartbeat.sequence, self.clock.now_ms()
+            heartbeat.node_id, heartbeat.incarnation, heartbeat.sequence, self.clock.now_ms(),
+            sent_ms=heartbeat.sent_us / 1000.0,
         )
         self._emit(verdicts)
 

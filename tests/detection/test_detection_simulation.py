@@ -5,6 +5,7 @@ simulation (seed included) so a failure can be replayed exactly.
 """
 
 import pytest
+
 from redge.agent.detector import ENTERPRISE, IOBT, Recover, Restarted, Suspect, SuspectReason
 from redge.chaos.simnet import (
     ENTERPRISE_LINK,
@@ -26,7 +27,7 @@ from redge.chaos.simnet import (
 )
 
 NODES = ["n0", "n1", "n2", "n3", "n4"]
-WARM_UP_MS = 3_000.0
+WARM_UP_MS = 16_000.0  # past the profiles' start-up grace (15 s): the steady state
 SEEDS = [0, 1, 2, 3, 4]
 
 

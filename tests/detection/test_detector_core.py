@@ -1,16 +1,20 @@
 """The detector core: heartbeat rules, verdict changes, slowness, who watches whom."""
 
 import ast
+import dataclasses
 import pathlib
 
 import pytest
-import redge.agent.detector as detector_module
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+
+import redge.agent.detector as detector_module
 from redge.agent.clock import FakeClock
 from redge.agent.detector import (
-    ENTERPRISE,
+    ENTERPRISE as ENTERPRISE_PROFILE,
+)
+from redge.agent.detector import (
     IOBT,
     Degraded,
     DegradedReason,
@@ -29,6 +33,9 @@ from redge.agent.detector import (
     phi,
 )
 
+# Past a node's start-up: these tests feed a few seconds of heartbeats and judge the steady
+# state; the start-up grace has tests of its own.
+ENTERPRISE = dataclasses.replace(ENTERPRISE_PROFILE, startup_grace_ms=0.0)
 INTERVAL_MS = ENTERPRISE.heartbeat_interval_ms
 
 
@@ -332,7 +339,7 @@ def test_monitor_reports_degraded_separately_from_suspected():
     monitor = Monitor(ENTERPRISE, SLOWNESS)
     monitor.watch("b", 1, 0.0)
     last_ms = steady(monitor, "b", 10)
-    for i in range(3):
+    for _ in range(3):
         monitor.on_request_latency("b", 500.0, 100.0, last_ms)
     verdicts = monitor.tick(last_ms + 1.0)
     assert [type(v) for v in verdicts] == [Degraded]
@@ -378,3 +385,128 @@ def test_rotation_changes_who_watches_whom_deterministically():
     rounds = {tuple(sorted(monitoring_targets("n05", nodes, seed=1, round_number=r)))
               for r in range(10)}
     assert len(rounds) > 5
+
+
+# ---------------------------------------------------------------------- stall memory
+
+NO_STALL_MEMORY = dataclasses.replace(ENTERPRISE, stall_allowance_factor=0.0)
+
+
+def after_gap(settings, gap_ms: float, sequence_step: int, since_gap_ms: float) -> tuple[Monitor, float]:
+    """A steady node, one late heartbeat `gap_ms` after the previous one (`sequence_step`
+    sequence numbers on), then steady again for `since_gap_ms`; returns (monitor, last arrival)."""
+    monitor = Monitor(settings)
+    monitor.watch("b", 1, 0.0)
+    last_ms = steady(monitor, "b", 100)
+    late_ms = last_ms + gap_ms
+    monitor.on_heartbeat("b", 1, 100 + sequence_step, late_ms)
+    count = int(since_gap_ms // INTERVAL_MS)
+    last_ms = steady(monitor, "b", count, start_ms=late_ms + INTERVAL_MS, first_sequence=101 + sequence_step)
+    return monitor, last_ms if count else late_ms
+
+
+@pytest.mark.parametrize(
+    ("gap_ms", "sequence_step", "since_gap_ms", "silence_ms", "suspected"),
+    [
+        (20.0, 1, 1000.0, 100.0, True),  # no stall: the base pause, ~96 ms
+        (70.0, 1, 1000.0, 100.0, False),  # a 70 ms sender stall: silence up to ~1.5 x 70 + 5.2 std is tolerated
+        (70.0, 1, 1000.0, 140.0, True),  # ...but not much longer
+        (70.0, 3, 1000.0, 100.0, True),  # the same gap from two lost packets is the link, not a stall
+        (70.0, 1, 6_000.0, 100.0, True),  # remembered for 5 s only
+    ],
+)
+def test_a_recent_sender_stall_widens_the_tolerated_silence(gap_ms, sequence_step, since_gap_ms, silence_ms,
+                                                            suspected):
+    monitor, last_ms = after_gap(ENTERPRISE, gap_ms, sequence_step, since_gap_ms)
+    assert (monitor.phi("b", last_ms + silence_ms) >= ENTERPRISE.phi_threshold) is suspected
+    assert bool(monitor.tick(last_ms + silence_ms)) is suspected
+
+
+@pytest.mark.parametrize(
+    ("gaps_ms", "pause_ms"),
+    [
+        ([20.0] * 10, 50.0),
+        ([20.0, 70.0, 20.0], 85.0),  # 1.5 x 70 - mean (~20)
+        ([20.0, 60.0, 20.0, 50.0], 69.0),  # the longest remembered stall counts
+        ([20.0, 400.0, 20.0], 150.0),  # capped
+    ],
+)
+def test_the_acceptable_pause_follows_the_longest_remembered_stall(gaps_ms, pause_ms):
+    node = NodeDetector("b", 1, ENTERPRISE, 0.0)
+    at_ms = 0.0
+    node.on_heartbeat(1, 1, at_ms)
+    for sequence, gap_ms in enumerate([INTERVAL_MS] * 50 + gaps_ms, start=2):
+        at_ms += gap_ms
+        node.on_heartbeat(1, sequence, at_ms)
+    assert node.acceptable_pause_ms() == pytest.approx(pause_ms, abs=pause_ms * 0.1)
+
+
+@pytest.mark.parametrize(
+    ("arrival_gap_ms", "sent_gap_ms", "pause_ms"),
+    [
+        (70.0, 70.0, 85.0),  # the sender itself sent 70 ms late: a stall
+        (70.0, 20.0, 50.0),  # sent on time, arrived late (the network, or this observer): not the sender's
+        (20.0, 70.0, 85.0),  # a late send that the network made up for is still a stall
+    ],
+)
+def test_the_stall_memory_reads_the_senders_own_send_times(arrival_gap_ms, sent_gap_ms, pause_ms):
+    node = NodeDetector("b", 1, ENTERPRISE, 0.0)
+    at_ms = sent_ms = 0.0
+    for sequence in range(1, 52):
+        node.on_heartbeat(1, sequence, at_ms, sent_ms=sent_ms + 7.0)  # the sender's clock has its own origin
+        at_ms += INTERVAL_MS
+        sent_ms += INTERVAL_MS
+    node.on_heartbeat(1, 52, at_ms - INTERVAL_MS + arrival_gap_ms, sent_ms=sent_ms - INTERVAL_MS + sent_gap_ms + 7.0)
+    assert node.acceptable_pause_ms() == pytest.approx(pause_ms, abs=pause_ms * 0.1)
+
+
+def test_without_stall_memory_the_base_pause_applies():
+    monitor, last_ms = after_gap(NO_STALL_MEMORY, 70.0, 1, 1000.0)
+    assert monitor.tick(last_ms + 100.0)
+
+
+@hypothesis_settings(max_examples=60, deadline=None)
+@given(gaps=st.lists(st.floats(min_value=5.0, max_value=300.0), min_size=1, max_size=60),
+       probe_ms=st.floats(min_value=0.0, max_value=400.0))
+def test_stall_memory_never_suspects_sooner(gaps, probe_ms):
+    with_memory, without = Monitor(ENTERPRISE), Monitor(NO_STALL_MEMORY)
+    at_ms = 0.0
+    for monitor in (with_memory, without):
+        monitor.watch("b", 1, 0.0)
+    for sequence, gap_ms in enumerate(gaps, start=1):
+        at_ms += gap_ms
+        for monitor in (with_memory, without):
+            monitor.on_heartbeat("b", 1, sequence, at_ms)
+    assert with_memory.phi("b", at_ms + probe_ms) <= without.phi("b", at_ms + probe_ms) + 1e-9
+    assert with_memory.next_check_ms(at_ms) >= without.next_check_ms(at_ms) - 1e-9 or (
+        with_memory.next_check_ms(at_ms) == at_ms + ENTERPRISE.max_check_interval_ms
+    )
+
+
+@pytest.mark.parametrize(
+    ("factor", "gap_ms", "mean_ms", "pause_ms"),
+    [
+        (0.0, 500.0, 20.0, 50.0),
+        (1.5, 40.0, 20.0, 50.0),  # 1.5 x 40 - 20 = 40 < base
+        (1.5, 70.0, 20.0, 85.0),
+        (1.5, 400.0, 20.0, 150.0),  # capped
+    ],
+)
+def test_stall_pause_arithmetic(factor, gap_ms, mean_ms, pause_ms):
+    settings = dataclasses.replace(ENTERPRISE, stall_allowance_factor=factor)
+    assert settings.stall_pause_ms(gap_ms, mean_ms) == pytest.approx(pause_ms)
+
+
+@pytest.mark.parametrize(
+    ("since_first_ms", "silence_ms", "suspected"),
+    [
+        (2_000.0, 150.0, False),  # a node's first seconds: up to ~196 ms of silence is its start-up
+        (2_000.0, 200.0, True),
+        (16_000.0, 100.0, True),  # after 15 s the base pause again
+    ],
+)
+def test_a_node_starting_up_gets_the_widest_pause(since_first_ms, silence_ms, suspected):
+    monitor = Monitor(ENTERPRISE_PROFILE)
+    monitor.watch("b", 1, 0.0)
+    last_ms = steady(monitor, "b", int(since_first_ms // INTERVAL_MS) + 1)
+    assert (monitor.phi("b", last_ms + silence_ms) >= ENTERPRISE_PROFILE.phi_threshold) is suspected

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+
 from redge.agent.detector import ENTERPRISE, Recover, Suspect, SuspectReason
 from redge.agent.heartbeat import (
     MAC_BYTES,
@@ -165,7 +166,10 @@ def test_forged_and_garbage_packets_are_dropped_and_counted():
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
                 for payload in (forged, forged, b"\x00" * 3, stranger):
                     attacker.sendto(payload, a.address)
-                rejected = lambda: a.stats().packets_rejected
+
+                def rejected() -> dict[str, int]:
+                    return a.stats().packets_rejected
+
                 await wait_until(lambda: sum(rejected().values()) >= 4, 2.0, "rejections")
             assert rejected() == {"bad_mac": 2, "truncated": 1, "unknown_sender": 1}
             assert a.stats().heartbeats_accepted == 0

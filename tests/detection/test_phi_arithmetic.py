@@ -3,6 +3,7 @@
 import math
 
 import pytest
+
 from redge.agent.detector import (
     ENTERPRISE,
     IOBT,
@@ -106,6 +107,9 @@ def test_profiles_by_name():
         ("min_std_deviation_ms", 0.0),
         ("acceptable_heartbeat_pause_ms", -5.0),
         ("recovery_heartbeat_count", 0),
+        ("stall_memory_ms", -1.0),
+        ("stall_allowance_factor", 11.0),
+        ("acceptable_heartbeat_pause_ms_max", 10.0),
     ],
 )
 def test_settings_reject_nonsense(field, value):
