@@ -54,11 +54,11 @@ def test_a_bad_scenario_exits_2_with_the_reason(tmp_path, capsys):
     assert "peers must be 1..9" in capsys.readouterr().err
 
 
-def test_detection_summary_counts_suspicions_and_confirmations_during_the_load():
+def test_detection_summary_counts_suspicions_and_confirmations_of_the_whole_run():
     report = {
         "started_at_ms": 1000.0,
         "events": [
-            event(500, "suspicion", node="n1", observer="n2", reason="silent"),  # start-up: not counted
+            event(500, "suspicion", node="n1", observer="n2", reason="silent"),  # while the apps load
             event(1100, "suspicion", node="n1", observer="n2", reason="phi"),
             event(1105, "suspicion", node="n1", observer="n3", reason="phi"),
             event(1106, "failure_confirmed", node="n1", observers=["n2", "n3"]),
@@ -71,9 +71,9 @@ def test_detection_summary_counts_suspicions_and_confirmations_during_the_load()
         },
     }
     summary = detection_summary(report)
-    assert summary["suspicions"] == 3
-    assert summary["suspicions_by_reason"] == {"phi": 2, "unreachable": 1}
-    assert summary["suspicions_by_node"] == {"n1": 2, "n3": 1}
+    assert summary["suspicions"] == 4
+    assert summary["suspicions_by_reason"] == {"phi": 2, "silent": 1, "unreachable": 1}
+    assert summary["suspicions_by_node"] == {"n1": 3, "n3": 1}
     assert (summary["confirmations"], summary["confirmed_nodes"]) == (1, ["n1"])
     assert (summary["send_gap_ms_max"], summary["phi_max"], summary["self_pause_ms_max"]) == (140.0, 6.0, 45.0)
     assert detection_summary({"started_at_ms": 0.0, "events": []})["phi_max"] is None
