@@ -211,12 +211,13 @@ ENTERPRISE = DetectorSettings(
     # of 60-90 ms gaps with single gaps past 100 ms while model hosts start, and up to
     # ~190 ms in their first seconds; with the base pause alone a 100 ms stall is confirmed
     # by both watchers. After a 70 ms stall, silence up to ~105 ms (+ 5.2 std) is tolerated
-    # for 5 s; in a node's first 15 s, and never beyond, 150 ms of pause (suspicion after
-    # ~196 ms of silence).
+    # for 5 s; in a node's first 5 s, and never beyond, 150 ms of pause (suspicion after
+    # ~196 ms of silence). A longer grace slowed the detection of a hang that came soon
+    # after a rejoin (a new incarnation) to ~185 ms.
     stall_memory_ms=5_000.0,
     stall_allowance_factor=1.5,
     acceptable_heartbeat_pause_ms_max=150.0,
-    startup_grace_ms=15_000.0,
+    startup_grace_ms=5_000.0,
 )
 
 # Boards on WiFi: 5-50 ms RTT, 1-5 % loss. Suspects after ~400 ms of silence:
@@ -237,7 +238,7 @@ IOBT = DetectorSettings(
     stall_memory_ms=5_000.0,
     stall_allowance_factor=1.5,
     acceptable_heartbeat_pause_ms_max=400.0,
-    startup_grace_ms=15_000.0,
+    startup_grace_ms=5_000.0,
 )
 
 PROFILES: dict[str, DetectorSettings] = {ENTERPRISE.name: ENTERPRISE, IOBT.name: IOBT}

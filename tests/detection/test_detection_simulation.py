@@ -27,7 +27,7 @@ from redge.chaos.simnet import (
 )
 
 NODES = ["n0", "n1", "n2", "n3", "n4"]
-WARM_UP_MS = 16_000.0  # past the profiles' start-up grace (15 s): the steady state
+WARM_UP_MS = 6_000.0  # past the profiles' start-up grace (5 s): the steady state
 SEEDS = [0, 1, 2, 3, 4]
 
 
