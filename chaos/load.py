@@ -171,18 +171,24 @@ class LoadGenerator:
                 except (ValueError, aiohttp.ContentTypeError):
                     answer = None
                 outcome, served_by, epoch, error = classify(spec.kind, status, answer, dict(response.headers))
-        except aiohttp.ClientConnectorError as exception:
-            outcome, error = FAIL, f"not delivered: {exception.os_error or exception}"
-        except TimeoutError:
-            outcome, error = INFO, f"no answer within {spec.timeout_s}s"
-        except (aiohttp.ClientError, OSError) as exception:
-            outcome, error = INFO, f"{type(exception).__name__}: {exception}"
+        except (aiohttp.ClientError, OSError, TimeoutError) as exception:
+            outcome, error = failed_outcome(exception, spec.timeout_s)
         latency_ms = (time.perf_counter() - started) * 1000
         return Operation(
             index=index, client=client, kind=spec.kind, app=spec.label, target=node,
             start_ms=start_ms, end_ms=start_ms + latency_ms, latency_ms=latency_ms,
             outcome=outcome, node=served_by, epoch=epoch, status=status, error=error[:300],
         )
+
+
+def failed_outcome(exception: BaseException, timeout_s: float) -> tuple[str, str]:
+    """How a request that raised counts: `fail` when it never reached the server (the
+    connection was refused), `info` (unknown) when it may have been served."""
+    if isinstance(exception, aiohttp.ClientConnectorError):
+        return FAIL, f"not delivered: {exception.os_error or exception}"
+    if isinstance(exception, TimeoutError):
+        return INFO, f"no answer within {timeout_s}s"
+    return INFO, f"{type(exception).__name__}: {exception}"
 
 
 def classify(kind: str, status: int, answer: Any, headers: dict[str, str]) -> tuple[str, str | None, int | None, str]:

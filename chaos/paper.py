@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from redge.chaos.history import FAIL, INFO, OK, Operation
+from redge.chaos.load import failed_outcome
 from redge.chaos.stats import summary
 
 FIGURES = ("fig3", "fig4", "fig5a", "fig5bc")
@@ -444,12 +445,8 @@ async def closed_loop(app: str, urls: Sequence[tuple[str, str]], body: bytes, he
                         outcome, error = INFO, payload[:200].decode(errors="replace")
                     else:
                         outcome, error = FAIL, payload[:200].decode(errors="replace")
-            except aiohttp.ClientConnectorError as exception:
-                outcome, error = FAIL, f"not delivered: {exception}"
-            except TimeoutError:
-                outcome, error = INFO, f"no answer within {timeout_s}s"
-            except (aiohttp.ClientError, OSError) as exception:
-                outcome, error = INFO, f"{type(exception).__name__}: {exception}"
+            except (aiohttp.ClientError, OSError, TimeoutError) as exception:
+                outcome, error = failed_outcome(exception, timeout_s)
             latency_ms = (time.perf_counter() - started) * 1000
             count += 1
             operations.append(Operation(

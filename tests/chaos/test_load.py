@@ -94,3 +94,15 @@ def test_a_closed_loop_records_every_outcome_and_stays_bounded(tiny_server):
     assert refused and all(o.outcome == "fail" and o.error.startswith("not delivered") for o in refused)
     assert all(o.node == "n1" and o.epoch == 1 for o in history if o.outcome == "ok")
     assert all(o.end_ms >= o.start_ms for o in history)
+
+
+def test_a_raised_request_is_failed_only_when_it_never_reached_the_server():
+    import aiohttp
+
+    from redge.chaos.load import failed_outcome
+
+    refused = aiohttp.ClientConnectorError(None, ConnectionRefusedError(111, "Connection refused"))
+    assert failed_outcome(refused, 2.0)[0] == "fail"
+    assert failed_outcome(TimeoutError(), 2.0) == ("info", "no answer within 2.0s")
+    assert failed_outcome(aiohttp.ServerDisconnectedError(), 2.0)[0] == "info"  # it may have been served
+    assert failed_outcome(ConnectionResetError(104, "reset"), 2.0)[0] == "info"
