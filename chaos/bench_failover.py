@@ -58,6 +58,8 @@ def trial(cluster: LocalCluster, fault: str, settle_s: float) -> dict[str, Any]:
     victim = primary_of(cluster, observer, "det")
     assert victim is not None
     observer = next(n for n in cluster.peers if n != victim)
+    # Confirming a fault of the Raft leader needs an election first: keep which case it was.
+    victim_led = cluster.leader() == victim
     fault_at_ms = time.time() * 1000
     if fault == "crash":
         cluster.peers[victim].kill()
@@ -88,6 +90,7 @@ def trial(cluster: LocalCluster, fault: str, settle_s: float) -> dict[str, Any]:
             return None
         return {
             "victim": victim,
+            "victim_was_leader": victim_led,
             "first_suspicion_ms": min(e.get("since_ms", e["at_ms"]) for e in suspicions) - fault_at_ms,
             # Commit times as the observer saw them (DESIGN.md: detection to the committed
             # confirmation, decision from it to the committed plan); the plan's proposal apart.
