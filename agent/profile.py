@@ -43,6 +43,10 @@ PROFILES: dict[str, Profile] = {
             election_timeout_max_s=1.2,
             append_entries_period_s=0.1,
             connection_retry_s=0.25,
+            # A vote's round trip on WiFi-like links is tens of ms: turns further apart.
+            fast_election_first_s=0.01,
+            fast_election_step_s=0.1,
+            fast_election_jitter_s=0.01,
         ),
         heartbeat_interval_ms=50,
         proposal_timeout_s=5.0,

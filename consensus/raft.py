@@ -62,8 +62,15 @@ class RaftTiming:
     # that the next election's vote requests need (and splits the vote). Dead peers are found
     # by the election timeout and TCP keepalive instead.
     connection_timeout_s: float = 30.0
-    # After the leader's connection drops, elect within this random delay (seconds).
-    fast_election_delay_s: tuple[float, float] = (0.01, 0.06)
+    # After the leader's connection drops, or our detector suspects it, followers stand for
+    # election one after another in a fixed order (`fast_election_delay_s`): the first
+    # after `fast_election_first_s`, each next one `fast_election_step_s` later, each with up
+    # to `fast_election_jitter_s` of random delay. Random delays alone (the usual Raft
+    # answer) either wait long or split the vote about once in ten; a staggered order
+    # elects at the first candidate unless it is down or behind.
+    fast_election_first_s: float = 0.003
+    fast_election_step_s: float = 0.015
+    fast_election_jitter_s: float = 0.003
 
     def to_conf_kwargs(self) -> dict[str, Any]:
         return {
@@ -87,6 +94,17 @@ class RaftStatus:
     is_leader: bool
     has_quorum: bool
     partners: dict[str, bool]  # raft address -> connected
+
+
+def fast_election_delay_s(
+    timing: RaftTiming, self_address: str, voters: list[str], leader_address: str, draw: float
+) -> float:
+    """When this follower should stand for election once its leader is gone: by its rank
+    among the other voters (sorted addresses, the leader left out), plus `draw` (0..1) of
+    the jitter. Every follower computes the same order without talking to the others."""
+    candidates = sorted({address for address in voters if address != leader_address} | {self_address})
+    rank = candidates.index(self_address)
+    return timing.fast_election_first_s + rank * timing.fast_election_step_s + draw * timing.fast_election_jitter_s
 
 
 class _StateMachine(SyncObjConsumer):
@@ -247,16 +265,13 @@ class RaftNode:
         """
         transport = self._sync._SyncObj__transport
         original = transport._onNodeDisconnectedCallback
-        delay_min_s, delay_max_s = timing.fast_election_delay_s
 
         def on_disconnected(node: Any) -> None:  # tick thread
             if original is not None:
                 original(node)
             leader = self._sync._getLeader()
             if leader is not None and node == leader and not self._sync._isLeader():
-                # pysyncobj keeps time with CLOCK_MONOTONIC_RAW, not time.monotonic().
-                deadline = raft_clock_s() + random.uniform(delay_min_s, delay_max_s)
-                self._sync._SyncObj__raftElectionDeadline = min(self._sync._SyncObj__raftElectionDeadline, deadline)
+                self._elect_soon(leader.address, timing)
 
         transport.setOnNodeDisconnectedCallback(on_disconnected)
 
@@ -349,14 +364,16 @@ class RaftNode:
         leader = self._sync._getLeader()
         if leader is None or leader.address != suspected_address or self._sync._isLeader():
             return False
-        delay_min_s, delay_max_s = timing.fast_election_delay_s
-
-        def hasten() -> None:  # tick thread
-            deadline = raft_clock_s() + random.uniform(delay_min_s, delay_max_s)
-            self._sync._SyncObj__raftElectionDeadline = min(self._sync._SyncObj__raftElectionDeadline, deadline)
-
-        self._tick_calls.append(hasten)
+        self._tick_calls.append(lambda: self._elect_soon(suspected_address, timing))
         return True
+
+    def _elect_soon(self, leader_address: str, timing: RaftTiming) -> None:
+        """Bring this follower's election deadline forward to its turn (tick thread)."""
+        voters = [node.address for node in self._sync.otherNodes]
+        delay_s = fast_election_delay_s(timing, self.self_address, voters, leader_address, random.random())
+        # pysyncobj keeps time with CLOCK_MONOTONIC_RAW, not time.monotonic().
+        deadline = raft_clock_s() + delay_s
+        self._sync._SyncObj__raftElectionDeadline = min(self._sync._SyncObj__raftElectionDeadline, deadline)
 
     async def transfer_leadership(self, *, timeout_s: float) -> None:
         future: asyncio.Future[Outcome] = self._loop.create_future()

@@ -1,0 +1,40 @@
+"""The order in which followers stand for election when their leader is gone."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from redge.agent.profile import get_profile
+from redge.consensus.raft import fast_election_delay_s
+
+ENTERPRISE = get_profile("enterprise").raft
+ADDRESSES = [f"127.0.0.1:{9100 + i}" for i in range(7)]
+
+
+@given(st.integers(2, 7), st.data())
+def test_every_follower_gets_its_own_turn_apart_by_more_than_the_jitter(size, data):
+    voters = ADDRESSES[:size]
+    leader = data.draw(st.sampled_from(voters))
+    draws = data.draw(st.lists(st.floats(0, 1), min_size=size, max_size=size))
+    delays = sorted(
+        fast_election_delay_s(ENTERPRISE, me, [v for v in voters if v != me], leader, draw)
+        for me, draw in zip(voters, draws, strict=True)
+        if me != leader
+    )
+    assert delays[0] <= ENTERPRISE.fast_election_first_s + ENTERPRISE.fast_election_jitter_s
+    gaps = [b - a for a, b in zip(delays, delays[1:])]
+    assert all(gap >= ENTERPRISE.fast_election_step_s - ENTERPRISE.fast_election_jitter_s for gap in gaps)
+    assert delays[-1] < ENTERPRISE.election_timeout_min_s  # all turns come before Raft's own timeout
+
+
+def test_the_order_is_the_same_whoever_computes_it_and_leaves_the_leader_out():
+    voters = ADDRESSES[:3]  # n1 leads; n2 and n3 follow
+    n2 = fast_election_delay_s(ENTERPRISE, voters[1], [voters[0], voters[2]], voters[0], 0.0)
+    n3 = fast_election_delay_s(ENTERPRISE, voters[2], [voters[0], voters[1]], voters[0], 0.0)
+    assert (n2, n3) == (ENTERPRISE.fast_election_first_s, ENTERPRISE.fast_election_first_s + ENTERPRISE.fast_election_step_s)
+
+
+def test_iobt_turns_are_further_apart_than_a_wifi_round_trip():
+    iobt = get_profile("iobt").raft
+    assert iobt.fast_election_step_s - iobt.fast_election_jitter_s >= 0.07  # 2 x (20 + 15) ms
