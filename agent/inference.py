@@ -321,7 +321,7 @@ class InferenceService:
         if slo_ms > 0:
             # From the parsed request to the answer: not the client's upload, nor a failed
             # forward to the primary that came before serving here.
-            self.peer.on_served(app, slo_ms, latency_ms)
+            self.peer.on_served(slo_ms, latency_ms)
         return web.Response(body=response_body, headers=headers)
 
     async def _forward(self, request: web.Request, app: str, body: bytes, started_s: float | None = None) -> web.Response:

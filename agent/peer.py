@@ -298,8 +298,9 @@ class Peer:
                     self.metrics.heartbeats_rejected.labels(reason=reason).set(count)
             await asyncio.sleep(1.0)
 
-    def on_served(self, app: str, slo_ms: float, latency_ms: float) -> None:
-        """A request for `app` was served here in `latency_ms`: evidence for the SLO judge."""
+    def on_served(self, slo_ms: float, latency_ms: float) -> None:
+        """A request with an SLO of `slo_ms` was served here in `latency_ms`: evidence for the
+        SLO judge (which judges the node, not the app)."""
         now_s = time.monotonic()
         self._served_at_s = now_s
         self.slowness.on_latency(self.node_id, latency_ms, slo_ms, now_s * 1000)

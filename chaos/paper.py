@@ -575,6 +575,21 @@ def _app_name(model: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
 
 
+def _serve_on_one_node(bench: Bench, apps: dict[str, str],
+                       bodies: dict[str, tuple[bytes, dict[str, str]]]) -> tuple[Any, str]:
+    """Register one app per model on the bench's single node, wait until all are loaded, hold
+    the node to the profile's weaker device, and warm each model up (first calls pay for lazy
+    allocations). Returns what the degradation applied and the node's URL."""
+    for model, app in apps.items():
+        bench.register(_app(app, [model]))
+    bench.wait_loaded(list(apps.values()))
+    applied = bench.degrade(["n1"], ["n1"])
+    url = bench.url("n1")
+    for model, app in apps.items():
+        run_clients([(app, [("n1", url)], *bodies[model])], 30.0, count_max=3)
+    return applied, url
+
+
 # ---------------------------------------------------------------------- Fig. 3
 
 
@@ -588,14 +603,7 @@ def fig3(profile: Profile, settings: Settings, source: Path, scratch: Path,
     model_only: dict[str, list[float]] = {model: [] for model in models}
     failures: dict[str, int] = {model: 0 for model in models}
     with Bench(profile, 1, source, scratch, {}) as bench:
-        for model in models:
-            bench.register(_app(apps[model], [model]))
-        bench.wait_loaded(list(apps.values()))
-        applied = bench.degrade(["n1"], ["n1"])
-        url = bench.url("n1")
-        for model in models:  # warm-up: first calls pay for lazy allocations
-            body, headers = bodies[model]
-            run_clients([(apps[model], [("n1", url)], body, headers)], 30.0, count_max=3)
+        applied, url = _serve_on_one_node(bench, apps, bodies)
         for round_index in range(settings.rounds):
             for model in models:
                 body, headers = bodies[model]
@@ -648,14 +656,8 @@ def fig4(profile: Profile, settings: Settings, source: Path, scratch: Path,
     bodies = {model: request_body(source, model) for model in models}
     rounds: list[dict[str, dict[str, dict[str, Any]]]] = []
     with Bench(profile, 1, source, scratch, {}) as bench:
-        for model in models:
-            bench.register(_app(apps[model], [model]))
-        bench.wait_loaded(list(apps.values()))
-        applied = bench.degrade(["n1"], ["n1"])
-        url = bench.url("n1")
+        applied, url = _serve_on_one_node(bench, apps, bodies)
         clients = {model: (apps[model], [("n1", url)], *bodies[model]) for model in models}
-        for model in models:
-            run_clients([clients[model]], 30.0, count_max=3)
 
         def window(chosen: Sequence[str]) -> dict[str, dict[str, Any]]:
             before = read_all_totals(url)

@@ -166,8 +166,8 @@ def _pack(
     return _Packed(segment.name, tuple(entries)), segment
 
 
-def _unpack(packed: _Packed, unlink: bool) -> dict[str, np.ndarray]:
-    """Copy the tensors out (a segment is closed at once, and unlinked if `unlink`)."""
+def _unpack(packed: _Packed) -> dict[str, np.ndarray]:
+    """The host's answer in the parent: copy the tensors out, and free the host's segment."""
     if packed.segment is None:
         return {name: array for name, _, _, _, array in packed.tensors if array is not None}
     segment = shared_memory.SharedMemory(name=packed.segment)
@@ -180,8 +180,7 @@ def _unpack(packed: _Packed, unlink: bool) -> dict[str, np.ndarray]:
         return arrays
     finally:
         segment.close()
-        if unlink:
-            segment.unlink()
+        segment.unlink()
 
 
 class _SegmentPool:
@@ -504,7 +503,6 @@ def _frame(message: Any) -> bytes:
     return struct.pack("!i", len(payload)) + payload
 
 
-
 @dataclass
 class _Pending:
     future: asyncio.Future[Any]
@@ -707,7 +705,7 @@ class ModelHost:
         result, queued_ms, compute_ms = await self._wait(future, budget_s, "infer", key)
         state.requests_total += 1
         state.last_request_at_s = time.monotonic()
-        outputs = _unpack(result, unlink=True)
+        outputs = _unpack(result)
         return outputs, InferTiming(queued_ms, compute_ms, (time.perf_counter() - started_s) * 1000)
 
     async def promote(self, key: str) -> None:

@@ -30,7 +30,7 @@ def judged_degraded(peer: Peer) -> bool:
 )
 def test_median_over_factor_times_slo_makes_the_node_degraded(peer: Peer, latencies_ms, degraded):
     for latency in latencies_ms:  # SLO 20 ms, factor 1.5: degraded above 30 ms
-        peer.on_served("det", 20.0, latency)
+        peer.on_served(20.0, latency)
     assert judged_degraded(peer) is degraded
     assert ("x SLO" in peer._slo_detail) is degraded
 
@@ -45,17 +45,17 @@ def test_timeouts_make_the_node_degraded_too(peer: Peer):
 
 def test_restored_by_fast_requests_or_by_a_quiet_spell(peer: Peer):
     for _ in range(10):
-        peer.on_served("det", 20.0, 100.0)
+        peer.on_served(20.0, 100.0)
     assert judged_degraded(peer)
     now_s = time.monotonic()
     assert not peer._judge_slowness(now_s + SLO_QUIET_S / 2)  # not quiet long enough
     assert peer._judge_slowness(now_s + SLO_QUIET_S + 1)
     assert not peer.slowness.degraded() and "no requests" in peer._slo_detail
     for _ in range(10):
-        peer.on_served("det", 20.0, 100.0)
+        peer.on_served(20.0, 100.0)
     assert judged_degraded(peer)
     for _ in range(400):  # the window's median comes back within the SLO
-        peer.on_served("det", 20.0, 5.0)
+        peer.on_served(20.0, 5.0)
     assert not judged_degraded(peer) and "within SLO" in peer._slo_detail
 
 

@@ -159,7 +159,7 @@ def test_faults_are_values():
 
 @pytest.fixture
 def sleeper():
-    process = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(0.01)"],
+    process = subprocess.Popen([sys.executable, "-c", "import signal\nwhile True: signal.pause()"],
                                start_new_session=True)
     yield process
     process.kill()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -23,7 +25,7 @@ def test_every_follower_gets_its_own_turn_apart_by_more_than_the_jitter(size, da
         if me != leader
     )
     assert delays[0] <= ENTERPRISE.fast_election_first_s + ENTERPRISE.fast_election_jitter_s
-    gaps = [b - a for a, b in zip(delays, delays[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(delays)]
     assert all(gap >= ENTERPRISE.fast_election_step_s - ENTERPRISE.fast_election_jitter_s for gap in gaps)
     assert delays[-1] < ENTERPRISE.election_timeout_min_s  # all turns come before Raft's own timeout
 

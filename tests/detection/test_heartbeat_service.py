@@ -189,7 +189,7 @@ async def main():
     await s.start()
     s.set_targets([("parent", ("127.0.0.1", int(sys.argv[1])), 0)])
     print("PORT", s.address[1], flush=True)
-    await asyncio.sleep(60)
+    await asyncio.Event().wait()  # serve until the test kills this process
 asyncio.run(main())
 """
 

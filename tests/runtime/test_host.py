@@ -37,6 +37,20 @@ def host(loop: asyncio.AbstractEventLoop) -> Iterator[ModelHost]:
     host.close()
 
 
+async def submitted(host: ModelHost, requests: list[asyncio.Future], timeout_s: float = 5.0) -> None:
+    """Wait until these requests are on their way to the host (each took a pending slot)."""
+    deadline = time.monotonic() + timeout_s
+    target = host.counters.requests_total + len(requests)
+    while host.counters.requests_total < target:
+        assert time.monotonic() < deadline, f"requests not submitted within {timeout_s} s"
+        await asyncio.sleep(0)  # let the requests' tasks run up to their submission
+
+
+def in_flight(host: ModelHost, key: str, ms: float) -> asyncio.Future:
+    """A request to the tripwire model `key` that sleeps `ms` in the model."""
+    return asyncio.ensure_future(host.infer(key, {"input": np.full((1, 16), SLOW_FROM + ms, np.float32)}, time.monotonic() + 10))
+
+
 def artifact(source_and_manifests: tuple[Path, list[Manifest]], name: str, format_name: str) -> tuple[Path, Manifest]:
     source, manifests = source_and_manifests
     manifest = next(m for m in manifests if m.name == name and m.format == format_name)
@@ -112,7 +126,7 @@ def test_deadline_and_bounded_queue(loop, host: ModelHost, tripwire_source) -> N
         with pytest.raises(errors.DeadlineExceeded):
             await host.infer("trip", SMALL, deadline_s=time.monotonic() - 1)
         requests = [asyncio.ensure_future(host.infer("trip", slow, time.monotonic() + 10)) for _ in range(4)]
-        await asyncio.sleep(0)
+        await submitted(host, requests)
         with pytest.raises(errors.HostBusy, match="limit 4"):
             await host.infer("trip", SMALL)
         await asyncio.gather(*requests)
@@ -182,10 +196,8 @@ def test_promotion_is_a_flag_even_while_the_host_is_busy(loop, host: ModelHost, 
     async def scenario() -> float:
         await host.load("trip", trip_directory, trip_manifest, role="serving")
         await host.load("backup", backup_directory, backup_manifest, role="warm")
-        busy = asyncio.ensure_future(
-            host.infer("trip", {"input": np.full((1, 16), SLOW_FROM + 300, np.float32)}, time.monotonic() + 10)
-        )
-        await asyncio.sleep(0)  # the slow inference is on its way to the host
+        busy = in_flight(host, "trip", 300)
+        await submitted(host, [busy])
         started = time.perf_counter()
         await host.promote("backup")
         promote_ms = (time.perf_counter() - started) * 1000
@@ -265,10 +277,8 @@ def test_models_run_side_by_side_not_behind_each_other(loop, host: ModelHost, tr
     async def scenario() -> None:
         await host.load("trip", trip_directory, trip_manifest, role="serving")
         await host.load("other", small_directory, small_manifest, role="serving")
-        slow = asyncio.ensure_future(
-            host.infer("trip", {"input": np.full((1, 16), SLOW_FROM + 1500, np.float32)}, time.monotonic() + 10)
-        )
-        await asyncio.sleep(0)  # the slow request is on its way
+        slow = in_flight(host, "trip", 1500)
+        await submitted(host, [slow])
         await host.infer("other", SMALL, time.monotonic() + 10)
         assert not slow.done()  # the other model answered while this one still runs
         await slow
