@@ -16,11 +16,16 @@ from redge.chaos.scenario import load_scenario
 pytestmark = pytest.mark.cluster
 
 
-def run(name: str, out) -> dict:
+def run_unchecked(name: str, out) -> dict:
     reason = load_scenario(name).unavailable_reason()
     if reason:
         pytest.skip(f"{name}: {reason}")
-    report = run_scenario(name, out, quiet=True)
+    return run_scenario(name, out, quiet=True)
+
+
+def run(name: str, out, report: dict | None = None) -> dict:
+    """Run a scenario (or take a run's `report`) and assert it passed its checker."""
+    report = report if report is not None else run_unchecked(name, out)
     assert report["check"]["valid"], report["check"]["violations"]
     assert report["errors"] == []
     assert (out / "report.json").exists() and (out / "timeline.png").exists() and (out / "history.jsonl").exists()
@@ -65,9 +70,32 @@ def test_partition_cuts_the_leader_off_and_the_majority_confirms_it(tmp_path):
     assert confirmed == [cut["targets"][0]]
 
 
+# Longest sender stall the enterprise detector tolerates (its pause cap over the 20 ms
+# interval, docs/detection.md): a peer whose process was not run for longer is, to its
+# watchers, indistinguishable from a hung one.
+STALL_TOLERATED_MS = 196.0
+
+
+def stalled_past_tolerance(report: dict) -> bool:
+    """Every violation is a false confirmation, and some peer's own process stalled longer
+    than the detector tolerates (the VM not running it: docs/detection.md)."""
+    violations = report["check"]["violations"]
+    return bool(violations) and all(v["invariant"] == "false_confirmation" for v in violations) and (
+        report["detection"]["send_gap_ms_max"] > STALL_TOLERATED_MS
+    )
+
+
 def test_primary_crash_fails_over_to_the_warm_backup_with_every_metric(tmp_path):
     """The paper's main path under inference load: every metric of DESIGN.md is measured."""
-    report = run("primary-crash", tmp_path)
+    report = run_unchecked("primary-crash", tmp_path / "first")
+    if stalled_past_tolerance(report):
+        # Seen about 1 run in 4 under the full suite: a peer not scheduled for 200-300 ms
+        # while model hosts start. Run once more, and say why.
+        print(f"primary-crash, first run: a peer stalled {report['detection']['send_gap_ms_max']:.0f} ms: "
+              f"{report['check']['violations']}")
+        report = run("primary-crash", tmp_path / "second")
+    else:
+        report = run("primary-crash", tmp_path / "first", report)
     crash = only_fault(report)
     assert crash["detection_ms"] is not None and crash["confirmation_ms"] is not None
     assert crash["decision_ms"] is not None and crash["plan_epoch"] is not None
