@@ -20,6 +20,7 @@ import orjson
 from redge.agent.errors import AgentError, ConfigError
 
 DEFAULT_PEER = "http://127.0.0.1:8101"
+PEER_SWITCH_INTERVAL_S = 0.001
 
 
 def _add_peer_flags(parser: argparse.ArgumentParser) -> None:
@@ -163,6 +164,9 @@ def _run_peer(args: argparse.Namespace) -> None:
 
     config = load(peer_values(args))
     logs.configure(config.node_id, config.log_level)
+    # The peer's threads (heartbeats, Raft's tick, the event loop) wait on sockets and run
+    # briefly; a thread woken by a packet should not wait Python's default 5 ms for the GIL.
+    sys.setswitchinterval(PEER_SWITCH_INTERVAL_S)
     asyncio.run(run_peer(config))
 
 

@@ -13,6 +13,7 @@ Raft traffic: pysyncobj speaks pickle, so an open Raft port would run anyone's c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import threading
@@ -42,6 +43,9 @@ T = TypeVar("T")
 STATE_REPLACED = "state replaced from a snapshot"
 # How many events' local apply times a peer remembers (the event log itself is bounded too).
 APPLIED_TIMES_MAX = 8192
+# The tick thread is woken this long after an election deadline: pysyncobj's clock
+# (CLOCK_MONOTONIC_RAW) and the event loop's must not make it look a hair early.
+WAKE_MARGIN_S = 0.0003
 
 CommitListener = Callable[[commands.Command | None, Outcome], None]
 LeaderListener = Callable[["RaftStatus"], None]
@@ -68,9 +72,9 @@ class RaftTiming:
     # to `fast_election_jitter_s` of random delay. Random delays alone (the usual Raft
     # answer) either wait long or split the vote about once in ten; a staggered order
     # elects at the first candidate unless it is down or behind.
-    fast_election_first_s: float = 0.003
+    fast_election_first_s: float = 0.001
     fast_election_step_s: float = 0.015
-    fast_election_jitter_s: float = 0.003
+    fast_election_jitter_s: float = 0.001
 
     def to_conf_kwargs(self) -> dict[str, Any]:
         return {
@@ -105,6 +109,21 @@ def fast_election_delay_s(
     candidates = sorted({address for address in voters if address != leader_address} | {self_address})
     rank = candidates.index(self_address)
     return timing.fast_election_first_s + rank * timing.fast_election_step_s + draw * timing.fast_election_jitter_s
+
+
+def should_stand_early(
+    leader_address: str | None, last_leader_address: str | None, gone_address: str, is_leader: bool
+) -> bool:
+    """Whether losing `gone_address` (its connection dropped, or our detector suspects it)
+    should bring this node's election turn forward: only when it is the leader we follow,
+    or, while no leader is known, the last one we followed. The second case matters: a
+    candidate that asked for our vote makes pysyncobj forget the leader, and if that
+    candidate then loses (its log was behind ours), we must still take our own turn
+    instead of waiting out Raft's full election timeout."""
+    if is_leader:
+        return False
+    known = leader_address if leader_address is not None else last_leader_address
+    return known == gone_address
 
 
 class _StateMachine(SyncObjConsumer):
@@ -225,6 +244,8 @@ class RaftNode:
         self._leader_listeners: list[LeaderListener] = []
         self._machine = _StateMachine(settings or Settings(), self._on_applied_thread)
         self._last_leader: tuple[str | None, int] | None = None
+        # The last leader this node followed, kept while no leader is known (tick thread writes).
+        self._last_leader_address: str | None = None
         # Calls into pysyncobj internals that are not thread-safe run on its tick thread.
         self._tick_calls: deque[Callable[[], None]] = deque()
         self._closed = False
@@ -260,8 +281,9 @@ class RaftNode:
         the election timeout after that only adds downtime. pysyncobj has no hook for this, so
         the transport's disconnect callback is wrapped (this module is the one place that
         knows pysyncobj's internals). Starting an election early is always safe in Raft; the
-        random delay keeps followers that saw the same drop from splitting the vote. A hung
-        leader keeps its connections open and is still caught by the normal timeout.
+        turns (`fast_election_delay_s`) keep followers that saw the same drop from splitting
+        the vote. A hung leader keeps its connections open: our failure detector catches it
+        (`hasten_election`), or Raft's own timeout does.
         """
         transport = self._sync._SyncObj__transport
         original = transport._onNodeDisconnectedCallback
@@ -269,9 +291,11 @@ class RaftNode:
         def on_disconnected(node: Any) -> None:  # tick thread
             if original is not None:
                 original(node)
-            leader = self._sync._getLeader()
-            if leader is not None and node == leader and not self._sync._isLeader():
-                self._elect_soon(leader.address, timing)
+            gone = getattr(node, "address", None)
+            if gone is not None and should_stand_early(
+                self._leader_address(), self._last_leader_address, gone, self._sync._isLeader()
+            ):
+                self._elect_soon(gone, timing)
 
         transport.setOnNodeDisconnectedCallback(on_disconnected)
 
@@ -292,8 +316,10 @@ class RaftNode:
                 call()
             except Exception:  # nothing may escape into pysyncobj's tick
                 pass
-        leader = self._sync._getLeader()
-        key = (leader.address if leader is not None else None, self._sync.raftCurrentTerm)
+        leader_address = self._leader_address()
+        if leader_address is not None:
+            self._last_leader_address = leader_address
+        key = (leader_address, self._sync.raftCurrentTerm)
         if key != self._last_leader and not self._closed:
             self._last_leader = key
             _call_soon(self._loop, self._deliver_leader)
@@ -359,21 +385,40 @@ class RaftNode:
     def hasten_election(self, suspected_address: str, timing: RaftTiming) -> bool:
         """Start an election soon if `suspected_address` is our leader: our failure detector,
         with its 20 ms heartbeats, saw the leader hang long before Raft's election timeout
-        would. Safe in Raft at any time; the random delay keeps followers from splitting the
-        vote. Returns whether an election was scheduled."""
-        leader = self._sync._getLeader()
-        if leader is None or leader.address != suspected_address or self._sync._isLeader():
+        would. Safe in Raft at any time; the turns keep followers from splitting the vote.
+        Returns whether an election was scheduled."""
+        if not should_stand_early(
+            self._leader_address(), self._last_leader_address, suspected_address, self._sync._isLeader()
+        ):
             return False
         self._tick_calls.append(lambda: self._elect_soon(suspected_address, timing))
+        self._wake_tick_thread()
         return True
 
+    def _leader_address(self) -> str | None:
+        leader = self._sync._getLeader()
+        return leader.address if leader is not None else None
+
+    def _wake_tick_thread(self) -> None:
+        """End pysyncobj's poll now rather than at its next tick (up to a tick period away):
+        pysyncobj's own wake-up pipe, which it uses for new commands. Thread-safe."""
+        notifier = getattr(self._sync, "_SyncObj__pipeNotifier", None)
+        if notifier is not None:
+            with contextlib.suppress(OSError):  # a full pipe already means "wake up"
+                notifier.notify()
+
     def _elect_soon(self, leader_address: str, timing: RaftTiming) -> None:
-        """Bring this follower's election deadline forward to its turn (tick thread)."""
+        """Bring this follower's election deadline forward to its turn (tick thread).
+
+        pysyncobj looks at the deadline once per tick; the event loop wakes the tick thread
+        at the deadline itself so the turn is not a tick period late."""
         voters = [node.address for node in self._sync.otherNodes]
         delay_s = fast_election_delay_s(timing, self.self_address, voters, leader_address, random.random())
         # pysyncobj keeps time with CLOCK_MONOTONIC_RAW, not time.monotonic().
         deadline = raft_clock_s() + delay_s
         self._sync._SyncObj__raftElectionDeadline = min(self._sync._SyncObj__raftElectionDeadline, deadline)
+        if not self._closed:
+            _call_soon(self._loop, self._loop.call_later, delay_s + WAKE_MARGIN_S, self._wake_tick_thread)
 
     async def transfer_leadership(self, *, timeout_s: float) -> None:
         future: asyncio.Future[Outcome] = self._loop.create_future()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from redge.agent.profile import get_profile
-from redge.consensus.raft import fast_election_delay_s
+from redge.consensus.raft import fast_election_delay_s, should_stand_early
 
 ENTERPRISE = get_profile("enterprise").raft
 ADDRESSES = [f"127.0.0.1:{9100 + i}" for i in range(7)]
@@ -40,3 +41,20 @@ def test_the_order_is_the_same_whoever_computes_it_and_leaves_the_leader_out():
 def test_iobt_turns_are_further_apart_than_a_wifi_round_trip():
     iobt = get_profile("iobt").raft
     assert iobt.fast_election_step_s - iobt.fast_election_jitter_s >= 0.07  # 2 x (20 + 15) ms
+
+
+@pytest.mark.parametrize(
+    ("leader", "last_leader", "gone", "is_leader", "expected"),
+    [
+        ("n1", "n1", "n1", False, True),  # our leader dropped or is suspected
+        ("n1", "n1", "n2", False, False),  # another follower: no election for that
+        (None, "n1", "n1", False, True),  # a candidate made us forget n1, then lost: our turn still comes
+        (None, "n1", "n2", False, False),
+        (None, None, "n1", False, False),  # never followed anyone (starting up)
+        ("n3", "n3", "n1", False, False),  # a new leader is known: the old one's loss changes nothing
+        ("n1", "n1", "n1", True, False),  # pysyncobj says we lead: nothing to stand for
+        (None, "n2", "n1", True, False),
+    ],
+)
+def test_who_stands_early(leader, last_leader, gone, is_leader, expected):
+    assert should_stand_early(leader, last_leader, gone, is_leader) is expected
