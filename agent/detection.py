@@ -21,6 +21,7 @@ import structlog
 
 from redge.agent.detector import (
     Degraded,
+    Quiet,
     Recover,
     Restarted,
     Restored,
@@ -153,7 +154,9 @@ class FailureDetection:
 
     def _on_verdict(self, verdict: Verdict) -> None:
         self.peer.metrics.verdicts.labels(kind=type(verdict).__name__).inc()
-        if isinstance(verdict, Suspect):
+        if isinstance(verdict, Quiet):
+            self._hasten_election(verdict.node_id, "quiet")
+        elif isinstance(verdict, Suspect):
             self._hold(verdict.node_id, "down", str(verdict.reason))
         elif isinstance(verdict, Degraded):
             self._hold(verdict.node_id, "slow", "degraded")
@@ -166,13 +169,20 @@ class FailureDetection:
             return
         self._opinions[node_id] = opinion
         log.info("node_suspected_locally", target=node_id, reason=reason)
-        if opinion == "down" and self.peer.raft is not None:
-            # A hung leader keeps its TCP connections open: Raft would wait out its election
-            # timeout before anyone could commit this suspicion.
-            address = self.peer.raft.read(lambda s: s.members[node_id].raft_address if node_id in s.members else None)
-            if address is not None and self.peer.raft.hasten_election(address, self.peer.profile.raft):
-                log.info("election_hastened", suspected_leader=node_id)
+        if opinion == "down":
+            self._hasten_election(node_id, "suspected")
         self._propose_until_done(node_id, reason)
+
+    def _hasten_election(self, node_id: str, why: str) -> None:
+        """A hung leader keeps its TCP connections open: Raft would wait out its election
+        timeout before anyone could commit a suspicion of it. If `node_id` leads, stand in
+        our turn now (on `Quiet`, before the suspicion, so the new leader is there for it)."""
+        if self.peer.raft is None:
+            return
+        address = self.peer.raft.read(lambda s: s.members[node_id].raft_address if node_id in s.members else None)
+        if address is not None and self.peer.raft.hasten_election(address, self.peer.profile.raft):
+            self.peer.metrics.elections_hastened.labels(why=why).inc()
+            log.info("election_hastened", suspected_leader=node_id, why=why)
 
     def _propose_until_done(self, node_id: str, reason: str | None) -> None:
         previous = self._proposals.pop(node_id, None)

@@ -3,7 +3,9 @@
 Every peer watches a few others through their heartbeats. This module turns
 heartbeat arrivals (and the kernel's "port unreachable") into one observer's
 opinions: `Suspect`, `Recover`, `Restarted`, and, for nodes that answer but
-serve too slowly, `Degraded` / `Restored`. The shell proposes those into Raft,
+serve too slowly, `Degraded` / `Restored`. `Quiet` comes shortly before a
+suspicion and is no opinion at all: the shell starts an early Raft election if
+the quiet node leads. The shell proposes those into Raft,
 where opinions from several observers become a confirmed failure. One
 observer's verdict is never a confirmation: this module can afford to be
 quick because the cluster asks for more than one witness.
@@ -140,6 +142,12 @@ class DetectorSettings:
     # its most stall-prone: imports, Raft catch-up, the model host starting beside it. For
     # this long the pause is the cap, whatever was remembered; 0 turns it off.
     startup_grace_ms: float = 0.0
+    # This long before a node would be suspected, its silence is reported as `Quiet`: not a
+    # suspicion, but a reason to start a Raft election early when that node is the leader.
+    # An election is cheap and safe, a confirmation is neither; a hung leader's confirmation
+    # needs a new leader first, so beginning the election before the suspicion takes the
+    # election off the detection's critical path. 0 turns it off.
+    quiet_lead_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.heartbeat_interval_ms > 0:
@@ -168,6 +176,8 @@ class DetectorSettings:
             raise ValueError("stall_allowance_factor must be in [0, 10]")
         if not 0 <= self.startup_grace_ms <= 3_600_000:
             raise ValueError("startup_grace_ms must be in [0, 3600000]")
+        if not 0 <= self.quiet_lead_ms < self.nominal_suspicion_ms:
+            raise ValueError("quiet_lead_ms must be in [0, the nominal suspicion time)")
         if (self.stall_allowance_factor > 0 or self.startup_grace_ms > 0) and not (
             self.acceptable_heartbeat_pause_ms_max >= self.acceptable_heartbeat_pause_ms
         ):
@@ -218,6 +228,9 @@ ENTERPRISE = DetectorSettings(
     stall_allowance_factor=1.5,
     acceptable_heartbeat_pause_ms_max=150.0,
     startup_grace_ms=5_000.0,
+    # A hastened election takes ~10-15 ms here (a turn, a vote, the new leader's first
+    # commit): started this long before the suspicion, it is over when the suspicion comes.
+    quiet_lead_ms=20.0,
 )
 
 # Boards on WiFi: 5-50 ms RTT, 1-5 % loss. Suspects after ~400 ms of silence:
@@ -239,6 +252,7 @@ IOBT = DetectorSettings(
     stall_allowance_factor=1.5,
     acceptable_heartbeat_pause_ms_max=400.0,
     startup_grace_ms=5_000.0,
+    quiet_lead_ms=100.0,  # a turn of 10 ms and votes over 20 +- 15 ms links
 )
 
 PROFILES: dict[str, DetectorSettings] = {ENTERPRISE.name: ENTERPRISE, IOBT.name: IOBT}
@@ -294,6 +308,17 @@ class Restarted:
 
 
 @dataclass(frozen=True, slots=True)
+class Quiet:
+    """The node has been silent for almost long enough to be suspected (`quiet_lead_ms`
+    short of it). Not an opinion about the node: if it leads Raft, start an election."""
+
+    node_id: str
+    incarnation: int
+    silent_ms: float
+    at_ms: float
+
+
+@dataclass(frozen=True, slots=True)
 class Degraded:
     node_id: str
     reason: DegradedReason
@@ -308,7 +333,7 @@ class Restored:
     at_ms: float
 
 
-Verdict = Suspect | Recover | Restarted | Degraded | Restored
+Verdict = Suspect | Quiet | Recover | Restarted | Degraded | Restored
 
 
 # ---------------------------------------------------------------------------
@@ -411,6 +436,7 @@ class NodeDetector:
         self.first_arrival_ms: float | None = None  # of this incarnation, as this observer heard it
         self.suspected: SuspectReason | None = None
         self.suspected_at_ms: float | None = None
+        self.quiet_reported = False  # this silence was already reported as `Quiet`
         self.heartbeats_since_suspicion = 0
         self.heartbeats_accepted = 0
         self.heartbeats_lost = 0
@@ -471,6 +497,7 @@ class NodeDetector:
         self.last_sequence = sequence
         self.last_arrival_ms = now_ms
         self.last_sent_ms = sent_ms
+        self.quiet_reported = False
         self.heartbeats_accepted += 1
         return outcome
 
@@ -535,6 +562,18 @@ class NodeDetector:
         """The instant phi reaches the threshold if nothing more arrives."""
         start_ms, mean_ms, std_ms = self._reference()
         return start_ms + suspicion_elapsed_ms(self.settings.phi_threshold, mean_ms, std_ms)
+
+    def quiet_deadline_ms(self) -> float | None:
+        """When this silence is reported as `Quiet`, or None where it will not be (turned
+        off, already reported, suspected, or never heard from: nothing leads unheard)."""
+        if (
+            self.settings.quiet_lead_ms <= 0
+            or self.quiet_reported
+            or self.suspected is not None
+            or self.last_arrival_ms is None
+        ):
+            return None
+        return self.suspicion_deadline_ms() - self.settings.quiet_lead_ms
 
     def on_self_pause(self, pause_ms: float, now_ms: float) -> None:
         self._reference_cache = None
@@ -815,6 +854,14 @@ class Monitor:
                     else SuspectReason.SILENT
                 )
                 verdicts.append(self._suspect(detector, reason, now_ms))
+                continue
+            quiet_ms = detector.quiet_deadline_ms()
+            if quiet_ms is not None and now_ms >= quiet_ms:
+                detector.quiet_reported = True
+                assert detector.last_arrival_ms is not None
+                verdicts.append(
+                    Quiet(detector.node_id, detector.incarnation, now_ms - detector.last_arrival_ms, now_ms)
+                )
         verdicts.extend(self.judge.judge(now_ms, self.is_suspected))
         return verdicts
 
@@ -830,6 +877,9 @@ class Monitor:
             if detector.suspected is None:
                 # A microsecond past the crossing absorbs float rounding.
                 next_ms = min(next_ms, detector.suspicion_deadline_ms() + 0.001)
+                quiet_ms = detector.quiet_deadline_ms()
+                if quiet_ms is not None:
+                    next_ms = min(next_ms, quiet_ms)
         return max(next_ms, now_ms + 0.001)
 
     def phi(self, node_id: str, now_ms: float) -> float:

@@ -50,6 +50,7 @@ from redge.agent.detector import (
     DetectorSettings,
     Monitor,
     NodeHealth,
+    Quiet,
     Recover,
     Restarted,
     Restored,
@@ -521,3 +522,5 @@ def _log_verdict(bound_log: structlog.typing.FilteringBoundLogger, verdict: Verd
                               reason=str(verdict.reason), measure=round(verdict.measure, 2))
         case Restored():
             bound_log.info("node_restored", target=verdict.node_id)
+        case Quiet():
+            bound_log.debug("node_quiet", target=verdict.node_id, silent_ms=round(verdict.silent_ms, 1))

@@ -40,6 +40,12 @@ class PeerMetrics:
         self.verdicts = Counter(
             "redge_detector_verdicts_total", "Local detector verdicts by kind (Suspect, Recover, ...)", ["kind"], **labels
         )
+        self.elections_hastened = Counter(
+            "redge_elections_hastened_total",
+            "Elections this peer stood in early because its leader was quiet or suspected",
+            ["why"],
+            **labels,
+        )
         self.heartbeats_sent = Gauge("redge_heartbeats_sent", "Heartbeats sent since start", **labels)
         self.heartbeats_accepted = Gauge("redge_heartbeats_accepted", "Heartbeats accepted since start", **labels)
         self.heartbeats_rejected = Gauge(

@@ -58,6 +58,8 @@ def timeline(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 DETECTION_METRICS = (
     "redge_heartbeat_send_gap_ms_max", "redge_detector_phi_max", "redge_detector_self_pause_ms_max",
+    "redge_raft_leader_changes_total",
+    'redge_elections_hastened_total{why="quiet"}', 'redge_elections_hastened_total{why="suspected"}',
 )
 
 
@@ -81,6 +83,9 @@ def detection_summary(report: dict[str, Any]) -> dict[str, Any]:
         values = [figures[name] for figures in peers.values() if name in figures]
         return max(values) if values else None
 
+    def total(name: str) -> float:
+        return sum(figures.get(name, 0.0) for figures in peers.values())
+
     return {
         "suspicions": len(suspicions),
         "suspicions_by_reason": dict(sorted(by_reason.items())),
@@ -90,6 +95,11 @@ def detection_summary(report: dict[str, Any]) -> dict[str, Any]:
         "send_gap_ms_max": largest("redge_heartbeat_send_gap_ms_max"),
         "phi_max": largest("redge_detector_phi_max"),
         "self_pause_ms_max": largest("redge_detector_self_pause_ms_max"),
+        # Elections a peer stood in early: on a quiet leader (before any suspicion; without a
+        # fault each one is a leader change that a stall caused) or on a suspected one.
+        "elections_hastened_quiet": total('redge_elections_hastened_total{why="quiet"}'),
+        "elections_hastened_suspected": total('redge_elections_hastened_total{why="suspected"}'),
+        "leader_changes_max": largest("redge_raft_leader_changes_total"),
         "peers": peers,
     }
 
@@ -140,7 +150,9 @@ def print_tables(report: dict[str, Any], width: int = 120) -> None:
             f"detection: {detection['suspicions']} suspicions {detection['suspicions_by_reason']} on "
             f"{detection['suspicions_by_node']}, {detection['confirmations']} confirmations "
             f"{detection['confirmed_nodes']}; send gap max {_ms(detection['send_gap_ms_max'])} ms, "
-            f"phi max {_number(detection['phi_max'])}, self pause max {_ms(detection['self_pause_ms_max'])} ms"
+            f"phi max {_number(detection['phi_max'])}, self pause max {_ms(detection['self_pause_ms_max'])} ms; "
+            f"early elections {detection.get('elections_hastened_quiet', 0):.0f} on a quiet leader, "
+            f"{detection.get('elections_hastened_suspected', 0):.0f} on a suspected one"
         )
     for violation in check["violations"]:
         console.print(f"[red]violation[/red] {violation['invariant']}: {violation['message']}")

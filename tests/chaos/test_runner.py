@@ -65,9 +65,11 @@ def test_detection_summary_counts_suspicions_and_confirmations_of_the_whole_run(
             event(2000, "suspicion", node="n3", observer="n1", reason="unreachable"),
         ],
         "peer_metrics": {
-            "n1": {"redge_heartbeat_send_gap_ms_max": 140.0, "redge_detector_phi_max": 2.5},
+            "n1": {"redge_heartbeat_send_gap_ms_max": 140.0, "redge_detector_phi_max": 2.5,
+                   'redge_elections_hastened_total{why="quiet"}': 1.0, "redge_raft_leader_changes_total": 3.0},
             "n2": {"redge_heartbeat_send_gap_ms_max": 30.0, "redge_detector_phi_max": 6.0,
-                   "redge_detector_self_pause_ms_max": 45.0},
+                   "redge_detector_self_pause_ms_max": 45.0, 'redge_elections_hastened_total{why="quiet"}': 2.0,
+                   'redge_elections_hastened_total{why="suspected"}': 1.0, "redge_raft_leader_changes_total": 4.0},
         },
     }
     summary = detection_summary(report)
@@ -76,4 +78,6 @@ def test_detection_summary_counts_suspicions_and_confirmations_of_the_whole_run(
     assert summary["suspicions_by_node"] == {"n1": 3, "n3": 1}
     assert (summary["confirmations"], summary["confirmed_nodes"]) == (1, ["n1"])
     assert (summary["send_gap_ms_max"], summary["phi_max"], summary["self_pause_ms_max"]) == (140.0, 6.0, 45.0)
+    assert (summary["elections_hastened_quiet"], summary["elections_hastened_suspected"]) == (3.0, 1.0)
+    assert summary["leader_changes_max"] == 4.0
     assert detection_summary({"started_at_ms": 0.0, "events": []})["phi_max"] is None

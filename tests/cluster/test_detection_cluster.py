@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 
 import pytest
 
@@ -68,6 +69,30 @@ def test_hung_process_is_confirmed_then_refutes_with_a_higher_incarnation(cluste
     assert back["incarnation"] > incarnation
     assert back["hold_down_until_ms"] > time.time() * 1000 - 1000
     assert any(e["kind"] == "member_recovered" and e["node"] == "n3" for e in events(cluster, "n1", fault_ms))
+
+
+def elections_hastened(cluster: LocalCluster, node_id: str) -> float:
+    with urllib.request.urlopen(cluster.peers[node_id].url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+               if line.startswith("redge_elections_hastened_total{"))
+
+
+def test_hung_leader_is_replaced_by_an_early_election_and_confirmed(cluster):
+    """A hung leader keeps its TCP connections, so Raft alone would wait out its election
+    timeout (150-300 ms) before the survivors could commit anything; their detectors start
+    the election (on `Quiet`, just before the suspicion) and the confirmation follows."""
+    leader = cluster.wait_leader()
+    survivors = [n for n in cluster.peers if n != leader]
+    before = {n: elections_hastened(cluster, n) for n in survivors}
+    cluster.peers[leader].signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: member(cluster, survivors[0], leader)["status"] == "failed", 5, interval_s=0.02,
+                   what=f"{leader} failed")
+        assert cluster.wait_leader(among=survivors, not_node=leader) in survivors
+        assert sum(elections_hastened(cluster, n) - before[n] for n in survivors) >= 1
+    finally:
+        cluster.peers[leader].signal(signal.SIGCONT)
 
 
 TABLE = "redge_test_one_way"

@@ -6,7 +6,7 @@ simulation (seed included) so a failure can be replayed exactly.
 
 import pytest
 
-from redge.agent.detector import ENTERPRISE, IOBT, Recover, Restarted, Suspect, SuspectReason
+from redge.agent.detector import ENTERPRISE, IOBT, Quiet, Recover, Restarted, Suspect, SuspectReason
 from redge.chaos.simnet import (
     ENTERPRISE_LINK,
     IOBT_LINK,
@@ -63,8 +63,15 @@ def test_host_crash_every_watcher_suspects_within_bound(seed, settings, link, bo
     assert sorted(first) == ["n0", "n1", "n3", "n4"], simulation
     for observer, at_ms in first.items():
         assert 0.0 < at_ms - fault_ms <= bound_ms, f"{simulation}: {observer} at {at_ms - fault_ms} ms"
-    assert {o.verdict.reason for o in simulation.history} == {SuspectReason.PHI}, simulation
+    reasons = {o.verdict.reason for o in simulation.history if isinstance(o.verdict, Suspect)}
+    assert reasons == {SuspectReason.PHI}, simulation
     assert set(suspicions(simulation)) == {(o, "n2") for o in first}, simulation
+    # Every watcher said "quiet" first, `quiet_lead_ms` before its suspicion (the shell's
+    # cue for an early election when the quiet node leads Raft).
+    quiet = {o.observer: o.at_ms for o in simulation.history if isinstance(o.verdict, Quiet) and o.at_ms >= fault_ms}
+    assert sorted(quiet) == sorted(first), simulation
+    for observer, at_ms in quiet.items():
+        assert first[observer] - at_ms == pytest.approx(settings.quiet_lead_ms, abs=0.01), simulation
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -22,6 +22,7 @@ from redge.agent.detector import (
     IntervalHistory,
     Monitor,
     NodeDetector,
+    Quiet,
     Recover,
     Restarted,
     Restored,
@@ -83,6 +84,10 @@ def test_steady_heartbeats_never_suspected_and_silence_is():
     last_ms = steady(monitor, "b", 200)
     assert monitor.tick(last_ms + INTERVAL_MS) == []
     assert monitor.next_check_ms(last_ms + 1.0) == last_ms + 1.0 + ENTERPRISE.max_check_interval_ms
+    quiet_ms = monitor.next_check_ms(last_ms + 60.0)
+    assert quiet_ms - last_ms == pytest.approx(ENTERPRISE.nominal_suspicion_ms - ENTERPRISE.quiet_lead_ms, abs=0.1)
+    assert monitor.tick(quiet_ms - 0.1) == []
+    assert monitor.tick(quiet_ms) == [Quiet("b", 1, quiet_ms - last_ms, quiet_ms)]
     deadline_ms = monitor.next_check_ms(last_ms + 80.0)
     assert deadline_ms - last_ms == pytest.approx(ENTERPRISE.nominal_suspicion_ms, abs=0.1)
     assert monitor.tick(deadline_ms - 0.1) == []
@@ -90,6 +95,62 @@ def test_steady_heartbeats_never_suspected_and_silence_is():
     assert verdicts == [Suspect("b", 1, SuspectReason.PHI, verdicts[0].phi, deadline_ms)]
     assert verdicts[0].phi >= ENTERPRISE.phi_threshold
     assert monitor.tick(deadline_ms + 1000.0) == []  # changes only, not repeats
+
+
+def checks_until(monitor: Monitor, from_ms: float, until_ms: float) -> list[tuple[str, float]]:
+    """Run `tick` when `next_check_ms` says, as the shell does: (verdict kind, at) pairs."""
+    seen = []
+    at_ms = from_ms
+    while at_ms < until_ms:
+        seen += [(type(v).__name__, v.at_ms) for v in monitor.tick(at_ms)]
+        at_ms = monitor.next_check_ms(at_ms)
+    return seen
+
+
+def test_quiet_comes_once_per_silence_lead_ms_before_the_suspicion():
+    monitor = Monitor(ENTERPRISE)
+    monitor.watch("b", 1, 0.0)
+    last_ms = steady(monitor, "b", 200)
+    seen = checks_until(monitor, last_ms, last_ms + 300.0)
+    assert [kind for kind, _ in seen] == ["Quiet", "Suspect"]
+    (_, quiet_ms), (_, suspect_ms) = seen
+    assert suspect_ms - quiet_ms == pytest.approx(ENTERPRISE.quiet_lead_ms, abs=0.01)
+    assert suspect_ms - last_ms == pytest.approx(ENTERPRISE.nominal_suspicion_ms, abs=0.1)
+
+
+def test_a_heartbeat_after_quiet_ends_that_silence_and_the_next_one_is_reported_again():
+    monitor = Monitor(ENTERPRISE)
+    monitor.watch("b", 1, 0.0)
+    last_ms = steady(monitor, "b", 200)
+    [(kind, quiet_ms)] = checks_until(monitor, last_ms, last_ms + ENTERPRISE.nominal_suspicion_ms - 1.0)
+    assert kind == "Quiet"
+    assert monitor.on_heartbeat("b", 1, 201, quiet_ms + 1.0) == []  # late, not suspected
+    seen = checks_until(monitor, quiet_ms + 1.0, quiet_ms + 400.0)
+    assert [kind for kind, _ in seen] == ["Quiet", "Suspect"]
+
+
+def test_a_check_past_both_deadlines_suspects_without_quiet():
+    monitor = Monitor(ENTERPRISE)
+    monitor.watch("b", 1, 0.0)
+    last_ms = steady(monitor, "b", 200)
+    assert [type(v) for v in monitor.tick(last_ms + ENTERPRISE.nominal_suspicion_ms + 50.0)] == [Suspect]
+
+
+def test_no_quiet_for_a_node_never_heard_nor_with_the_lead_off():
+    unheard = Monitor(ENTERPRISE)
+    unheard.watch("b", 0, 0.0)
+    verdicts = unheard.tick(ENTERPRISE.first_heartbeat_grace_ms + 500.0)
+    assert [type(v) for v in verdicts] == [Suspect]
+    off = Monitor(dataclasses.replace(ENTERPRISE, quiet_lead_ms=0.0))
+    off.watch("b", 1, 0.0)
+    last_ms = steady(off, "b", 200)
+    assert [kind for kind, _ in checks_until(off, last_ms, last_ms + 300.0)] == ["Suspect"]
+
+
+@pytest.mark.parametrize("lead_ms", [-1.0, ENTERPRISE.nominal_suspicion_ms, 1e9])
+def test_quiet_lead_must_come_before_the_suspicion(lead_ms):
+    with pytest.raises(ValueError, match="quiet_lead_ms"):
+        dataclasses.replace(ENTERPRISE, quiet_lead_ms=lead_ms)
 
 
 def test_first_heartbeat_bootstraps_from_expected_interval():
@@ -191,7 +252,7 @@ def test_phi_at_arrival_max_is_the_highest_phi_answered_without_suspicion(late_g
     arrival_ms = last_ms + late_gap_ms
     if not suspected:
         expected = max(expected, monitor.phi("b", arrival_ms))
-    assert bool(monitor.tick(arrival_ms)) is suspected
+    assert any(isinstance(v, Suspect) for v in monitor.tick(arrival_ms)) is suspected
     monitor.on_heartbeat("b", 1, 101, arrival_ms)
     assert monitor.phi_at_arrival_max == pytest.approx(expected, abs=0.05)
     assert monitor.phi_at_arrival_max < ENTERPRISE.phi_threshold
