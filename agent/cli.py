@@ -48,6 +48,11 @@ def _add_peer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--slo-factor", type=float, help="report this node degraded when an app's median latency here exceeds this x its SLO (default 1.5)"
     )
+    parser.add_argument(
+        "--watch-rotation-s",
+        type=float,
+        help="above 8 members, move each peer's bounded watch set to a new shuffle this often (default 60; 0: off)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,7 +154,7 @@ def peer_values(args: argparse.Namespace) -> dict[str, Any]:
         "node_id", "http", "raft", "heartbeat", "peers", "join", "data_dir", "store", "storage_budget_bytes",
         "source", "profile", "secret_file", "admin_token_file", "log_level", "memory_bytes",
         "accelerator_memory_bytes", "device_kind", "model_threads", "model_host_nice", "request_body_bytes_max",
-        "slo_factor",
+        "slo_factor", "watch_rotation_s",
     ):
         value = getattr(args, key, None)
         if value is not None:

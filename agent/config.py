@@ -50,6 +50,10 @@ class PeerConfig:
     model_host_nice: int = 10
     # Degraded when an app's median latency here stays above this factor x its SLO (agent/slo.py).
     slo_factor: float = 1.5
+    # Above 8 members each peer watches a bounded set of others (agent/detector.py
+    # monitoring_targets); the set moves to a new shuffle every this many seconds of wall
+    # time, so one bad observer cannot hide or frame a node for long. 0: only with membership.
+    watch_rotation_s: float = 60.0
     # Filled by `load`, never from the file.
     secret: str = field(default="", repr=False)
     admin_token: str = field(default="", repr=False)
@@ -130,6 +134,10 @@ def load(values: dict[str, Any], environ: dict[str, str] | None = None) -> PeerC
         problems.append("model-host-nice must be between 0 and 19")
     if not isinstance(config.slo_factor, (int, float)) or not 1.0 <= config.slo_factor <= 100.0:
         problems.append("slo-factor must be between 1 and 100")
+    if not isinstance(config.watch_rotation_s, (int, float)) or not (
+        config.watch_rotation_s == 0 or 10.0 <= config.watch_rotation_s <= 86_400.0
+    ):
+        problems.append("watch-rotation-s must be 0 (off) or between 10 and 86400")
     if not 1 <= config.model_threads <= 256:
         problems.append("model-threads must be between 1 and 256")
     if config.request_body_bytes_max <= 0:

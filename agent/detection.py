@@ -29,6 +29,7 @@ from redge.agent.detector import (
     Verdict,
     monitoring_targets,
     profile,
+    watch_round,
 )
 from redge.agent.heartbeat import HeartbeatService
 from redge.consensus import commands as c
@@ -44,6 +45,9 @@ log = structlog.get_logger("redge.detection")
 RETRY_S_FIRST = 0.02
 RETRY_S_MAX = 1.0
 STOP_TIMEOUT_S = 5.0
+# Wake this long past a rotation turn, so the new round is the one read (sleep and wall clock
+# are different clocks).
+ROTATION_MARGIN_S = 0.01
 
 
 def now_ms() -> int:
@@ -60,6 +64,7 @@ class FailureDetection:
         # target -> the verdict this observer currently holds about it ("down" or "slow")
         self._opinions: dict[str, str] = {}
         self._proposals: dict[str, asyncio.Task[None]] = {}
+        self._rotation: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Run the heartbeat service on a thread and event loop of its own.
@@ -91,8 +96,20 @@ class FailureDetection:
         self.peer.metrics.detector_phi_max.set_function(lambda: monitor.phi_at_arrival_max)
         self.peer.metrics.detector_self_pause_ms_max.set_function(lambda: monitor.self_pause_ms_max)
         self.refresh_targets()
+        if config.watch_rotation_s > 0:
+            self._rotation = asyncio.create_task(self._rotate(config.watch_rotation_s), name="watch-rotation")
+
+    async def _rotate(self, rotation_s: float) -> None:
+        """Move to the next watch set at each turn of the wall clock (only clusters above
+        8 members have a bounded one; smaller ones watch everyone whatever the round)."""
+        while True:
+            now_s = time.time()
+            await asyncio.sleep((watch_round(now_s, rotation_s) + 1) * rotation_s - now_s + ROTATION_MARGIN_S)
+            self.refresh_targets()
 
     async def stop(self) -> None:
+        if self._rotation is not None:
+            self._rotation.cancel()
         for task in self._proposals.values():
             task.cancel()
         if self.service is not None and self._loop is not None:
@@ -124,15 +141,16 @@ class FailureDetection:
             changed.set()
 
     def set_incarnation(self, incarnation: int) -> None:
-        if self.service is not None:
-            self.service.incarnation = incarnation
+        if self.service is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.service.set_incarnation, incarnation)
 
     def refresh_targets(self) -> None:
         """Watch the committed live members (other than this node)."""
         if self.service is None or self.peer.raft is None:
             return
         members = self.peer.raft.read(_live_members)
-        watched_ids = set(monitoring_targets(self.peer.node_id, [m[0] for m in members]))
+        round_number = watch_round(time.time(), self.peer.config.watch_rotation_s)
+        watched_ids = set(monitoring_targets(self.peer.node_id, [m[0] for m in members], round_number=round_number))
         targets = []
         for node_id, heartbeat_address, incarnation in members:
             if node_id == self.peer.node_id or node_id not in watched_ids:

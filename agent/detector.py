@@ -433,7 +433,6 @@ class NodeDetector:
         self.stall_gap_ms = 0.0
         self.stall_seen_at_ms: float | None = None
         self.last_sent_ms: float | None = None
-        self.first_arrival_ms: float | None = None  # of this incarnation, as this observer heard it
         self.suspected: SuspectReason | None = None
         self.suspected_at_ms: float | None = None
         self.quiet_reported = False  # this silence was already reported as `Quiet`
@@ -482,7 +481,6 @@ class NodeDetector:
             self.heartbeats_lost += sequence - self.last_sequence - 1
         if self.last_arrival_ms is None:
             self._bootstrap()
-            self.first_arrival_ms = now_ms
         elif self._skip_next_interval:
             self._skip_next_interval = False
         elif self.suspected is None:
@@ -520,10 +518,7 @@ class NodeDetector:
         settings = self.settings
         if self.last_arrival_ms is None:
             return settings.acceptable_heartbeat_pause_ms
-        if (
-            self.first_arrival_ms is not None
-            and self.last_arrival_ms - self.first_arrival_ms <= settings.startup_grace_ms
-        ):
+        if self.in_startup():
             return max(settings.acceptable_heartbeat_pause_ms, settings.acceptable_heartbeat_pause_ms_max)
         if (
             self.stall_seen_at_ms is None
@@ -531,6 +526,16 @@ class NodeDetector:
         ):
             return settings.acceptable_heartbeat_pause_ms
         return settings.stall_pause_ms(self.stall_gap_ms, self.history.mean_ms)
+
+    def in_startup(self) -> bool:
+        """Whether the node's incarnation is younger than `startup_grace_ms`, told by the
+        sender itself: its sequence numbers start at 1 with each incarnation, one per
+        interval, so every watcher agrees, including one that only began watching it (a
+        rotated watch set, a restarted observer)."""
+        settings = self.settings
+        if settings.startup_grace_ms <= 0 or self.last_sequence is None or self.last_arrival_ms is None:
+            return False
+        return self.last_sequence * settings.heartbeat_interval_ms <= settings.startup_grace_ms
 
     def _reference(self) -> tuple[float, float, float]:
         """(silence start, mean, std) that phi is computed from; cached
@@ -910,6 +915,15 @@ DEFAULT_FANOUT = 4
 def _ring_position(seed: int, round_number: int, node_id: str) -> bytes:
     material = f"{seed}:{round_number}:{node_id}".encode()
     return hashlib.blake2b(material, digest_size=16).digest()
+
+
+def watch_round(now_s: float, rotation_s: float) -> int:
+    """The rotation round of the watch sets at wall time `now_s`: every peer computes the
+    same from its own clock (peers a few ms apart on a turn is harmless: a new watcher gives
+    a node it has not heard yet `first_heartbeat_grace_ms`). 0 when rotation is off."""
+    if rotation_s <= 0:
+        return 0
+    return int(now_s // rotation_s)
 
 
 def monitoring_targets(

@@ -289,6 +289,14 @@ class HeartbeatService:
 
     # -- targets
 
+    def set_incarnation(self, incarnation: int) -> None:
+        """Start a new life: a new incarnation, its sequence numbers from 1 again (watchers
+        read `sequence x interval` as how long this incarnation has run). Call it on the
+        service's own loop, so that no heartbeat goes out with one changed and not the other."""
+        if incarnation != self.incarnation:
+            self.incarnation = incarnation
+            self._sequence = 0
+
     def set_targets(self, targets: Iterable[Target]) -> None:
         wanted: dict[str, _Peer] = {}
         for node_id, (host, port), incarnation in targets:

@@ -310,6 +310,7 @@ class SimPeer:
         self.backlog_dropped = 0
         self._check_at_ms: float | None = None
         self._life = 0  # events of a previous life are ignored after a restart
+        self.round = 0  # the watch set's rotation round this peer is in
 
     @property
     def net(self) -> SimNet:
@@ -323,6 +324,16 @@ class SimPeer:
         self.targets = [node_id for node_id, _ in targets]
         self.monitor.set_watched(((n, i) for n, i in targets), now_ms)
         self.net.schedule(now_ms + phase_ms, self._send, now_ms + phase_ms, self._life)
+        self._schedule_check()
+
+    def retarget(self, targets: Iterable[tuple[str, int]]) -> None:
+        """A new watch set (a rotation), as the shell's `set_targets`: new targets are watched
+        from now, dropped ones forgotten, kept ones keep their history."""
+        if self.crashed:
+            return
+        chosen = list(targets)
+        self.targets = [node_id for node_id, _ in chosen]
+        self.monitor.set_watched(chosen, self.now_ms())
         self._schedule_check()
 
     # -- sending: fixed rhythm, lag from CPU load, skipped slots after a stall
@@ -455,6 +466,10 @@ class DetectionSimulation:
     link: LinkProfile = ENTERPRISE_LINK
     cpu_load: CpuLoad = field(default_factory=CpuLoad)
     fanout: int = 4
+    # Watch-set rotation (the peer's `watch_rotation_s`): every peer moves to the next round
+    # at each multiple of `rotation_ms`, up to `rotation_skew_ms` late (unsynchronised clocks).
+    rotation_ms: float = 0.0
+    rotation_skew_ms: float = 5.0
     net: SimNet = field(init=False)
     peers: dict[str, SimPeer] = field(init=False)
     history: list[Observation] = field(init=False)
@@ -478,6 +493,9 @@ class DetectionSimulation:
         if self.cpu_load.stalls_per_s > 0:
             for node_id in self.node_ids:
                 self._schedule_stall(node_id)
+        if self.rotation_ms > 0:
+            for node_id in self.node_ids:
+                self._schedule_rotation(node_id, 1)
 
     def __repr__(self) -> str:
         # Short on purpose: assertion messages show it, and the seed must be visible.
@@ -488,8 +506,20 @@ class DetectionSimulation:
         return self.net.clock.now_ms()
 
     def _targets(self, node_id: str) -> list[tuple[str, int]]:
-        chosen = monitoring_targets(node_id, self.node_ids, seed=self.seed, fanout=self.fanout)
+        chosen = monitoring_targets(
+            node_id, self.node_ids, seed=self.seed, round_number=self.peers[node_id].round, fanout=self.fanout
+        )
         return [(target, self.peers[target].incarnation) for target in chosen]
+
+    def _schedule_rotation(self, node_id: str, round_number: int) -> None:
+        at_ms = round_number * self.rotation_ms + self.rng.uniform(0.0, self.rotation_skew_ms)
+        self.net.schedule(at_ms, self._rotate, node_id, round_number)
+
+    def _rotate(self, node_id: str, round_number: int) -> None:
+        peer = self.peers[node_id]
+        peer.round = round_number
+        peer.retarget(self._targets(node_id))
+        self._schedule_rotation(node_id, round_number + 1)
 
     def send_lag_ms(self) -> float:
         mean = self.cpu_load.send_lag_ms_mean

@@ -164,6 +164,29 @@ def test_large_cluster_crash_is_seen_by_exactly_its_watchers(seed):
     assert {n for _, n in suspicions(simulation)} == {victim}, simulation
 
 
+@pytest.mark.parametrize("seed", SEEDS[:3])
+def test_rotating_watch_sets_suspect_nobody_and_still_catch_a_crash_right_after_a_turn(seed):
+    """20 peers whose watch sets move every 2 s, each peer up to 5 ms late to the turn: the
+    watchers change, yet no live node is suspected (a new watcher of a long-running node
+    is no reason for slack nor for alarm), and a crash 100 ms after a turn is suspected by
+    every watcher of that round, within the steady-state bound."""
+    nodes = [f"n{i:02d}" for i in range(20)]
+    simulation = DetectionSimulation(nodes, ENTERPRISE, seed=seed, fanout=4, rotation_ms=2_000.0)
+    simulation.run_until(WARM_UP_MS + 4_100.0)  # three turns after the start-up
+    assert suspicions(simulation) == [], simulation
+    victim = "n07"
+    watchers = simulation.watchers_of(victim)
+    assert len(watchers) == 4, simulation
+    assert {p.round for p in simulation.peers.values()} == {5}, simulation
+    fault_ms = simulation.now_ms()
+    simulation.inject(Crash(victim, fault_ms, host_up=False))
+    simulation.run_until(fault_ms + 500.0)
+    first = first_suspicions(simulation.history, victim, fault_ms)
+    assert sorted(first) == sorted(watchers), simulation
+    assert max(first.values()) - fault_ms <= ENTERPRISE.nominal_suspicion_ms + 30.0, simulation
+    assert {n for _, n in suspicions(simulation)} == {victim}, simulation
+
+
 @pytest.mark.parametrize("seed", SEEDS[:2])
 def test_stalled_observer_does_not_blame_others(seed):
     """A 300 ms stall of n0 (GC, CPU) makes others suspect n0, as they should,

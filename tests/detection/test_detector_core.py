@@ -571,3 +571,23 @@ def test_a_node_starting_up_gets_the_widest_pause(since_first_ms, silence_ms, su
     monitor.watch("b", 1, 0.0)
     last_ms = steady(monitor, "b", int(since_first_ms // INTERVAL_MS) + 1)
     assert (monitor.phi("b", last_ms + silence_ms) >= ENTERPRISE_PROFILE.phi_threshold) is suspected
+
+
+@pytest.mark.parametrize(
+    ("incarnation", "first_sequence", "silence_ms", "suspected"),
+    [
+        # A watcher that only now starts watching a node running for 10 minutes (a rotated
+        # watch set, a restarted observer): the node is not starting, the base pause holds.
+        (1, 30_001, 100.0, True),
+        # The same node as a new incarnation, sequences from 1 again: it is starting.
+        (2, 1, 150.0, False),
+        (2, 1, 200.0, True),
+    ],
+)
+def test_startup_is_the_senders_age_not_how_long_this_observer_has_watched(
+    incarnation, first_sequence, silence_ms, suspected
+):
+    monitor = Monitor(ENTERPRISE_PROFILE)
+    monitor.watch("b", incarnation, 0.0)
+    last_ms = steady(monitor, "b", 50, incarnation=incarnation, first_sequence=first_sequence)
+    assert (monitor.phi("b", last_ms + silence_ms) >= ENTERPRISE_PROFILE.phi_threshold) is suspected

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from redge.agent.detector import ENTERPRISE, Recover, Suspect, SuspectReason
+from redge.agent.detector import ENTERPRISE, Recover, Restarted, Suspect, SuspectReason
 from redge.agent.heartbeat import (
     MAC_BYTES,
     Heartbeat,
@@ -101,6 +101,32 @@ def free_udp_port() -> int:
 def service(node_id: str, verdicts: list, secret: bytes = b"s3cret") -> HeartbeatService:
     return HeartbeatService(node_id, (LOOPBACK, 0), secret, ENTERPRISE,
                             on_verdict=verdicts.append, incarnation=1)
+
+
+@pytest.mark.timeout(30)
+def test_a_new_incarnation_numbers_its_heartbeats_from_one_again():
+    async def scenario():
+        seen_by_a, seen_by_b = [], []
+        a, b = service("a", seen_by_a), service("b", seen_by_b)
+        await a.start()
+        await b.start()
+        try:
+            a.set_targets([("b", b.address, 0)])
+            b.set_targets([("a", a.address, 0)])
+            await wait_until(lambda: a.stats().heartbeats_accepted >= 10, 5.0, "b heard")
+            watched = a.monitor._detectors["b"]
+            sequence_before = watched.last_sequence
+            accepted_before = watched.heartbeats_accepted
+            b.set_incarnation(2)
+            await wait_until(lambda: any(isinstance(v, Restarted) for v in seen_by_a), 5.0, "a sees b restart")
+            await wait_until(lambda: watched.heartbeats_accepted >= accepted_before + 3, 5.0, "b's new life heard")
+            assert watched.incarnation == 2 and watched.suspected is None
+            assert watched.last_sequence < sequence_before  # numbered from 1 again, and accepted
+        finally:
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.timeout(30)
