@@ -1,6 +1,7 @@
 """The heartbeat wire format, and the service on real sockets (127.0.0.1 only)."""
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -103,17 +104,28 @@ def service(node_id: str, verdicts: list, secret: bytes = b"s3cret") -> Heartbea
                             on_verdict=verdicts.append, incarnation=1)
 
 
+@contextlib.asynccontextmanager
+async def watching_each_other():
+    """Services a and b, each watching the other, once both have heard 10 heartbeats."""
+    seen_by_a, seen_by_b = [], []
+    a, b = service("a", seen_by_a), service("b", seen_by_b)
+    await a.start()
+    await b.start()
+    try:
+        a.set_targets([("b", b.address, 0)])
+        b.set_targets([("a", a.address, 0)])
+        await wait_until(lambda: a.stats().heartbeats_accepted >= 10
+                         and b.stats().heartbeats_accepted >= 10, 5.0, "heartbeats both ways")
+        yield a, b, seen_by_a, seen_by_b
+    finally:
+        await a.stop()
+        await b.stop()
+
+
 @pytest.mark.timeout(30)
 def test_a_new_incarnation_numbers_its_heartbeats_from_one_again():
     async def scenario():
-        seen_by_a, seen_by_b = [], []
-        a, b = service("a", seen_by_a), service("b", seen_by_b)
-        await a.start()
-        await b.start()
-        try:
-            a.set_targets([("b", b.address, 0)])
-            b.set_targets([("a", a.address, 0)])
-            await wait_until(lambda: a.stats().heartbeats_accepted >= 10, 5.0, "b heard")
+        async with watching_each_other() as (a, b, seen_by_a, _):
             watched = a.monitor._detectors["b"]
             sequence_before = watched.last_sequence
             accepted_before = watched.heartbeats_accepted
@@ -122,9 +134,6 @@ def test_a_new_incarnation_numbers_its_heartbeats_from_one_again():
             await wait_until(lambda: watched.heartbeats_accepted >= accepted_before + 3, 5.0, "b's new life heard")
             assert watched.incarnation == 2 and watched.suspected is None
             assert watched.last_sequence < sequence_before  # numbered from 1 again, and accepted
-        finally:
-            await a.stop()
-            await b.stop()
 
     asyncio.run(scenario())
 
@@ -132,15 +141,7 @@ def test_a_new_incarnation_numbers_its_heartbeats_from_one_again():
 @pytest.mark.timeout(30)
 def test_two_services_see_each_other_then_a_stop_is_refused():
     async def scenario():
-        seen_by_a, seen_by_b = [], []
-        a, b = service("a", seen_by_a), service("b", seen_by_b)
-        await a.start()
-        await b.start()
-        try:
-            a.set_targets([("b", b.address, 0)])
-            b.set_targets([("a", a.address, 0)])
-            await wait_until(lambda: a.stats().heartbeats_accepted >= 10
-                             and b.stats().heartbeats_accepted >= 10, 5.0, "heartbeats both ways")
+        async with watching_each_other() as (a, b, seen_by_a, seen_by_b):
             assert seen_by_a == [] and seen_by_b == []
             health = a.health()[0]
             assert health.node_id == "b" and health.suspected is None and health.phi < 1.0
@@ -152,9 +153,6 @@ def test_two_services_see_each_other_then_a_stop_is_refused():
             assert isinstance(verdict, Suspect) and verdict.reason is SuspectReason.UNREACHABLE
             assert elapsed_ms < 500.0, elapsed_ms
             assert a.stats().refusals >= 1 and a.stats().suspected == ["b"]
-        finally:
-            await a.stop()
-            await b.stop()
 
     asyncio.run(scenario())
 
