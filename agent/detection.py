@@ -65,6 +65,8 @@ class FailureDetection:
         self._opinions: dict[str, str] = {}
         self._proposals: dict[str, asyncio.Task[None]] = {}
         self._rotation: asyncio.Task[None] | None = None
+        # Who this peer watches, as last handed to the heartbeat thread (main loop's copy).
+        self._watched: set[str] = set()
 
     async def start(self) -> None:
         """Run the heartbeat service on a thread and event loop of its own.
@@ -105,7 +107,10 @@ class FailureDetection:
         while True:
             now_s = time.time()
             await asyncio.sleep((watch_round(now_s, rotation_s) + 1) * rotation_s - now_s + ROTATION_MARGIN_S)
-            self.refresh_targets()
+            try:
+                self.refresh_targets()
+            except Exception:  # one bad turn must not end rotation for good
+                log.exception("watch_rotation_failed")
 
     async def stop(self) -> None:
         if self._rotation is not None:
@@ -160,7 +165,11 @@ class FailureDetection:
             except ValueError:
                 log.warning("bad_heartbeat_address", node=node_id, address=heartbeat_address)
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self.service.set_targets, targets)
+            # Dropped targets still get heartbeats for a grace period: a watcher whose clock
+            # reaches the rotation's turn later must not find this node silent meanwhile.
+            linger_ms = self.service.settings.first_heartbeat_grace_ms
+            self._loop.call_soon_threadsafe(self.service.set_targets, targets, linger_ms)
+        self._watched = {node_id for node_id, _, _ in targets}
         for node_id in list(self._opinions):
             if node_id not in watched_ids:
                 # No longer ours to watch: withdraw what we said, the monitor forgets silently.
@@ -172,6 +181,10 @@ class FailureDetection:
 
     def _on_verdict(self, verdict: Verdict) -> None:
         self.peer.metrics.verdicts.labels(kind=type(verdict).__name__).inc()
+        if isinstance(verdict, (Quiet, Suspect)) and verdict.node_id not in self._watched:
+            # Said by the heartbeat thread just before it took a new watch set: the opinion
+            # about a node no longer ours was withdrawn already, and no Recover would follow.
+            return
         if isinstance(verdict, Quiet):
             self._hasten_election(verdict.node_id, "quiet")
         elif isinstance(verdict, Suspect):

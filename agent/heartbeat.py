@@ -216,6 +216,8 @@ class HeartbeatService:
         self._key = heartbeat_key(secret)
         self._max_targets = max_targets
         self._peers: dict[str, _Peer] = {}
+        # Targets just dropped, still sent to until the given time (see `set_targets`).
+        self._lingering: dict[str, tuple[_Peer, float]] = {}
         self._sequence = 0
         self._socket: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -280,6 +282,9 @@ class HeartbeatService:
                 pass
         for peer in self._peers.values():
             self._close(peer)
+        for peer, _ in self._lingering.values():
+            self._close(peer)
+        self._lingering.clear()
         if self._socket is not None:
             assert self._loop is not None
             self._loop.remove_reader(self._socket.fileno())
@@ -297,7 +302,13 @@ class HeartbeatService:
             self.incarnation = incarnation
             self._sequence = 0
 
-    def set_targets(self, targets: Iterable[Target]) -> None:
+    def set_targets(self, targets: Iterable[Target], linger_ms: float = 0.0) -> None:
+        """Exchange heartbeats with exactly these nodes from now on.
+
+        A dropped target is no longer watched at once, but with `linger_ms` it is still sent
+        heartbeats for that long: when the watch sets rotate, peers reach the turn at
+        slightly different moments (their clocks), and a watcher that has not turned yet
+        must not find this node silent. Heartbeats from a lingering node are taken quietly."""
         wanted: dict[str, _Peer] = {}
         for node_id, (host, port), incarnation in targets:
             if node_id == self.node_id:
@@ -310,9 +321,17 @@ class HeartbeatService:
         started = self._socket is not None
         now_ms = self.clock.now_ms()
         for node_id in [n for n in self._peers if n not in wanted]:
-            self._close(self._peers.pop(node_id))
+            dropped = self._peers.pop(node_id)
             self.monitor.unwatch(node_id)
+            if linger_ms > 0 and dropped.sock is not None:
+                self._lingering[node_id] = (dropped, now_ms + linger_ms)
+            else:
+                self._close(dropped)
         for node_id, peer in wanted.items():
+            if node_id in self._lingering:
+                back, _ = self._lingering.pop(node_id)
+                if node_id not in self._peers:
+                    self._peers[node_id] = back
             current = self._peers.get(node_id)
             if current is not None and current.address == peer.address:
                 current.incarnation = max(current.incarnation, peer.incarnation)
@@ -383,7 +402,13 @@ class HeartbeatService:
         payload = encode_heartbeat(
             self._key, Heartbeat(self.node_id, self.incarnation, self._sequence, sent_us)
         )
-        for peer in list(self._peers.values()):
+        if self._lingering:
+            now_ms = self.clock.now_ms()
+            for node_id, (peer, until_ms) in list(self._lingering.items()):
+                if now_ms >= until_ms:
+                    del self._lingering[node_id]
+                    self._close(peer)
+        for peer in [*self._peers.values(), *(peer for peer, _ in self._lingering.values())]:
             if peer.sock is None:
                 continue
             try:
@@ -424,7 +449,8 @@ class HeartbeatService:
             self._reject(rejection.reason)
             return
         if heartbeat.node_id not in self._peers:
-            self._reject("unknown_sender")
+            if heartbeat.node_id not in self._lingering:
+                self._reject("unknown_sender")
             return
         self._heartbeats_accepted += 1
         verdicts = self.monitor.on_heartbeat(

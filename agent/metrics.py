@@ -42,7 +42,8 @@ class PeerMetrics:
         )
         self.elections_hastened = Counter(
             "redge_elections_hastened_total",
-            "Elections this peer stood in early because its leader was quiet or suspected",
+            "Times this peer brought its Raft election turn forward because its leader was quiet or "
+            "suspected (no election follows if the leader answers before the turn)",
             ["why"],
             **labels,
         )

@@ -95,8 +95,9 @@ def detection_summary(report: dict[str, Any]) -> dict[str, Any]:
         "send_gap_ms_max": largest("redge_heartbeat_send_gap_ms_max"),
         "phi_max": largest("redge_detector_phi_max"),
         "self_pause_ms_max": largest("redge_detector_self_pause_ms_max"),
-        # Elections a peer stood in early: on a quiet leader (before any suspicion; without a
-        # fault each one is a leader change that a stall caused) or on a suspected one.
+        # Election turns a peer brought forward: on a quiet leader (before any suspicion) or on
+        # a suspected one. Each follower counts its own, and no election follows if the leader
+        # answers before the turn; leader_changes_max says how often the leader did change.
         "elections_hastened_quiet": total('redge_elections_hastened_total{why="quiet"}'),
         "elections_hastened_suspected": total('redge_elections_hastened_total{why="suspected"}'),
         "leader_changes_max": largest("redge_raft_leader_changes_total"),
@@ -151,8 +152,9 @@ def print_tables(report: dict[str, Any], width: int = 120) -> None:
             f"{detection['suspicions_by_node']}, {detection['confirmations']} confirmations "
             f"{detection['confirmed_nodes']}; send gap max {_ms(detection['send_gap_ms_max'])} ms, "
             f"phi max {_number(detection['phi_max'])}, self pause max {_ms(detection['self_pause_ms_max'])} ms; "
-            f"early elections {detection.get('elections_hastened_quiet', 0):.0f} on a quiet leader, "
-            f"{detection.get('elections_hastened_suspected', 0):.0f} on a suspected one"
+            f"election turns brought forward {detection.get('elections_hastened_quiet', 0):.0f} on a quiet "
+            f"leader, {detection.get('elections_hastened_suspected', 0):.0f} on a suspected one; "
+            f"leader changes seen {_ms(detection.get('leader_changes_max'))}"
         )
     for violation in check["violations"]:
         console.print(f"[red]violation[/red] {violation['invariant']}: {violation['message']}")

@@ -311,6 +311,7 @@ class SimPeer:
         self._check_at_ms: float | None = None
         self._life = 0  # events of a previous life are ignored after a restart
         self.round = 0  # the watch set's rotation round this peer is in
+        self.lingering: dict[str, float] = {}  # dropped targets still sent to, until
 
     @property
     def net(self) -> SimNet:
@@ -326,12 +327,17 @@ class SimPeer:
         self.net.schedule(now_ms + phase_ms, self._send, now_ms + phase_ms, self._life)
         self._schedule_check()
 
-    def retarget(self, targets: Iterable[tuple[str, int]]) -> None:
+    def retarget(self, targets: Iterable[tuple[str, int]], linger_ms: float = 0.0) -> None:
         """A new watch set (a rotation), as the shell's `set_targets`: new targets are watched
-        from now, dropped ones forgotten, kept ones keep their history."""
+        from now, dropped ones forgotten but still sent heartbeats for `linger_ms`, kept ones
+        keep their history."""
         if self.crashed:
             return
         chosen = list(targets)
+        now_ms = self.now_ms()
+        for node_id in self.targets:
+            if linger_ms > 0 and node_id not in {n for n, _ in chosen}:
+                self.lingering[node_id] = now_ms + linger_ms
         self.targets = [node_id for node_id, _ in chosen]
         self.monitor.set_watched(chosen, self.now_ms())
         self._schedule_check()
@@ -347,7 +353,8 @@ class SimPeer:
         now_ms = self.now_ms()
         self.sequence += 1
         beat = _Beat(self.node_id, self.incarnation, self.sequence)
-        for target in self.targets:
+        self.lingering = {n: until for n, until in self.lingering.items() if until > now_ms and n not in self.targets}
+        for target in [*self.targets, *self.lingering]:
             self.net.send(self.node_id, target, beat)
         interval_ms = self.settings.heartbeat_interval_ms
         next_slot_ms = slot_ms + interval_ms
@@ -437,6 +444,7 @@ class SimPeer:
         self.crashed = False
         self.paused_until_ms = None
         self.backlog = []
+        self.lingering = {}
         self.incarnation = incarnation
         self.sequence = 0
         self.monitor = Monitor(self.settings)
@@ -467,9 +475,13 @@ class DetectionSimulation:
     cpu_load: CpuLoad = field(default_factory=CpuLoad)
     fanout: int = 4
     # Watch-set rotation (the peer's `watch_rotation_s`): every peer moves to the next round
-    # at each multiple of `rotation_ms`, up to `rotation_skew_ms` late (unsynchronised clocks).
+    # at each multiple of `rotation_ms` by its own clock, `clock_offsets_ms[node]` off the
+    # true time, plus up to `rotation_skew_ms` more; dropped targets get heartbeats for
+    # `rotation_linger_ms` more.
     rotation_ms: float = 0.0
     rotation_skew_ms: float = 5.0
+    rotation_linger_ms: float = 1_000.0  # the peer's: first_heartbeat_grace_ms
+    clock_offsets_ms: dict[str, float] = field(default_factory=dict)
     net: SimNet = field(init=False)
     peers: dict[str, SimPeer] = field(init=False)
     history: list[Observation] = field(init=False)
@@ -512,13 +524,14 @@ class DetectionSimulation:
         return [(target, self.peers[target].incarnation) for target in chosen]
 
     def _schedule_rotation(self, node_id: str, round_number: int) -> None:
-        at_ms = round_number * self.rotation_ms + self.rng.uniform(0.0, self.rotation_skew_ms)
+        offset_ms = self.clock_offsets_ms.get(node_id, 0.0)
+        at_ms = round_number * self.rotation_ms - offset_ms + self.rng.uniform(0.0, self.rotation_skew_ms)
         self.net.schedule(at_ms, self._rotate, node_id, round_number)
 
     def _rotate(self, node_id: str, round_number: int) -> None:
         peer = self.peers[node_id]
         peer.round = round_number
-        peer.retarget(self._targets(node_id))
+        peer.retarget(self._targets(node_id), linger_ms=self.rotation_linger_ms)
         self._schedule_rotation(node_id, round_number + 1)
 
     def send_lag_ms(self) -> float:

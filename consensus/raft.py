@@ -112,18 +112,28 @@ def fast_election_delay_s(
 
 
 def should_stand_early(
-    leader_address: str | None, last_leader_address: str | None, gone_address: str, is_leader: bool
+    leader_address: str | None,
+    last_leader_address: str | None,
+    gone_address: str,
+    *,
+    is_leader: bool,
+    election_running: bool,
 ) -> bool:
     """Whether losing `gone_address` (its connection dropped, or our detector suspects it)
-    should bring this node's election turn forward: only when it is the leader we follow,
-    or, while no leader is known, the last one we followed. The second case matters: a
-    candidate that asked for our vote makes pysyncobj forget the leader, and if that
-    candidate then loses (its log was behind ours), we must still take our own turn
-    instead of waiting out Raft's full election timeout."""
+    should bring this node's election turn forward: when it is the leader we follow, or,
+    while no leader is known, the last one we followed. The second case matters: a
+    candidate that asked for our vote makes pysyncobj forget the leader, and if we refused
+    it (its log was behind ours), we must still take our own turn instead of waiting out
+    Raft's full election timeout. `election_running` (we stand ourselves, or voted for a
+    candidate in this term) leaves that election alone: moving our deadline would start a
+    new term and throw away the votes still on their way. The caller counts an election
+    as running only while it is young (a turn's step): an older one has split its vote or
+    lost its candidate, and taking our turn again settles it in turn order."""
     if is_leader:
         return False
-    known = leader_address if leader_address is not None else last_leader_address
-    return known == gone_address
+    if leader_address is not None:
+        return leader_address == gone_address
+    return last_leader_address == gone_address and not election_running
 
 
 class _StateMachine(SyncObjConsumer):
@@ -246,6 +256,9 @@ class RaftNode:
         self._last_leader: tuple[str | None, int] | None = None
         # The last leader this node followed, kept while no leader is known (tick thread writes).
         self._last_leader_address: str | None = None
+        # When this node first saw its current term (pysyncobj's clock; tick thread writes).
+        self._term_seen_at_s = 0.0
+        self._timing = timing
         # Calls into pysyncobj internals that are not thread-safe run on its tick thread.
         self._tick_calls: deque[Callable[[], None]] = deque()
         self._closed = False
@@ -292,9 +305,7 @@ class RaftNode:
             if original is not None:
                 original(node)
             gone = getattr(node, "address", None)
-            if gone is not None and should_stand_early(
-                self._leader_address(), self._last_leader_address, gone, self._sync._isLeader()
-            ):
+            if gone is not None and self._should_stand_early(gone):
                 self._elect_soon(gone, timing)
 
         transport.setOnNodeDisconnectedCallback(on_disconnected)
@@ -320,6 +331,8 @@ class RaftNode:
         if leader_address is not None:
             self._last_leader_address = leader_address
         key = (leader_address, self._sync.raftCurrentTerm)
+        if self._last_leader is None or key[1] != self._last_leader[1]:
+            self._term_seen_at_s = raft_clock_s()
         if key != self._last_leader and not self._closed:
             self._last_leader = key
             _call_soon(self._loop, self._deliver_leader)
@@ -387,13 +400,25 @@ class RaftNode:
         with its 20 ms heartbeats, saw the leader hang long before Raft's election timeout
         would. Safe in Raft at any time; the turns keep followers from splitting the vote.
         Returns whether an election was scheduled."""
-        if not should_stand_early(
-            self._leader_address(), self._last_leader_address, suspected_address, self._sync._isLeader()
-        ):
+        if not self._should_stand_early(suspected_address):
             return False
         self._tick_calls.append(lambda: self._elect_soon(suspected_address, timing))
         self._wake_tick_thread()
         return True
+
+    def _should_stand_early(self, gone_address: str) -> bool:
+        # pysyncobj's state: 0 follower, 1 candidate, 2 leader; a vote granted in the current
+        # term is kept in votedForNodeId (reset when a higher term is seen).
+        candidate = self._sync._SyncObj__raftState == 1
+        voted = self._sync._SyncObj__votedForNodeId is not None
+        young = raft_clock_s() - self._term_seen_at_s < self._timing.fast_election_step_s
+        return should_stand_early(
+            self._leader_address(),
+            self._last_leader_address,
+            gone_address,
+            is_leader=self._sync._isLeader(),
+            election_running=(candidate or voted) and young,
+        )
 
     def _leader_address(self) -> str | None:
         leader = self._sync._getLeader()

@@ -44,17 +44,19 @@ def test_iobt_turns_are_further_apart_than_a_wifi_round_trip():
 
 
 @pytest.mark.parametrize(
-    ("leader", "last_leader", "gone", "is_leader", "expected"),
+    ("leader", "last_leader", "gone", "is_leader", "election_running", "expected"),
     [
-        ("n1", "n1", "n1", False, True),  # our leader dropped or is suspected
-        ("n1", "n1", "n2", False, False),  # another follower: no election for that
-        (None, "n1", "n1", False, True),  # a candidate made us forget n1, then lost: our turn still comes
-        (None, "n1", "n2", False, False),
-        (None, None, "n1", False, False),  # never followed anyone (starting up)
-        ("n3", "n3", "n1", False, False),  # a new leader is known: the old one's loss changes nothing
-        ("n1", "n1", "n1", True, False),  # pysyncobj says we lead: nothing to stand for
-        (None, "n2", "n1", True, False),
+        ("n1", "n1", "n1", False, False, True),  # our leader dropped or is suspected
+        ("n1", "n1", "n2", False, False, False),  # another follower: no election for that
+        (None, "n1", "n1", False, False, True),  # we refused a candidate and forgot n1: our turn still comes
+        (None, "n1", "n1", False, True, False),  # we stand, or voted this term: let that election finish
+        (None, "n1", "n2", False, False, False),
+        (None, None, "n1", False, False, False),  # never followed anyone (starting up)
+        ("n3", "n3", "n1", False, False, False),  # a new leader is known: the old one's loss changes nothing
+        ("n1", "n1", "n1", True, False, False),  # pysyncobj says we lead: nothing to stand for
+        (None, "n2", "n1", True, False, False),
     ],
 )
-def test_who_stands_early(leader, last_leader, gone, is_leader, expected):
-    assert should_stand_early(leader, last_leader, gone, is_leader) is expected
+def test_who_stands_early(leader, last_leader, gone, is_leader, election_running, expected):
+    decision = should_stand_early(leader, last_leader, gone, is_leader=is_leader, election_running=election_running)
+    assert decision is expected

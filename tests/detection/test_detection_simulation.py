@@ -164,15 +164,22 @@ def test_large_cluster_crash_is_seen_by_exactly_its_watchers(seed):
     assert {n for _, n in suspicions(simulation)} == {victim}, simulation
 
 
+# Peers' clocks disagree: n07 is 300 ms ahead (it turns early), n12 250 ms behind.
+CLOCK_OFFSETS_MS = {"n07": 300.0, "n12": -250.0}
+
+
 @pytest.mark.parametrize("seed", SEEDS[:3])
 def test_rotating_watch_sets_suspect_nobody_and_still_catch_a_crash_right_after_a_turn(seed):
-    """20 peers whose watch sets move every 2 s, each peer up to 5 ms late to the turn: the
-    watchers change, yet no live node is suspected (a new watcher of a long-running node
-    is no reason for slack nor for alarm), and a crash 100 ms after a turn is suspected by
-    every watcher of that round, within the steady-state bound."""
+    """20 peers whose watch sets move every 2 s by clocks up to 300 ms apart: the watchers
+    change, yet no live node is suspected (a node keeps sending to the watchers it dropped
+    for a second, and a new watcher of a long-running node is no reason for slack nor for
+    alarm), and a crash right after a turn is suspected by every watcher of that round,
+    within the steady-state bound."""
     nodes = [f"n{i:02d}" for i in range(20)]
-    simulation = DetectionSimulation(nodes, ENTERPRISE, seed=seed, fanout=4, rotation_ms=2_000.0)
-    simulation.run_until(WARM_UP_MS + 4_100.0)  # three turns after the start-up
+    simulation = DetectionSimulation(
+        nodes, ENTERPRISE, seed=seed, fanout=4, rotation_ms=2_000.0, clock_offsets_ms=CLOCK_OFFSETS_MS
+    )
+    simulation.run_until(WARM_UP_MS + 4_400.0)  # three turns after the start-up, all peers past the last
     assert suspicions(simulation) == [], simulation
     victim = "n07"
     watchers = simulation.watchers_of(victim)
@@ -185,6 +192,18 @@ def test_rotating_watch_sets_suspect_nobody_and_still_catch_a_crash_right_after_
     assert sorted(first) == sorted(watchers), simulation
     assert max(first.values()) - fault_ms <= ENTERPRISE.nominal_suspicion_ms + 30.0, simulation
     assert {n for _, n in suspicions(simulation)} == {victim}, simulation
+
+
+def test_without_the_linger_a_clock_ahead_gets_its_node_suspected_at_the_turn():
+    """Why dropped targets still get heartbeats: n07 turns 300 ms early and would go
+    silent for its old watchers, which all suspect it before they turn themselves."""
+    nodes = [f"n{i:02d}" for i in range(20)]
+    simulation = DetectionSimulation(
+        nodes, ENTERPRISE, seed=0, fanout=4, rotation_ms=2_000.0, clock_offsets_ms=CLOCK_OFFSETS_MS,
+        rotation_linger_ms=0.0,
+    )
+    simulation.run_until(WARM_UP_MS + 4_400.0)
+    assert "n07" in {n for _, n in suspicions(simulation)}, simulation
 
 
 @pytest.mark.parametrize("seed", SEEDS[:2])

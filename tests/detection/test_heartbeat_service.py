@@ -139,6 +139,23 @@ def test_a_new_incarnation_numbers_its_heartbeats_from_one_again():
 
 
 @pytest.mark.timeout(30)
+def test_a_dropped_target_still_gets_heartbeats_while_it_lingers():
+    """A rotated-away watcher may turn later than us: it keeps hearing us for the linger,
+    and its heartbeats to us meanwhile are taken quietly, not rejected as a stranger's."""
+    async def scenario():
+        async with watching_each_other() as (a, b, _, seen_by_b):
+            a.set_targets([], linger_ms=300.0)
+            assert a.monitor.watched() == []
+            heard_by_b = b.stats().heartbeats_accepted
+            await wait_until(lambda: b.stats().heartbeats_accepted >= heard_by_b + 5, 5.0, "b still hears a")
+            assert "unknown_sender" not in a.stats().packets_rejected
+            await wait_until(lambda: any(isinstance(v, Suspect) for v in seen_by_b), 5.0, "the linger ends")
+            await wait_until(lambda: "unknown_sender" in a.stats().packets_rejected, 5.0, "b is a stranger now")
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(30)
 def test_two_services_see_each_other_then_a_stop_is_refused():
     async def scenario():
         async with watching_each_other() as (a, b, seen_by_a, seen_by_b):
