@@ -419,8 +419,18 @@ class NodeDetector:
     first one it is the moment watching began plus the first-heartbeat grace.
     """
 
-    def __init__(self, node_id: str, incarnation: int, settings: DetectorSettings, now_ms: float):
+    def __init__(
+        self,
+        node_id: str,
+        incarnation: int,
+        settings: DetectorSettings,
+        now_ms: float,
+        observer_started_ms: float | None = None,
+    ):
         self.node_id = node_id
+        # When the observer itself began watching anyone: its own first seconds are as
+        # stall-prone as a watched node's, and its self-pause check does not catch all of it.
+        self.observer_started_ms = now_ms if observer_started_ms is None else observer_started_ms
         self.settings = settings
         self.incarnation = incarnation
         self.last_sequence: int | None = None
@@ -528,14 +538,18 @@ class NodeDetector:
         return settings.stall_pause_ms(self.stall_gap_ms, self.history.mean_ms)
 
     def in_startup(self) -> bool:
-        """Whether the node's incarnation is younger than `startup_grace_ms`, told by the
-        sender itself: its sequence numbers start at 1 with each incarnation, one per
-        interval, so every watcher agrees, including one that only began watching it (a
-        rotated watch set, a restarted observer)."""
+        """Whether the node or this observer is younger than `startup_grace_ms`. The node's
+        age is told by the sender itself: its sequence numbers start at 1 with each
+        incarnation, one per interval, so every watcher agrees, including one that only
+        began watching it (a rotated watch set). The observer's age counts too: a peer that
+        just started is busy itself (imports, catching up, its model host starting), and
+        without it a restarted peer suspected its leader and took over leadership."""
         settings = self.settings
         if settings.startup_grace_ms <= 0 or self.last_sequence is None or self.last_arrival_ms is None:
             return False
-        return self.last_sequence * settings.heartbeat_interval_ms <= settings.startup_grace_ms
+        if self.last_sequence * settings.heartbeat_interval_ms <= settings.startup_grace_ms:
+            return True
+        return self.last_arrival_ms - self.observer_started_ms <= settings.startup_grace_ms
 
     def _reference(self) -> tuple[float, float, float]:
         """(silence start, mean, std) that phi is computed from; cached
@@ -746,6 +760,7 @@ class Monitor:
         self.max_watched = max_watched
         self.judge = SlownessJudge(slowness)
         self._detectors: dict[str, NodeDetector] = {}
+        self.started_ms: float | None = None  # the first watch: when this observer began
         self.heartbeats_unknown_sender = 0
         self.self_pauses = 0
         self.self_pause_ms_max = 0.0
@@ -758,12 +773,14 @@ class Monitor:
     def watch(self, node_id: str, incarnation: int, now_ms: float) -> None:
         """Start watching (idempotent). A known incarnation higher than the
         one tracked means the committed state saw a restart: start afresh."""
+        if self.started_ms is None:
+            self.started_ms = now_ms
         detector = self._detectors.get(node_id)
         if detector is None:
             assert len(self._detectors) < self.max_watched, "watch set is full"
-            self._detectors[node_id] = NodeDetector(node_id, incarnation, self.settings, now_ms)
+            self._detectors[node_id] = NodeDetector(node_id, incarnation, self.settings, now_ms, self.started_ms)
         elif incarnation > detector.incarnation:
-            self._detectors[node_id] = NodeDetector(node_id, incarnation, self.settings, now_ms)
+            self._detectors[node_id] = NodeDetector(node_id, incarnation, self.settings, now_ms, self.started_ms)
 
     def unwatch(self, node_id: str) -> None:
         self._detectors.pop(node_id, None)

@@ -4,7 +4,7 @@ Three real peers on loopback share a model repository exported from the torchvis
 (cached under ~/.cache/redge/zoo). A critical app (`detector`: resnet50, falling back to
 resnet18) gets a warm backup, a standard app (`tagger`: mobilenet_v3_large / small) a cold
 one. Closed-loop clients call both apps through the redge client, and a plain HTTP client
-calls one fixed peer. Then:
+calls one peer, never a fault's victim (it relies on that peer's routing). Then:
 
 1. the node holding the detector's primary is killed (SIGKILL), and later restarted;
 2. the Raft leader of that moment is killed.
@@ -134,8 +134,13 @@ class ClosedLoopClient(threading.Thread):
             except urllib.error.HTTPError as error:
                 self.history.append(Operation(self.client_name, self.app, start, time.time(), "fail", error=f"HTTP {error.code}"))
             except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-                # No answer at all: the request may or may not have run (unknown, not failed).
-                self.history.append(Operation(self.client_name, self.app, start, time.time(), "info", error=str(error)[:200]))
+                if isinstance(getattr(error, "reason", error), ConnectionRefusedError):
+                    # Refused before anything was sent: it certainly did not run (as chaos/load.py).
+                    outcome, message = "fail", f"not delivered: {error}"
+                else:
+                    # No answer at all: the request may or may not have run (unknown, not failed).
+                    outcome, message = "info", str(error)
+                self.history.append(Operation(self.client_name, self.app, start, time.time(), outcome, error=message[:200]))
             self.stopping.wait(THINK_TIME_S)
 
 
@@ -206,14 +211,15 @@ def run_demo(out_dir: Path, peer_count: int = 3) -> int:
         print("apps registered; waiting until every replica is loaded ...", flush=True)
         wait_until(lambda: serving(cluster, leader), 300, interval_s=0.2, what="all replicas loaded")
         # Fault 1 will hit the node serving the critical app; the plain HTTP client talks to
-        # another peer (not the leader, which fault 2 kills) and relies on its routing.
+        # another peer, one that no fault kills, and relies on its routing.
         victim = primary_of(cluster, leader, "detector")
         survivors = [n for n in cluster.peers if n != victim]
         plain_node = next((n for n in survivors if n != leader), survivors[0])
+        plain = ClosedLoopClient("plain-http/detector", "detector", cluster, plain_url=cluster.peers[plain_node].url)
         for app in APPS:
             clients.append(ClosedLoopClient(f"redge-client/{app['name']}", app["name"], cluster))
-        clients.append(ClosedLoopClient(f"plain-http@{plain_node}/detector", "detector", cluster,
-                                        plain_url=cluster.peers[plain_node].url))
+        clients.append(plain)
+        print(f"plain HTTP client calls {plain_node}", flush=True)
         for client in clients:
             client.start()
         time.sleep(5.0)
@@ -228,8 +234,13 @@ def run_demo(out_dir: Path, peer_count: int = 3) -> int:
         wait_until(lambda: serving(cluster, survivors[0]), 120, interval_s=0.2, what="backups restored")
         time.sleep(3.0)
 
-        # Fault 2: the Raft leader dies.
+        # Fault 2: the Raft leader dies. Leadership may have moved to the plain client's peer
+        # since (fault 1 may have killed the leader): it then calls another peer first.
         leader = cluster.wait_leader()
+        if plain_node == leader:
+            plain_node = next(n for n in cluster.peers if n != leader)
+            plain.plain_url = cluster.peers[plain_node].url
+            print(f"plain HTTP client now calls {plain_node}", flush=True)
         print(f"SIGKILL to the Raft leader {leader}", flush=True)
         faults.append({"kind": "crash of the Raft leader", "node": leader, "at": time.time(), "window_s": 10.0})
         cluster.peers[leader].kill()

@@ -574,20 +574,25 @@ def test_a_node_starting_up_gets_the_widest_pause(since_first_ms, silence_ms, su
 
 
 @pytest.mark.parametrize(
-    ("incarnation", "first_sequence", "silence_ms", "suspected"),
+    ("observer_age_ms", "incarnation", "first_sequence", "silence_ms", "suspected"),
     [
-        # A watcher that only now starts watching a node running for 10 minutes (a rotated
-        # watch set, a restarted observer): the node is not starting, the base pause holds.
-        (1, 30_001, 100.0, True),
+        # An observer up for a minute starts watching a node running for 10 minutes (a
+        # rotated watch set): neither is starting, the base pause holds.
+        (60_000.0, 1, 30_001, 100.0, True),
         # The same node as a new incarnation, sequences from 1 again: it is starting.
-        (2, 1, 150.0, False),
-        (2, 1, 200.0, True),
+        (60_000.0, 2, 1, 150.0, False),
+        (60_000.0, 2, 1, 200.0, True),
+        # A node running for 10 minutes, watched by an observer that itself just started.
+        (0.0, 1, 30_001, 150.0, False),
+        (0.0, 1, 30_001, 200.0, True),
     ],
 )
-def test_startup_is_the_senders_age_not_how_long_this_observer_has_watched(
-    incarnation, first_sequence, silence_ms, suspected
+def test_startup_is_the_senders_or_the_observers_age_not_how_long_this_watch_is(
+    observer_age_ms, incarnation, first_sequence, silence_ms, suspected
 ):
     monitor = Monitor(ENTERPRISE_PROFILE)
-    monitor.watch("b", incarnation, 0.0)
-    last_ms = steady(monitor, "b", 50, incarnation=incarnation, first_sequence=first_sequence)
+    monitor.watch("a", 1, 0.0)  # the observer starts
+    monitor.watch("b", incarnation, observer_age_ms)
+    last_ms = steady(monitor, "b", 50, start_ms=observer_age_ms, incarnation=incarnation,
+                     first_sequence=first_sequence)
     assert (monitor.phi("b", last_ms + silence_ms) >= ENTERPRISE_PROFILE.phi_threshold) is suspected
