@@ -66,6 +66,10 @@ class RaftTiming:
     # that the next election's vote requests need (and splits the vote). Dead peers are found
     # by the election timeout and TCP keepalive instead.
     connection_timeout_s: float = 30.0
+    # A leader that heard from no majority for this long steps down (None: the election
+    # timeout's max). Apart from the election timeout so that a cut-off leader stops taking
+    # proposals soon even where followers wait long before standing on their own.
+    leader_fallback_s: float | None = None
     # After the leader's connection drops, or our detector suspects it, followers stand for
     # election one after another in a fixed order (`fast_election_delay_s`): the first
     # after `fast_election_first_s`, each next one `fast_election_step_s` later, each with up
@@ -84,7 +88,9 @@ class RaftTiming:
             "autoTickPeriod": self.tick_period_s,
             "connectionRetryTime": self.connection_retry_s,
             "connectionTimeout": max(self.connection_timeout_s, self.election_timeout_max_s),
-            "leaderFallbackTimeout": self.election_timeout_max_s,
+            "leaderFallbackTimeout": (
+                self.leader_fallback_s if self.leader_fallback_s is not None else self.election_timeout_max_s
+            ),
         }
 
 

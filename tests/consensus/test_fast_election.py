@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from redge.agent.profile import get_profile
-from redge.consensus.raft import fast_election_delay_s, should_stand_early
+from redge.consensus.raft import RaftTiming, fast_election_delay_s, should_stand_early
 
 ENTERPRISE = get_profile("enterprise").raft
 ADDRESSES = [f"127.0.0.1:{9100 + i}" for i in range(7)]
@@ -60,3 +60,22 @@ def test_iobt_turns_are_further_apart_than_a_wifi_round_trip():
 def test_who_stands_early(leader, last_leader, gone, is_leader, election_running, expected):
     decision = should_stand_early(leader, last_leader, gone, is_leader=is_leader, election_running=election_running)
     assert decision is expected
+
+
+@pytest.mark.parametrize(
+    ("fallback_s", "expected_s"),
+    [(None, 1.2), (0.3, 0.3)],
+)
+def test_a_leader_steps_down_after_its_own_fallback_or_the_election_timeout(fallback_s, expected_s):
+    timing = RaftTiming(election_timeout_min_s=0.6, election_timeout_max_s=1.2, append_entries_period_s=0.04,
+                        leader_fallback_s=fallback_s)
+    conf = timing.to_conf_kwargs()
+    assert conf["leaderFallbackTimeout"] == expected_s
+    assert (conf["raftMinTimeout"], conf["raftMaxTimeout"]) == (0.6, 1.2)
+
+
+def test_enterprise_raft_timeout_outlasts_a_tcp_retransmission_and_its_leader_steps_down_sooner():
+    # Raft's own timeout is the backstop (elections come in turns on a dropped, quiet or
+    # suspected leader): it must outlast a retransmitted segment (Linux RTO >= 200 ms).
+    assert ENTERPRISE.election_timeout_min_s >= 0.4
+    assert ENTERPRISE.leader_fallback_s is not None and ENTERPRISE.leader_fallback_s < ENTERPRISE.election_timeout_min_s
