@@ -211,7 +211,7 @@ class FailureDetection:
         if self.peer.raft is None:
             return
         address = self.peer.raft.read(lambda s: s.members[node_id].raft_address if node_id in s.members else None)
-        if address is not None and self.peer.raft.hasten_election(address, self.peer.profile.raft):
+        if address is not None and self.peer.raft.hasten_election(address):
             self.peer.metrics.elections_hastened.labels(why=why).inc()
             log.info("election_hastened", suspected_leader=node_id, why=why)
 

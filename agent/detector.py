@@ -138,9 +138,10 @@ class DetectorSettings:
     stall_memory_ms: float = 0.0
     stall_allowance_factor: float = 0.0
     acceptable_heartbeat_pause_ms_max: float = 0.0
-    # A node's first moments (its first heartbeat of an incarnation, or of our watch) are
-    # its most stall-prone: imports, Raft catch-up, the model host starting beside it. For
-    # this long the pause is the cap, whatever was remembered; 0 turns it off.
+    # A node's first moments (of an incarnation, told by its sequence numbers) and the
+    # observer's own are the most stall-prone: imports, Raft catch-up, the model host
+    # starting beside it. While either is this young the pause is the cap, whatever was
+    # remembered (`NodeDetector.in_startup`); 0 turns it off.
     startup_grace_ms: float = 0.0
     # This long before a node would be suspected, its silence is reported as `Quiet`: not a
     # suspicion, but a reason to start a Raft election early when that node is the leader.
@@ -778,9 +779,9 @@ class Monitor:
         detector = self._detectors.get(node_id)
         if detector is None:
             assert len(self._detectors) < self.max_watched, "watch set is full"
-            self._detectors[node_id] = NodeDetector(node_id, incarnation, self.settings, now_ms, self.started_ms)
-        elif incarnation > detector.incarnation:
-            self._detectors[node_id] = NodeDetector(node_id, incarnation, self.settings, now_ms, self.started_ms)
+        elif incarnation <= detector.incarnation:
+            return
+        self._detectors[node_id] = NodeDetector(node_id, incarnation, self.settings, now_ms, self.started_ms)
 
     def unwatch(self, node_id: str) -> None:
         self._detectors.pop(node_id, None)
@@ -936,8 +937,9 @@ def _ring_position(seed: int, round_number: int, node_id: str) -> bytes:
 
 def watch_round(now_s: float, rotation_s: float) -> int:
     """The rotation round of the watch sets at wall time `now_s`: every peer computes the
-    same from its own clock (peers a few ms apart on a turn is harmless: a new watcher gives
-    a node it has not heard yet `first_heartbeat_grace_ms`). 0 when rotation is off."""
+    same from its own clock. Peers up to ~1 s apart on a turn is harmless: a new watcher
+    gives a node it has not heard yet `first_heartbeat_grace_ms`, and a node keeps sending
+    to the watchers it dropped that long (`HeartbeatService.set_targets`). 0 when off."""
     if rotation_s <= 0:
         return 0
     return int(now_s // rotation_s)

@@ -328,10 +328,8 @@ class HeartbeatService:
             else:
                 self._close(dropped)
         for node_id, peer in wanted.items():
-            if node_id in self._lingering:
-                back, _ = self._lingering.pop(node_id)
-                if node_id not in self._peers:
-                    self._peers[node_id] = back
+            if node_id in self._lingering:  # dropped a moment ago, wanted again: same socket
+                self._peers[node_id], _ = self._lingering.pop(node_id)
             current = self._peers.get(node_id)
             if current is not None and current.address == peer.address:
                 current.incarnation = max(current.incarnation, peer.incarnation)

@@ -335,11 +335,11 @@ class SimPeer:
             return
         chosen = list(targets)
         now_ms = self.now_ms()
-        for node_id in self.targets:
-            if linger_ms > 0 and node_id not in {n for n, _ in chosen}:
-                self.lingering[node_id] = now_ms + linger_ms
+        kept = {node_id for node_id, _ in chosen}
+        if linger_ms > 0:
+            self.lingering.update({n: now_ms + linger_ms for n in self.targets if n not in kept})
         self.targets = [node_id for node_id, _ in chosen]
-        self.monitor.set_watched(chosen, self.now_ms())
+        self.monitor.set_watched(chosen, now_ms)
         self._schedule_check()
 
     # -- sending: fixed rhythm, lag from CPU load, skipped slots after a stall
@@ -353,7 +353,8 @@ class SimPeer:
         now_ms = self.now_ms()
         self.sequence += 1
         beat = _Beat(self.node_id, self.incarnation, self.sequence)
-        self.lingering = {n: until for n, until in self.lingering.items() if until > now_ms and n not in self.targets}
+        if self.lingering:
+            self.lingering = {n: until for n, until in self.lingering.items() if until > now_ms and n not in self.targets}
         for target in [*self.targets, *self.lingering]:
             self.net.send(self.node_id, target, beat)
         interval_ms = self.settings.heartbeat_interval_ms

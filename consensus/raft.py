@@ -291,9 +291,9 @@ class RaftNode:
         self._sync = _SyncObj(self_address, partners, conf=conf, consumers=[self._machine])
         self._sync.waitBinded()
         self._sync.addOnTickCallback(self._on_tick_thread)
-        self._install_fast_election(timing)
+        self._install_fast_election()
 
-    def _install_fast_election(self, timing: RaftTiming) -> None:
+    def _install_fast_election(self) -> None:
         """Start an election soon after the leader's connection drops, not a full timeout later.
 
         When a leader's process dies its host closes the TCP connection at once; waiting out
@@ -312,7 +312,7 @@ class RaftNode:
                 original(node)
             gone = getattr(node, "address", None)
             if gone is not None and self._should_stand_early(gone):
-                self._elect_soon(gone, timing)
+                self._elect_soon(gone)
 
         transport.setOnNodeDisconnectedCallback(on_disconnected)
 
@@ -401,14 +401,14 @@ class RaftNode:
     async def remove_member(self, address: str, *, timeout_s: float) -> None:
         await self._membership(self._sync.removeNodeFromCluster, address, timeout_s)
 
-    def hasten_election(self, suspected_address: str, timing: RaftTiming) -> bool:
+    def hasten_election(self, suspected_address: str) -> bool:
         """Start an election soon if `suspected_address` is our leader: our failure detector,
         with its 20 ms heartbeats, saw the leader hang long before Raft's election timeout
         would. Safe in Raft at any time; the turns keep followers from splitting the vote.
         Returns whether an election was scheduled."""
         if not self._should_stand_early(suspected_address):
             return False
-        self._tick_calls.append(lambda: self._elect_soon(suspected_address, timing))
+        self._tick_calls.append(lambda: self._elect_soon(suspected_address))
         self._wake_tick_thread()
         return True
 
@@ -438,13 +438,13 @@ class RaftNode:
             with contextlib.suppress(OSError):  # a full pipe already means "wake up"
                 notifier.notify()
 
-    def _elect_soon(self, leader_address: str, timing: RaftTiming) -> None:
+    def _elect_soon(self, leader_address: str) -> None:
         """Bring this follower's election deadline forward to its turn (tick thread).
 
         pysyncobj looks at the deadline once per tick; the event loop wakes the tick thread
         at the deadline itself so the turn is not a tick period late."""
         voters = [node.address for node in self._sync.otherNodes]
-        delay_s = fast_election_delay_s(timing, self.self_address, voters, leader_address, random.random())
+        delay_s = fast_election_delay_s(self._timing, self.self_address, voters, leader_address, random.random())
         # pysyncobj keeps time with CLOCK_MONOTONIC_RAW, not time.monotonic().
         deadline = raft_clock_s() + delay_s
         self._sync._SyncObj__raftElectionDeadline = min(self._sync._SyncObj__raftElectionDeadline, deadline)

@@ -25,7 +25,7 @@ class FakeRaft:
     def read(self, reader):
         return reader(self.state)
 
-    def hasten_election(self, address: str, timing) -> bool:
+    def hasten_election(self, address: str) -> bool:
         if address != self.leader_address:
             return False
         self.hastened.append(address)
