@@ -47,6 +47,12 @@ class PeerMetrics:
             ["why"],
             **labels,
         )
+        self.raft_frames_refused = Gauge(
+            "redge_raft_frames_refused",
+            "Raft connections closed by the frame guard, by reason (oversized, bad_length, unauthenticated, ...)",
+            ["reason"],
+            **labels,
+        )
         self.heartbeats_sent = Gauge("redge_heartbeats_sent", "Heartbeats sent since start", **labels)
         self.heartbeats_accepted = Gauge("redge_heartbeats_accepted", "Heartbeats accepted since start", **labels)
         self.heartbeats_rejected = Gauge(

@@ -36,6 +36,7 @@ from redge.agent.profile import Profile, get_profile
 from redge.agent.reconciler import Reconciler
 from redge.agent.replicas import ReplicaManager
 from redge.consensus import commands as c
+from redge.consensus import shim
 from redge.consensus.errors import ConsensusError
 from redge.consensus.raft import RaftNode, RaftStatus, split_address
 from redge.consensus.state import ALIVE, FAILED, LEFT, ClusterState, Outcome
@@ -289,6 +290,8 @@ class Peer:
             for member_status in ("alive", "suspected", "failed", "left"):
                 self.metrics.members.labels(status=member_status).set(counts.get(member_status, 0))
             self.metrics.epoch.set(self.raft.read(lambda s: s.epoch))
+            for reason, count in shim.frame_stats.snapshot().items():
+                self.metrics.raft_frames_refused.labels(reason=reason).set(count)
             if self.detection is not None and self.detection.service is not None:
                 stats = self.detection.service.stats()
                 self.metrics.heartbeats_sent.set(stats.heartbeats_sent)

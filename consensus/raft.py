@@ -1,4 +1,5 @@
-"""The one adapter between asyncio and pysyncobj: the only module that imports pysyncobj.
+"""The one adapter between asyncio and pysyncobj (with consensus/shim.py, which holds every
+access to pysyncobj's internals).
 
 pysyncobj runs Raft on its own tick thread and applies committed entries there. This module
 keeps that thread free: the replicated entry point decodes and applies a command to the pure
@@ -7,13 +8,14 @@ keeps that thread free: the replicated entry point decodes and applies a command
 Commits are sent at once rather than batched (pysyncobj's batching costs ~100 ms a commit),
 election timeouts come from the profile, the journal and state dumps live in the data
 directory so a restarted peer gets its state back, and the cluster secret always encrypts
-Raft traffic: pysyncobj speaks pickle, so an open Raft port would run anyone's code.
+Raft traffic: pysyncobj speaks pickle, so an open Raft port would run anyone's code. The
+shim's frame guard refuses, on their length header, frames that no peer with the secret would
+send, so garbage on a Raft port costs its reader nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import socket
 import threading
@@ -24,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import structlog
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
-from pysyncobj.monotonic import monotonic as raft_clock_s
 
-from redge.consensus import commands
+from redge.consensus import commands, shim
 from redge.consensus.errors import (
     MalformedCommand,
     MembershipChangeRefused,
@@ -39,6 +41,9 @@ from redge.consensus.errors import (
 from redge.consensus.state import ClusterState, Outcome, Settings
 
 T = TypeVar("T")
+
+log = structlog.get_logger("redge.raft")
+raft_clock_s = shim.raft_clock_s
 
 STATE_REPLACED = "state replaced from a snapshot"
 # How many events' local apply times a peer remembers (the event log itself is bounded too).
@@ -172,10 +177,7 @@ class _StateMachine(SyncObjConsumer):
                 seq_before = self.state.event_seq
                 outcome = self.state.apply(command)
                 self._stamp(seq_before)
-        try:
-            self.on_applied(command, outcome)
-        except Exception:  # a listener bug must not stop the log
-            pass
+        _call_listener(self.on_applied, command, outcome)
         return {"accepted": outcome.accepted, "reason": outcome.reason, "duplicate": outcome.duplicate}
 
     def _stamp(self, seq_before: int) -> None:
@@ -199,14 +201,16 @@ class _StateMachine(SyncObjConsumer):
             self.applied_ms = {}  # when the replaced events were applied is not known here
         # The whole state changed at once (a snapshot from the leader, or the dump at start):
         # listeners are told with `command=None` and an accepted outcome.
-        try:
-            self.on_applied(None, Outcome(True, STATE_REPLACED))
-        except Exception:
-            pass
+        _call_listener(self.on_applied, None, Outcome(True, STATE_REPLACED))
 
 
-class _SyncObj(SyncObj):
-    pass
+def _call_listener(listener: Callable[..., None], *args: Any) -> None:
+    """Run a callback on the tick thread; a bug in it is logged, never raised into pysyncobj
+    (which would apply the entry again, forever)."""
+    try:
+        listener(*args)
+    except Exception:  # noqa: BLE001 - see the docstring
+        log.exception("raft_callback_failed", callback=getattr(listener, "__qualname__", repr(listener)))
 
 
 _FAIL_ERRORS = {
@@ -258,6 +262,7 @@ class RaftNode:
         self._loop = loop or asyncio.get_running_loop()
         self._commit_listeners: list[CommitListener] = []
         self._leader_listeners: list[LeaderListener] = []
+        self._disconnect_listeners: list[tuple[asyncio.AbstractEventLoop, Callable[[str], None]]] = []
         self._machine = _StateMachine(settings or Settings(), self._on_applied_thread)
         self._last_leader: tuple[str | None, int] | None = None
         # The last leader this node followed, kept while no leader is known (tick thread writes).
@@ -268,6 +273,8 @@ class RaftNode:
         # Calls into pysyncobj internals that are not thread-safe run on its tick thread.
         self._tick_calls: deque[Callable[[], None]] = deque()
         self._closed = False
+        # Incoming connections that have not authenticated yet: id -> first seen (tick thread).
+        self._unauthenticated_since_s: dict[int, float] = {}
         journal = dump = None
         if data_dir is not None:
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -288,8 +295,10 @@ class RaftNode:
             **timing.to_conf_kwargs(),
         )
         partners = [a for a in partner_addresses if a != self_address]
-        self._sync = _SyncObj(self_address, partners, conf=conf, consumers=[self._machine])
+        shim.install_frame_guard()
+        self._sync = SyncObj(self_address, partners, conf=conf, consumers=[self._machine])
         self._sync.waitBinded()
+        shim.widen_backlog(shim.transport_of(self._sync))
         self._sync.addOnTickCallback(self._on_tick_thread)
         self._install_fast_election()
 
@@ -304,15 +313,20 @@ class RaftNode:
         the vote. A hung leader keeps its connections open: our failure detector catches it
         (`hasten_election`), or Raft's own timeout does.
         """
-        transport = self._sync._SyncObj__transport
+        transport = shim.transport_of(self._sync)
         original = transport._onNodeDisconnectedCallback
 
         def on_disconnected(node: Any) -> None:  # tick thread
             if original is not None:
                 original(node)
             gone = getattr(node, "address", None)
-            if gone is not None and self._should_stand_early(gone):
+            if gone is None:
+                return
+            if self._should_stand_early(gone):
                 self._elect_soon(gone)
+            if not self._closed:
+                for loop, listener in self._disconnect_listeners:
+                    _call_soon(loop, listener, gone)
 
         transport.setOnNodeDisconnectedCallback(on_disconnected)
 
@@ -328,11 +342,8 @@ class RaftNode:
 
     def _on_tick_thread(self) -> None:
         while self._tick_calls:
-            call = self._tick_calls.popleft()
-            try:
-                call()
-            except Exception:  # nothing may escape into pysyncobj's tick
-                pass
+            _call_listener(self._tick_calls.popleft())
+        shim.expire_unauthenticated(shim.transport_of(self._sync), raft_clock_s(), self._unauthenticated_since_s)
         leader_address = self._leader_address()
         if leader_address is not None:
             self._last_leader_address = leader_address
@@ -360,6 +371,12 @@ class RaftNode:
 
     def on_leader_change(self, listener: LeaderListener) -> None:
         self._leader_listeners.append(listener)
+
+    def on_partner_disconnected(self, loop: asyncio.AbstractEventLoop, listener: Callable[[str], None]) -> None:
+        """Call `listener(raft_address)` on `loop` when the TCP connection to a partner drops:
+        a process whose host lives closes its connections as it dies, so this is the soonest
+        sign of a crash. A hint, not evidence: connections also drop for harmless reasons."""
+        self._disconnect_listeners.append((loop, listener))
 
     async def propose(self, command: commands.Command, *, timeout_s: float) -> Outcome:
         """Commit `command` and return the state machine's outcome.
@@ -415,8 +432,8 @@ class RaftNode:
     def _should_stand_early(self, gone_address: str) -> bool:
         # pysyncobj's state: 0 follower, 1 candidate, 2 leader; a vote granted in the current
         # term is kept in votedForNodeId (reset when a higher term is seen).
-        candidate = self._sync._SyncObj__raftState == 1
-        voted = self._sync._SyncObj__votedForNodeId is not None
+        candidate = shim.is_candidate(self._sync)
+        voted = shim.voted_this_term(self._sync)
         young = raft_clock_s() - self._term_seen_at_s < self._timing.fast_election_step_s
         return should_stand_early(
             self._leader_address(),
@@ -433,10 +450,7 @@ class RaftNode:
     def _wake_tick_thread(self) -> None:
         """End pysyncobj's poll now rather than at its next tick (up to a tick period away):
         pysyncobj's own wake-up pipe, which it uses for new commands. Thread-safe."""
-        notifier = getattr(self._sync, "_SyncObj__pipeNotifier", None)
-        if notifier is not None:
-            with contextlib.suppress(OSError):  # a full pipe already means "wake up"
-                notifier.notify()
+        shim.wake_tick_thread(self._sync)
 
     def _elect_soon(self, leader_address: str) -> None:
         """Bring this follower's election deadline forward to its turn (tick thread).
@@ -447,7 +461,7 @@ class RaftNode:
         delay_s = fast_election_delay_s(self._timing, self.self_address, voters, leader_address, random.random())
         # pysyncobj keeps time with CLOCK_MONOTONIC_RAW, not time.monotonic().
         deadline = raft_clock_s() + delay_s
-        self._sync._SyncObj__raftElectionDeadline = min(self._sync._SyncObj__raftElectionDeadline, deadline)
+        shim.bring_election_forward(self._sync, deadline)
         if not self._closed:
             _call_soon(self._loop, self._loop.call_later, delay_s + WAKE_MARGIN_S, self._wake_tick_thread)
 

@@ -246,3 +246,45 @@ def test_python_api_registers_apps_and_follows_events(cluster):
     seen = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert [e["seq"] for e in seen] == sorted(e["seq"] for e in seen)
     assert any(e["kind"] == "member_joined" for e in seen)
+
+
+def test_garbage_flood_on_the_leader_s_raft_port_leaves_it_leading_and_committing(cluster):
+    """51 MB with a 0x7fffffff length header, from eight connections without the secret, at
+    the leader's Raft port: each is closed on its header, the leader keeps committing at
+    its usual pace, and nobody is suspected of anything."""
+    import socket
+    import struct
+    import threading
+    import time
+
+    leader = cluster.wait_leader()
+    started_ms = time.time() * 1000
+    host, port = cluster.peers[leader].raft_address.rsplit(":", 1)
+    garbage = struct.pack("i", 0x7FFFFFFF) + os.urandom(1 << 20) * 51
+    sent: list[int] = []
+
+    def flood() -> None:
+        with socket.create_connection((host, int(port)), timeout=5) as attacker:
+            total = 0
+            try:
+                while total < len(garbage):
+                    total += attacker.send(garbage[total : total + (1 << 20)])
+            except OSError:  # reset: the leader closed the connection
+                pass
+            sent.append(total)
+
+    floods = [threading.Thread(target=flood) for _ in range(8)]
+    for thread in floods:
+        thread.start()
+    status, body = http_json("POST", cluster.peers[leader].url + "/cluster/probe",
+                             {"count": 200, "concurrency": 4, "deadline_s": 20}, timeout_s=30, token=ADMIN_TOKEN)
+    for thread in floods:
+        thread.join(timeout=30)
+    assert status == 200 and body["committed"] == 200, body
+    latencies = sorted(body["latencies_ms"])
+    assert latencies[len(latencies) // 2] < 50 and latencies[-1] < 1000, latencies[-5:]
+    assert max(sent) < len(garbage), "a flood connection was read to its end instead of closed on its header"
+    assert cluster.wait_leader() == leader
+    status, body = http_json("GET", cluster.peers[leader].url + "/cluster/events?limit=2000", timeout_s=5)
+    suspicions = [e for e in body["events"] if e["at_ms"] >= started_ms and e["kind"] in ("suspicion", "failure_confirmed")]
+    assert suspicions == []
