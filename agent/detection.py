@@ -67,6 +67,10 @@ class FailureDetection:
         self._rotation: asyncio.Task[None] | None = None
         # Who this peer watches, as last handed to the heartbeat thread (main loop's copy).
         self._watched: set[str] = set()
+        # Raft address <-> node id of the live members, replaced whole (the heartbeat thread
+        # reads them: a dict swapped in one assignment needs no lock).
+        self._node_by_raft_address: dict[str, str] = {}
+        self._raft_address_by_node: dict[str, str] = {}
 
     async def start(self) -> None:
         """Run the heartbeat service on a thread and event loop of its own.
@@ -87,6 +91,7 @@ class FailureDetection:
             profile(self.peer.profile.name),
             on_verdict=lambda verdict: main_loop.call_soon_threadsafe(self._on_verdict, verdict),
             incarnation=self.peer.incarnation,
+            transport_open=self._transport_open,
         )
         try:
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.service.start(), self._loop))
@@ -97,6 +102,10 @@ class FailureDetection:
         monitor = self.service.monitor
         self.peer.metrics.detector_phi_max.set_function(lambda: monitor.phi_at_arrival_max)
         self.peer.metrics.detector_self_pause_ms_max.set_function(lambda: monitor.self_pause_ms_max)
+        assert self.peer.raft is not None
+        # A dropped Raft connection is the soonest hint of a crash: handed straight to the
+        # heartbeat thread, which probes the node.
+        self.peer.raft.on_partner_disconnected(self._loop, self._on_raft_disconnected)
         self.refresh_targets()
         if config.watch_rotation_s > 0:
             self._rotation = asyncio.create_task(self._rotate(config.watch_rotation_s), name="watch-rotation")
@@ -133,6 +142,15 @@ class FailureDetection:
         self._loop.close()
         self._loop = None
 
+    def _on_raft_disconnected(self, raft_address: str) -> None:  # the heartbeat thread
+        node_id = self._node_by_raft_address.get(raft_address)
+        if node_id is not None and self.service is not None:
+            self.service.on_disconnected(node_id)
+
+    def _transport_open(self, node_id: str) -> bool:  # the heartbeat thread
+        address = self._raft_address_by_node.get(node_id)
+        return address is not None and self.peer.raft is not None and self.peer.raft.partner_connected(address)
+
     def on_request_timeout(self, node_id: str) -> None:
         """A request to `node_id` timed out: evidence that it may be degraded."""
         if self.service is not None and self._loop is not None:
@@ -154,20 +172,28 @@ class FailureDetection:
         if self.service is None or self.peer.raft is None:
             return
         members = self.peer.raft.read(_live_members)
+        self._raft_address_by_node = {node_id: raft_address for node_id, _, _, raft_address in members}
+        self._node_by_raft_address = {raft_address: node_id for node_id, _, _, raft_address in members}
         round_number = watch_round(time.time(), self.peer.config.watch_rotation_s)
         watched_ids = set(monitoring_targets(self.peer.node_id, [m[0] for m in members], round_number=round_number))
         targets = []
-        for node_id, heartbeat_address, incarnation in members:
-            if node_id == self.peer.node_id or node_id not in watched_ids:
+        book = []
+        for node_id, heartbeat_address, incarnation, _ in members:
+            if node_id == self.peer.node_id:
                 continue
             try:
-                targets.append((node_id, split_address(heartbeat_address), incarnation))
+                address = split_address(heartbeat_address)
             except ValueError:
                 log.warning("bad_heartbeat_address", node=node_id, address=heartbeat_address)
+                continue
+            book.append((node_id, address))
+            if node_id in watched_ids:
+                targets.append((node_id, address, incarnation))
         if self._loop is not None:
             # Dropped targets still get heartbeats for a grace period: a watcher whose clock
             # reaches the rotation's turn later must not find this node silent meanwhile.
             linger_ms = self.service.settings.first_heartbeat_grace_ms
+            self._loop.call_soon_threadsafe(self.service.set_members, book)
             self._loop.call_soon_threadsafe(self.service.set_targets, targets, linger_ms)
         self._watched = {node_id for node_id, _, _ in targets}
         for node_id in list(self._opinions):
@@ -260,9 +286,9 @@ class FailureDetection:
         return {"stats": self.service.stats(), "opinions": dict(self._opinions)}
 
 
-def _live_members(state: ClusterState) -> list[tuple[str, str, int]]:
+def _live_members(state: ClusterState) -> list[tuple[str, str, int, str]]:
     return [
-        (m.node_id, m.heartbeat_address, m.incarnation)
+        (m.node_id, m.heartbeat_address, m.incarnation, m.raft_address)
         for m in sorted(state.members.values(), key=lambda m: m.node_id)
         if m.status in (ALIVE, SUSPECTED)
     ]

@@ -149,6 +149,28 @@ class DetectorSettings:
     # needs a new leader first, so beginning the election before the suspicion takes the
     # election off the detection's critical path. 0 turns it off.
     quiet_lead_ms: float = 0.0
+    # Probes (after SWIM): a hint (the kernel refused a heartbeat, the Raft connection to the
+    # node dropped) or a silence that crossed the threshold is checked with authenticated
+    # probes before it becomes a suspicion: `probe_attempts` direct pings spread over
+    # `probe_timeout_ms`, and the first one also asks `probe_helpers` other members to ping
+    # the node for us (ping-req). Any authenticated answer, direct or relayed, in time
+    # refutes the hint; none makes the suspicion. A refusal can be forged by anyone who can
+    # send an ICMP packet; an answer cannot be forged without the cluster secret.
+    probe_timeout_ms: float = 10.0
+    probe_attempts: int = 3
+    probe_helpers: int = 2
+    # Silence rescued by probes this many times within `degraded_window_ms` (heartbeats late
+    # or lost, answers still coming) makes the node `Degraded`: slow, never failed.
+    probe_rescues_degraded: int = 2
+    degraded_window_ms: float = 10_000.0
+    # Local health (Lifeguard): each time this observer's own loop runs `local_health_lag_ms`
+    # or more late, its score rises by one (to `local_health_max`); it falls by one every
+    # `local_health_decay_ms` without such lag. While it is above 0 the observer trusts its
+    # own timing less: probe timeouts and the acceptable pause grow by (1 + score), the pause
+    # up to its cap. A stalled observer waits longer before it accuses anyone.
+    local_health_lag_ms: float = 20.0
+    local_health_max: int = 4
+    local_health_decay_ms: float = 1_000.0
 
     def __post_init__(self) -> None:
         if not self.heartbeat_interval_ms > 0:
@@ -179,6 +201,14 @@ class DetectorSettings:
             raise ValueError("startup_grace_ms must be in [0, 3600000]")
         if not 0 <= self.quiet_lead_ms < self.nominal_suspicion_ms:
             raise ValueError("quiet_lead_ms must be in [0, the nominal suspicion time)")
+        if not 0 < self.probe_timeout_ms <= 10_000:
+            raise ValueError("probe_timeout_ms must be in (0, 10000]")
+        if not 1 <= self.probe_attempts <= 16 or not 0 <= self.probe_helpers <= 8:
+            raise ValueError("probe_attempts must be 1..16 and probe_helpers 0..8")
+        if not 1 <= self.probe_rescues_degraded <= 1000 or not self.degraded_window_ms > 0:
+            raise ValueError("probe_rescues_degraded must be 1..1000 and degraded_window_ms positive")
+        if not self.local_health_lag_ms > 0 or not 0 <= self.local_health_max <= 16 or not self.local_health_decay_ms > 0:
+            raise ValueError("local health needs local_health_lag_ms > 0, local_health_max 0..16, local_health_decay_ms > 0")
         if (self.stall_allowance_factor > 0 or self.startup_grace_ms > 0) and not (
             self.acceptable_heartbeat_pause_ms_max >= self.acceptable_heartbeat_pause_ms
         ):
@@ -232,6 +262,10 @@ ENTERPRISE = DetectorSettings(
     # A hastened election takes ~10-15 ms here (a turn, a vote, the new leader's first
     # commit): started this long before the suspicion, it is over when the suspicion comes.
     quiet_lead_ms=20.0,
+    # An idle peer answers a probe on loopback or a LAN in well under a millisecond; a busy
+    # one in a few. Three pings 3.3 ms apart, and two helpers asked at once.
+    probe_timeout_ms=10.0,
+    local_health_lag_ms=20.0,
 )
 
 # Boards on WiFi: 5-50 ms RTT, 1-5 % loss. Suspects after ~400 ms of silence:
@@ -254,6 +288,9 @@ IOBT = DetectorSettings(
     acceptable_heartbeat_pause_ms_max=400.0,
     startup_grace_ms=5_000.0,
     quiet_lead_ms=100.0,  # a turn of 10 ms and votes over 20 +- 15 ms links
+    # Three pings over 150 ms: three round trips of up to 50 ms on WiFi, a lost one or two.
+    probe_timeout_ms=150.0,
+    local_health_lag_ms=50.0,
 )
 
 PROFILES: dict[str, DetectorSettings] = {ENTERPRISE.name: ENTERPRISE, IOBT.name: IOBT}
@@ -271,14 +308,25 @@ def profile(name: str) -> DetectorSettings:
 
 
 class SuspectReason(enum.StrEnum):
+    # Every reason means "and it answered none of our authenticated probes in time".
     PHI = "phi"  # heartbeats stopped: phi crossed the threshold
     UNREACHABLE = "unreachable"  # the kernel answered port unreachable (ECONNREFUSED)
+    DISCONNECTED = "disconnected"  # the Raft connection to the node dropped
     SILENT = "silent"  # watched but never heard from, past the first-heartbeat grace
+
+
+class Hint(enum.StrEnum):
+    """Evidence that costs an attacker nothing, or that harmless events also produce: it
+    starts probes, never a suspicion by itself."""
+
+    REFUSED = "refused"  # ICMP port unreachable on a heartbeat socket: anyone can forge it
+    DISCONNECTED = "disconnected"  # the Raft TCP connection to the node dropped (a process exit closes it)
 
 
 class DegradedReason(enum.StrEnum):
     SLOW = "slow"  # inference latency above factor x SLO over the window
     TIMEOUTS = "timeouts"  # heartbeats arrive but requests time out
+    LATE = "late"  # heartbeats late or lost, but it answers authenticated probes
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,7 +382,22 @@ class Restored:
     at_ms: float
 
 
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Not a verdict: the monitor asks the shell to send one authenticated ping to `node_id`
+    for probe round `round_id`, and, when `helpers` are named, to ask each of them to ping it
+    too (SWIM's ping-req). An answer goes back to `Monitor.on_ack` with the round id."""
+
+    node_id: str
+    round_id: int
+    attempt: int
+    helpers: tuple[str, ...]
+    at_ms: float
+
+
 Verdict = Suspect | Quiet | Recover | Restarted | Degraded | Restored
+# What the monitor returns: verdicts for the cluster, probes for the shell to send.
+Output = Verdict | Probe
 
 
 # ---------------------------------------------------------------------------
@@ -413,6 +476,72 @@ class NodeHealth:
     interval_std_deviation_ms: float
 
 
+@dataclass(slots=True)
+class ProbeRound:
+    """One burst of probes about a node, and the suspicion it becomes if nothing answers."""
+
+    round_id: int
+    trigger: SuspectReason
+    started_ms: float
+    timeout_ms: float
+    attempts_sent: int = 0
+    # A refusal while this observer's Raft connection to the node is open: a process that
+    # died would have closed it, so unanswered, this round suspects nothing on its own.
+    vetoed: bool = False
+
+    @property
+    def is_hint(self) -> bool:
+        return self.trigger in (SuspectReason.UNREACHABLE, SuspectReason.DISCONNECTED)
+
+    def attempt_due_ms(self, attempts: int) -> float | None:
+        """When the next direct ping goes out, or None when all have."""
+        if self.attempts_sent >= attempts:
+            return None
+        return self.started_ms + self.attempts_sent * self.timeout_ms / attempts
+
+
+class LocalHealth:
+    """Lifeguard's local health multiplier, sans-IO: how much this observer doubts its own
+    timing. Fed with its own loop lag; `multiplier` is 1 when healthy."""
+
+    def __init__(self, settings: DetectorSettings) -> None:
+        self.settings = settings
+        self.score = 0
+        self._changed_ms = 0.0
+        self.lag_events = 0
+
+    def on_lag(self, lag_ms: float, now_ms: float) -> bool:
+        """Record one measurement of this observer's loop lag; True when the score changed."""
+        changed = self._decay(now_ms)
+        if lag_ms >= self.settings.local_health_lag_ms:
+            self.lag_events += 1
+            self._changed_ms = now_ms
+            if self.score < self.settings.local_health_max:
+                self.score += 1
+                changed = True
+        return changed
+
+    def update(self, now_ms: float) -> bool:
+        """Let time pass; True when the score fell."""
+        return self._decay(now_ms)
+
+    def _decay(self, now_ms: float) -> bool:
+        decay_ms = self.settings.local_health_decay_ms
+        changed = False
+        while self.score > 0 and now_ms - self._changed_ms >= decay_ms:
+            self.score -= 1
+            self._changed_ms += decay_ms
+            changed = True
+        return changed
+
+    def next_change_ms(self) -> float | None:
+        return self._changed_ms + self.settings.local_health_decay_ms if self.score > 0 else None
+
+    @property
+    def multiplier(self) -> float:
+        return 1.0 + self.score
+
+
 class NodeDetector:
     """Phi accrual over one node's heartbeats, with incarnation and sequence rules.
 
@@ -447,6 +576,13 @@ class NodeDetector:
         self.suspected: SuspectReason | None = None
         self.suspected_at_ms: float | None = None
         self.quiet_reported = False  # this silence was already reported as `Quiet`
+        self.probe: ProbeRound | None = None
+        # The observer's local health multiplier (set by the Monitor for all its detectors).
+        self.health_multiplier = 1.0
+        self.rescued_at_ms: deque[float] = deque(maxlen=64)  # PHI rounds an answer ended
+        self.degraded_by_probes = False
+        self.hints_refuted = 0
+        self.hints_vetoed = 0
         self.heartbeats_since_suspicion = 0
         self.heartbeats_accepted = 0
         self.heartbeats_lost = 0
@@ -531,12 +667,48 @@ class NodeDetector:
             return settings.acceptable_heartbeat_pause_ms
         if self.in_startup():
             return max(settings.acceptable_heartbeat_pause_ms, settings.acceptable_heartbeat_pause_ms_max)
+        return max(self._remembered_pause_ms(), self._doubting_pause_ms())
+
+    def _remembered_pause_ms(self) -> float:
+        settings = self.settings
+        assert self.last_arrival_ms is not None
         if (
             self.stall_seen_at_ms is None
             or self.last_arrival_ms - self.stall_seen_at_ms > settings.stall_memory_ms
         ):
             return settings.acceptable_heartbeat_pause_ms
         return settings.stall_pause_ms(self.stall_gap_ms, self.history.mean_ms)
+
+    def _doubting_pause_ms(self) -> float:
+        """The pause while the observer doubts its own timing (local health), to the cap."""
+        settings = self.settings
+        wanted_ms = settings.acceptable_heartbeat_pause_ms * self.health_multiplier
+        return min(wanted_ms, max(settings.acceptable_heartbeat_pause_ms, settings.acceptable_heartbeat_pause_ms_max))
+
+    def probe_timeout_ms(self) -> float:
+        """How long a probe round waits for an answer: the profile's timeout, longer while the
+        observer doubts itself, and at least the silence a remembered stall of this node (or
+        its start-up) is allowed, since a node that just stalled may stall through a round."""
+        settings = self.settings
+        timeout_ms = settings.probe_timeout_ms * self.health_multiplier
+        if self.last_arrival_ms is not None:
+            if self.in_startup():
+                pause_ms = max(settings.acceptable_heartbeat_pause_ms, settings.acceptable_heartbeat_pause_ms_max)
+            else:
+                pause_ms = self._remembered_pause_ms()
+            timeout_ms = max(timeout_ms, settings.probe_timeout_ms + pause_ms - settings.acceptable_heartbeat_pause_ms)
+        return timeout_ms
+
+    def on_alive(self, now_ms: float) -> None:
+        """An authenticated answer to a probe: the node runs now. Its silence starts over,
+        without an interval sample (the gap to the next heartbeat spans the silence)."""
+        self._reference_cache = None
+        if self.last_arrival_ms is None:
+            self.watch_started_ms = max(self.watch_started_ms, now_ms - self.settings.first_heartbeat_grace_ms)
+        else:
+            self.last_arrival_ms = max(self.last_arrival_ms, now_ms)
+            self._skip_next_interval = True
+        self.quiet_reported = False
 
     def in_startup(self) -> bool:
         """Whether the node or this observer is younger than `startup_grace_ms`. The node's
@@ -594,6 +766,25 @@ class NodeDetector:
         ):
             return None
         return self.suspicion_deadline_ms() - self.settings.quiet_lead_ms
+
+    def probe_start_ms(self) -> float:
+        """When a silence starts being probed: early enough that a full round fits before
+        phi crosses the threshold, and no later than `Quiet`, so the answers (or their
+        absence) are in when the suspicion is due and probing adds no detection time."""
+        lead_ms = max(self.settings.quiet_lead_ms, self.probe_timeout_ms())
+        return self.suspicion_deadline_ms() - lead_ms
+
+    def round_deadline_ms(self) -> float | None:
+        """When the running probe round ends unanswered: a hint's after its timeout; a
+        silence's not before phi crosses the threshold (it may have started at `Quiet`)."""
+        probe = self.probe
+        if probe is None:
+            return None
+        end_ms = probe.started_ms + probe.timeout_ms
+        if probe.is_hint:
+            return end_ms
+        # A microsecond past the crossing absorbs float rounding.
+        return max(end_ms, self.suspicion_deadline_ms() + 0.001)
 
     def on_self_pause(self, pause_ms: float, now_ms: float) -> None:
         self._reference_cache = None
@@ -747,7 +938,8 @@ class Monitor:
 
     Returns verdict *changes*: a node is suspected once, recovered once. The
     shell proposes them into Raft and logs them; the state machine counts
-    distinct observers.
+    distinct observers. It also returns `Probe`s for the shell to send: a hint or a
+    silence becomes a suspicion only once a probe round about it went unanswered.
     """
 
     def __init__(
@@ -755,16 +947,26 @@ class Monitor:
         settings: DetectorSettings,
         slowness: SlownessSettings | None = None,
         max_watched: int = 1024,
+        round_base: int = 0,
     ) -> None:
-        assert max_watched >= 1
+        assert max_watched >= 1 and round_base >= 0
         self.settings = settings
         self.max_watched = max_watched
         self.judge = SlownessJudge(slowness)
+        self.local_health = LocalHealth(settings)
         self._detectors: dict[str, NodeDetector] = {}
+        # Every other member, for choosing probe helpers (the shell keeps it current).
+        self._members: tuple[str, ...] = ()
+        # Round ids start at `round_base` (the shell draws it at random), so an answer
+        # captured in an earlier life of this observer matches no round of this one.
+        self._next_round = round_base + 1
         self.started_ms: float | None = None  # the first watch: when this observer began
         self.heartbeats_unknown_sender = 0
         self.self_pauses = 0
         self.self_pause_ms_max = 0.0
+        self.probes_started = 0
+        self.probes_answered = 0
+        self.acks_unmatched = 0
         # The highest phi a watched node reached and then answered, without being suspected:
         # how close the links came to a false suspicion (the soak reports it).
         self.phi_at_arrival_max = 0.0
@@ -781,7 +983,9 @@ class Monitor:
             assert len(self._detectors) < self.max_watched, "watch set is full"
         elif incarnation <= detector.incarnation:
             return
-        self._detectors[node_id] = NodeDetector(node_id, incarnation, self.settings, now_ms, self.started_ms)
+        detector = NodeDetector(node_id, incarnation, self.settings, now_ms, self.started_ms)
+        detector.health_multiplier = self.local_health.multiplier
+        self._detectors[node_id] = detector
 
     def unwatch(self, node_id: str) -> None:
         self._detectors.pop(node_id, None)
@@ -792,6 +996,10 @@ class Monitor:
             self.unwatch(node_id)
         for node_id, incarnation in wanted.items():
             self.watch(node_id, incarnation, now_ms)
+
+    def set_members(self, member_ids: Iterable[str]) -> None:
+        """The other live members, any of which can be asked to probe a node for us."""
+        self._members = tuple(sorted(set(member_ids)))
 
     def watched(self) -> list[str]:
         return list(self._detectors)
@@ -805,7 +1013,7 @@ class Monitor:
     def on_heartbeat(
         self, node_id: str, incarnation: int, sequence: int, now_ms: float,
         sent_ms: float | None = None,
-    ) -> list[Verdict]:
+    ) -> list[Output]:
         detector = self._detectors.get(node_id)
         if detector is None:
             self.heartbeats_unknown_sender += 1
@@ -818,8 +1026,9 @@ class Monitor:
         outcome = detector.on_heartbeat(incarnation, sequence, now_ms, sent_ms)
         if outcome is HeartbeatOutcome.ACCEPTED:
             self.phi_at_arrival_max = max(self.phi_at_arrival_max, phi_before)
-        verdicts: list[Verdict] = []
+        verdicts: list[Output] = []
         if outcome is HeartbeatOutcome.RESTARTED:
+            detector.probe = None  # a new life answers for itself
             verdicts.append(Restarted(node_id, previous_incarnation, incarnation, now_ms))
             if detector.suspected is not None:
                 # A new incarnation is alive by construction; stale packets of
@@ -827,23 +1036,66 @@ class Monitor:
                 self._clear(detector)
                 verdicts.append(Recover(node_id, incarnation, now_ms))
             return verdicts
-        if outcome is HeartbeatOutcome.ACCEPTED and detector.suspected is not None:
+        if outcome is not HeartbeatOutcome.ACCEPTED:
+            return verdicts
+        if detector.probe is not None and not detector.probe.is_hint:
+            detector.probe = None  # the silence it was about is over
+        if detector.suspected is not None:
             detector.heartbeats_since_suspicion += 1
             if detector.heartbeats_since_suspicion >= self.settings.recovery_heartbeat_count:
                 self._clear(detector)
                 verdicts.append(Recover(node_id, detector.incarnation, now_ms))
+        elif detector.degraded_by_probes and (
+            not detector.rescued_at_ms or now_ms - detector.rescued_at_ms[-1] > self.settings.degraded_window_ms
+        ):
+            detector.degraded_by_probes = False
+            verdicts.append(Restored(node_id, now_ms))
         return verdicts
 
-    def on_unreachable(self, node_id: str, now_ms: float) -> list[Verdict]:
-        """The kernel refused our heartbeat (ICMP port unreachable): nothing
-        listens on the node's heartbeat port, so its process is gone."""
+    def on_hint(self, node_id: str, hint: Hint, now_ms: float, *, transport_open: bool = False) -> list[Output]:
+        """Something suggests `node_id` is gone (see `Hint`): probe it now. `transport_open`:
+        this observer's Raft connection to the node is up; a process that died would have
+        closed it, so a refusal then suspects nothing unless the node is also silent."""
         detector = self._detectors.get(node_id)
         if detector is None:
             return []
         if detector.suspected is not None:
-            detector.heartbeats_since_suspicion = 0
+            detector.heartbeats_since_suspicion = 0  # one stray packet does not undo this
             return []
-        return [self._suspect(detector, SuspectReason.UNREACHABLE, now_ms)]
+        if detector.probe is not None:
+            return []  # a round about it is running; it answers this hint too
+        reason = SuspectReason.UNREACHABLE if hint is Hint.REFUSED else SuspectReason.DISCONNECTED
+        return self._start_round(detector, reason, now_ms, vetoed=hint is Hint.REFUSED and transport_open)
+
+    def on_ack(self, node_id: str, round_id: int, incarnation: int, now_ms: float) -> list[Output]:
+        """An authenticated answer from `node_id` (direct, or relayed by a helper) to probe
+        round `round_id`: it runs. An answer to no running round proves nothing (it may be
+        a replay) and is only counted."""
+        detector = self._detectors.get(node_id)
+        probe = detector.probe if detector is not None else None
+        if detector is None or probe is None or probe.round_id != round_id or incarnation < detector.incarnation:
+            self.acks_unmatched += 1
+            return []
+        detector.probe = None
+        self.probes_answered += 1
+        if probe.is_hint:
+            detector.hints_refuted += 1
+            return []
+        # Its heartbeats went quiet, yet it answers: alive, perhaps slow.
+        detector.on_alive(now_ms)
+        detector.rescued_at_ms.append(now_ms)
+        horizon_ms = now_ms - self.settings.degraded_window_ms
+        recent = sum(1 for at_ms in detector.rescued_at_ms if at_ms >= horizon_ms)
+        if not detector.degraded_by_probes and recent >= self.settings.probe_rescues_degraded:
+            detector.degraded_by_probes = True
+            return [Degraded(node_id, DegradedReason.LATE, float(recent), now_ms)]
+        return []
+
+    def on_lag(self, lag_ms: float, now_ms: float) -> None:
+        """This observer's own loop ran `lag_ms` late (measured by the shell on every wake)."""
+        assert lag_ms >= 0
+        if self.local_health.on_lag(lag_ms, now_ms):
+            self._apply_health()
 
     def on_self_pause(self, pause_ms: float, now_ms: float) -> None:
         """The observer itself did not run for `pause_ms` (measured by the shell
@@ -855,38 +1107,52 @@ class Monitor:
         for detector in self._detectors.values():
             detector.on_self_pause(pause_ms, now_ms)
 
-    def on_request_latency(
-        self, node_id: str, latency_ms: float, slo_ms: float, now_ms: float
-    ) -> None:
-        self.judge.on_latency(node_id, latency_ms, slo_ms, now_ms)
-
     def on_request_timeout(self, node_id: str, now_ms: float) -> None:
         self.judge.on_timeout(node_id, now_ms)
 
     # -- judgment
 
-    def tick(self, now_ms: float) -> list[Verdict]:
-        verdicts: list[Verdict] = []
+    def tick(self, now_ms: float) -> list[Output]:
+        if self.local_health.update(now_ms):
+            self._apply_health()
+        outputs: list[Output] = []
         threshold = self.settings.phi_threshold
+        attempts = self.settings.probe_attempts
         for detector in self._detectors.values():
             if detector.suspected is not None:
                 continue
-            if detector.phi(now_ms) >= threshold:
-                reason = (
-                    SuspectReason.PHI if detector.last_arrival_ms is not None
-                    else SuspectReason.SILENT
-                )
-                verdicts.append(self._suspect(detector, reason, now_ms))
-                continue
+            if detector.probe is None and now_ms >= detector.probe_start_ms():
+                outputs += self._start_round(detector, SuspectReason.PHI, now_ms)
             quiet_ms = detector.quiet_deadline_ms()
             if quiet_ms is not None and now_ms >= quiet_ms:
                 detector.quiet_reported = True
                 assert detector.last_arrival_ms is not None
-                verdicts.append(
-                    Quiet(detector.node_id, detector.incarnation, now_ms - detector.last_arrival_ms, now_ms)
-                )
-        verdicts.extend(self.judge.judge(now_ms, self.is_suspected))
-        return verdicts
+                outputs.append(Quiet(detector.node_id, detector.incarnation, now_ms - detector.last_arrival_ms, now_ms))
+            probe = detector.probe
+            if probe is None:
+                continue
+            due_ms = probe.attempt_due_ms(attempts)
+            if due_ms is not None and now_ms >= due_ms:
+                probe.attempts_sent += 1
+                outputs.append(Probe(detector.node_id, probe.round_id, probe.attempts_sent - 1, (), now_ms))
+            deadline_ms = detector.round_deadline_ms()
+            assert deadline_ms is not None
+            if now_ms < deadline_ms:
+                continue
+            silent = detector.phi(now_ms) >= threshold
+            if not probe.is_hint and not silent:
+                continue  # not past the crossing after all (rounding): the round waits on
+            detector.probe = None
+            if probe.is_hint and probe.vetoed and not silent:
+                detector.hints_vetoed += 1
+                continue
+            if not probe.is_hint or probe.vetoed:
+                reason = SuspectReason.PHI if detector.last_arrival_ms is not None else SuspectReason.SILENT
+            else:
+                reason = probe.trigger
+            outputs.append(self._suspect(detector, reason, now_ms))
+        outputs.extend(self.judge.judge(now_ms, self.is_suspected))
+        return outputs
 
     def next_check_ms(self, now_ms: float) -> float:
         """When `tick` should run next if no evidence arrives first.
@@ -896,25 +1162,70 @@ class Monitor:
         always advances.
         """
         next_ms = now_ms + self.settings.max_check_interval_ms
+        attempts = self.settings.probe_attempts
+        health_ms = self.local_health.next_change_ms()
+        if health_ms is not None:
+            next_ms = min(next_ms, health_ms)
         for detector in self._detectors.values():
-            if detector.suspected is None:
-                # A microsecond past the crossing absorbs float rounding.
-                next_ms = min(next_ms, detector.suspicion_deadline_ms() + 0.001)
-                quiet_ms = detector.quiet_deadline_ms()
-                if quiet_ms is not None:
-                    next_ms = min(next_ms, quiet_ms)
+            if detector.suspected is not None:
+                continue
+            quiet_ms = detector.quiet_deadline_ms()
+            if quiet_ms is not None:
+                next_ms = min(next_ms, quiet_ms)
+            probe = detector.probe
+            if probe is None:
+                next_ms = min(next_ms, detector.probe_start_ms())
+                continue
+            due_ms = probe.attempt_due_ms(attempts)
+            if due_ms is not None:
+                next_ms = min(next_ms, due_ms)
+            deadline_ms = detector.round_deadline_ms()
+            assert deadline_ms is not None
+            next_ms = min(next_ms, deadline_ms)
         return max(next_ms, now_ms + 0.001)
 
     def phi(self, node_id: str, now_ms: float) -> float:
         return self._detectors[node_id].phi(now_ms)
 
+    def probing(self, node_id: str) -> ProbeRound | None:
+        detector = self._detectors.get(node_id)
+        return detector.probe if detector is not None else None
+
     def health(self, now_ms: float) -> list[NodeHealth]:
         return [detector.health(now_ms) for detector in self._detectors.values()]
+
+    def hints_refuted(self) -> int:
+        return sum(d.hints_refuted for d in self._detectors.values())
+
+    def _start_round(self, detector: NodeDetector, reason: SuspectReason, now_ms: float,
+                     vetoed: bool = False) -> list[Output]:
+        round_id = self._next_round
+        self._next_round += 1
+        self.probes_started += 1
+        probe = ProbeRound(round_id, reason, now_ms, detector.probe_timeout_ms(), attempts_sent=1, vetoed=vetoed)
+        detector.probe = probe
+        return [Probe(detector.node_id, round_id, 0, self._helpers(detector.node_id, round_id), now_ms)]
+
+    def _helpers(self, node_id: str, round_id: int) -> tuple[str, ...]:
+        candidates = [m for m in self._members if m != node_id]
+        count = min(self.settings.probe_helpers, len(candidates))
+        if not count:
+            return ()
+        first = round_id % len(candidates)
+        return tuple(candidates[(first + index) % len(candidates)] for index in range(count))
+
+    def _apply_health(self) -> None:
+        multiplier = self.local_health.multiplier
+        for detector in self._detectors.values():
+            if detector.health_multiplier != multiplier:
+                detector.health_multiplier = multiplier
+                detector._reference_cache = None
 
     def _suspect(self, detector: NodeDetector, reason: SuspectReason, now_ms: float) -> Suspect:
         detector.suspected = reason
         detector.suspected_at_ms = now_ms
         detector.heartbeats_since_suspicion = 0
+        detector.probe = None
         return Suspect(detector.node_id, detector.incarnation, reason, detector.phi(now_ms), now_ms)
 
     def _clear(self, detector: NodeDetector) -> None:

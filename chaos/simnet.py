@@ -37,7 +37,10 @@ from typing import Any, Protocol
 from redge.agent.clock import FakeClock
 from redge.agent.detector import (
     DetectorSettings,
+    Hint,
     Monitor,
+    Output,
+    Probe,
     Recover,
     Restarted,
     Suspect,
@@ -255,7 +258,30 @@ class Restart:
     at_ms: float
 
 
-Fault = Crash | Pause | CutLink | Partition | Heal | Restart
+@dataclass(frozen=True, slots=True)
+class ForgeRefusals:
+    """An attacker's ICMP "port unreachable": `count` forged refusals, `interval_ms` apart,
+    to `observer` about `target` (None: every observer, every target it watches), as if
+    the observer's heartbeats to it had been refused. No secret is needed to send them."""
+
+    at_ms: float
+    observer: str | None = None
+    target: str | None = None
+    count: int = 1
+    interval_ms: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class MuteHeartbeats:
+    """The node stops sending heartbeats for `duration_ms` but still answers probes (a
+    stuck send path, or heartbeats lost while probes get through): slow, never failed."""
+
+    node_id: str
+    at_ms: float
+    duration_ms: float
+
+
+Fault = Crash | Pause | CutLink | Partition | Heal | Restart | ForgeRefusals | MuteHeartbeats
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +315,37 @@ class _Beat:
     sequence: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Ping:
+    sender: str
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Ack:
+    sender: str
+    nonce: int
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
+class _PingRequest:
+    sender: str
+    subject: str
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class _AckRelay:
+    subject: str
+    nonce: int
+    incarnation: int
+
+
+# After a restart, the others' Raft connections to the node are up again this much later.
+RECONNECT_MS = 50.0
+
+
 _BACKLOG_MAX = 512  # a paused process's socket buffer, in datagrams
 
 
@@ -300,9 +357,13 @@ class SimPeer:
         self.node_id = node_id
         self.incarnation = incarnation
         self.settings = simulation.settings
-        self.monitor = Monitor(self.settings)
+        self.monitor = self._new_monitor()
         self.sequence = 0
         self.targets: list[str] = []
+        self.muted_until_ms = 0.0
+        self.send_lag_ms = 0.0
+        self.relays: dict[int, tuple[str, str, int]] = {}  # my nonce -> (requester, subject, its nonce)
+        self._relay_nonce = 0
         self.crashed = False
         self.paused_until_ms: float | None = None
         self.paused_since_ms = 0.0
@@ -316,6 +377,11 @@ class SimPeer:
     @property
     def net(self) -> SimNet:
         return self.simulation.net
+
+    def _new_monitor(self) -> Monitor:
+        monitor = Monitor(self.settings, round_base=self.simulation.rng.randrange(1 << 40))
+        monitor.set_members(n for n in self.simulation.node_ids if n != self.node_id)
+        return monitor
 
     def now_ms(self) -> float:
         return self.net.clock.now_ms()
@@ -355,14 +421,16 @@ class SimPeer:
         beat = _Beat(self.node_id, self.incarnation, self.sequence)
         if self.lingering:
             self.lingering = {n: until for n, until in self.lingering.items() if until > now_ms and n not in self.targets}
-        for target in [*self.targets, *self.lingering]:
-            self.net.send(self.node_id, target, beat)
+        if now_ms >= self.muted_until_ms:
+            for target in [*self.targets, *self.lingering]:
+                self.net.send(self.node_id, target, beat)
+        self.monitor.on_lag(self.send_lag_ms, now_ms)
         interval_ms = self.settings.heartbeat_interval_ms
         next_slot_ms = slot_ms + interval_ms
         if next_slot_ms <= now_ms:
             next_slot_ms += (int((now_ms - next_slot_ms) / interval_ms) + 1) * interval_ms
-        lag_ms = self.simulation.send_lag_ms()
-        self.net.schedule(next_slot_ms + lag_ms, self._send, next_slot_ms, life)
+        self.send_lag_ms = self.simulation.send_lag_ms()  # how late the next send will run
+        self.net.schedule(next_slot_ms + self.send_lag_ms, self._send, next_slot_ms, life)
 
     # -- receiving
 
@@ -375,16 +443,40 @@ class SimPeer:
             else:
                 self.backlog_dropped += 1
             return
-        beat: _Beat = payload
-        if beat.node_id not in self.targets:
-            return
-        self._record(self.monitor.on_heartbeat(
-            beat.node_id, beat.incarnation, beat.sequence, self.now_ms()))
+        now_ms = self.now_ms()
+        match payload:
+            case _Beat():
+                if payload.node_id in self.targets:
+                    self._record(self.monitor.on_heartbeat(payload.node_id, payload.incarnation, payload.sequence, now_ms))
+            case _Ping():
+                self.net.send(self.node_id, source, _Ack(self.node_id, payload.nonce, self.incarnation))
+            case _PingRequest():
+                self._relay_nonce += 1
+                self.relays[self._relay_nonce] = (payload.sender, payload.subject, payload.nonce)
+                self.net.send(self.node_id, payload.subject, _Ping(self.node_id, self._relay_nonce))
+            case _Ack():
+                relay = self.relays.pop(payload.nonce, None)
+                if relay is None:
+                    self._record(self.monitor.on_ack(payload.sender, payload.nonce, payload.incarnation, now_ms))
+                elif relay[1] == payload.sender:
+                    self.net.send(self.node_id, relay[0], _AckRelay(payload.sender, relay[2], payload.incarnation))
+            case _AckRelay():
+                self._record(self.monitor.on_ack(payload.subject, payload.nonce, payload.incarnation, now_ms))
 
     def on_refused(self, destination: str) -> None:
         if self.crashed or self.paused_until_ms is not None:
             return
-        self._record(self.monitor.on_unreachable(destination, self.now_ms()))
+        transport_open = (self.node_id, destination) not in self.simulation.connections_down
+        self._record(self.monitor.on_hint(destination, Hint.REFUSED, self.now_ms(), transport_open=transport_open))
+
+    def on_disconnected(self, destination: str) -> None:
+        """Our Raft connection to `destination` dropped (its process died)."""
+        if self.crashed:
+            return
+        if self.paused_until_ms is not None:
+            self.backlog.append((destination, Hint.DISCONNECTED))
+            return
+        self._record(self.monitor.on_hint(destination, Hint.DISCONNECTED, self.now_ms()))
 
     # -- judging: sleep until the next possible suspicion, like the shell
 
@@ -429,8 +521,12 @@ class SimPeer:
         now_ms = self.now_ms()
         backlog, self.backlog = self.backlog, []
         for source, payload in backlog:  # the shell drains the socket first
-            self.on_datagram(source, payload)
+            if payload is Hint.DISCONNECTED:
+                self.on_disconnected(source)
+            else:
+                self.on_datagram(source, payload)
         pause_ms = now_ms - self.paused_since_ms
+        self.monitor.on_lag(pause_ms, now_ms)
         if pause_ms > self.settings.self_pause_threshold_ms:
             self.monitor.on_self_pause(pause_ms, now_ms)
         self._check_at_ms = None
@@ -448,16 +544,24 @@ class SimPeer:
         self.lingering = {}
         self.incarnation = incarnation
         self.sequence = 0
-        self.monitor = Monitor(self.settings)
+        self.relays = {}
+        self.muted_until_ms = 0.0
+        self.monitor = self._new_monitor()
         self._check_at_ms = None
         self.start(targets, phase_ms=0.0)
 
-    def _record(self, verdicts: list[Verdict]) -> None:
-        if not verdicts:
+    def _record(self, outputs: list[Output]) -> None:
+        if not outputs:
             return  # an accepted heartbeat only moves deadlines later: no new check needed
         now_ms = self.now_ms()
-        for verdict in verdicts:
-            self.simulation.history.append(Observation(now_ms, self.node_id, verdict))
+        for output in outputs:
+            if isinstance(output, Probe):
+                self.simulation.probes_sent += 1
+                self.net.send(self.node_id, output.node_id, _Ping(self.node_id, output.round_id))
+                for helper in output.helpers:
+                    self.net.send(self.node_id, helper, _PingRequest(self.node_id, output.node_id, output.round_id))
+            else:
+                self.simulation.history.append(Observation(now_ms, self.node_id, output))
         self._schedule_check()
 
 
@@ -488,6 +592,9 @@ class DetectionSimulation:
     history: list[Observation] = field(init=False)
     faults: list[Fault] = field(init=False)
     rng: random.Random = field(init=False)
+    # (observer, target) pairs whose Raft connection is down (the target's process died).
+    connections_down: set[tuple[str, str]] = field(init=False)
+    probes_sent: int = field(init=False)
 
     def __post_init__(self) -> None:
         assert len(set(self.node_ids)) == len(self.node_ids) >= 2
@@ -496,6 +603,8 @@ class DetectionSimulation:
         self.history = []
         self.faults = []
         self.peers = {}
+        self.connections_down = set()
+        self.probes_sent = 0
         for node_id in self.node_ids:
             peer = SimPeer(self, node_id, incarnation=1)
             self.peers[node_id] = peer
@@ -559,6 +668,8 @@ class DetectionSimulation:
             case Crash(node_id=node_id, host_up=host_up):
                 self.peers[node_id].crash()
                 self.net.set_state(node_id, SimNet.CLOSED if host_up else SimNet.SILENT)
+                if host_up:
+                    self._disconnect(node_id)
             case Pause(node_id=node_id, duration_ms=duration_ms):
                 self.peers[node_id].pause(duration_ms)
             case CutLink(source=source, destination=destination, until_ms=until_ms):
@@ -571,8 +682,38 @@ class DetectionSimulation:
                 self.net.heal()
             case Restart(node_id=node_id):
                 peer = self.peers[node_id]
+                if not peer.crashed:
+                    self._disconnect(node_id)  # the old process exits: its connections close
                 self.net.set_state(node_id, SimNet.OPEN)
                 peer.restart(peer.incarnation + 1, self._targets(node_id))
+                self.net.schedule(self.now_ms() + RECONNECT_MS, self._reconnect, node_id)
+            case ForgeRefusals(observer=observer, target=target, count=count, interval_ms=interval_ms):
+                for index in range(count):
+                    self.net.schedule(self.now_ms() + index * interval_ms, self._forge_refusal, observer, target)
+            case MuteHeartbeats(node_id=node_id, duration_ms=duration_ms):
+                self.peers[node_id].muted_until_ms = self.now_ms() + duration_ms
+
+    def _disconnect(self, node_id: str) -> None:
+        """The process of `node_id` died with its host up: every peer's Raft connection to it
+        closes (a FIN, one link delay away)."""
+        for observer in self.node_ids:
+            if observer == node_id:
+                continue
+            self.connections_down.add((observer, node_id))
+            link = self.net._links.get((node_id, observer), self.net.default_link)
+            delay_ms = self.rng.uniform(link.delay_ms_min, link.delay_ms_max)
+            self.net.schedule(self.now_ms() + delay_ms, self.peers[observer].on_disconnected, node_id)
+
+    def _reconnect(self, node_id: str) -> None:
+        self.connections_down = {pair for pair in self.connections_down if pair[1] != node_id}
+
+    def _forge_refusal(self, observer: str | None, target: str | None) -> None:
+        observers = [observer] if observer is not None else list(self.node_ids)
+        for name in observers:
+            peer = self.peers[name]
+            for victim in [target] if target is not None else list(peer.targets):
+                if victim != name:
+                    peer.on_refused(victim)
 
     def run_until(self, until_ms: float) -> None:
         self.net.run_until(until_ms)

@@ -486,6 +486,14 @@ class RaftNode:
             known = self._machine.applied_ms
             return {seq: known[seq] for seq in seqs if seq in known}
 
+    def partner_connected(self, address: str) -> bool:
+        """Whether this node's TCP connection to the partner at `address` is up. Cheap, and
+        safe from any thread (a read of pysyncobj's connection set)."""
+        for node in list(self._sync.otherNodes):
+            if node.address == address:
+                return bool(self._sync.isNodeConnected(node))
+        return False
+
     def status(self) -> RaftStatus:
         leader = self._sync._getLeader()
         partners = {}

@@ -2,8 +2,8 @@
 
 A crash is confirmed by two observers; a hung process is confirmed and, once it runs again,
 refutes the verdict with a higher incarnation; one observer that stops hearing a node (a
-one-way partition, made with an nftables rule on loopback) suspects it, and the cluster does
-not confirm anything.
+one-way partition, made with an nftables rule on loopback) hears it through another
+member's probes, so nobody suspects it.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def test_crash_is_confirmed_by_two_observers(cluster):
     assert confirmed["observers"] == ["n1", "n2"]
     assert confirmed["at_ms"] - fault_ms < 2000
     reasons = {e["reason"] for e in events(cluster, "n1", fault_ms) if e["kind"] == "suspicion" and e["node"] == "n3"}
-    assert reasons <= {"unreachable", "phi", "silent"} and reasons
+    assert reasons <= {"disconnected", "unreachable", "phi", "silent"} and reasons
     assert member(cluster, "n2", "n3")["status"] == "failed"
 
 
@@ -115,29 +115,33 @@ def _nft_available() -> bool:
 
 
 @pytest.mark.skipif(not _nft_available(), reason="needs root and nftables to drop packets on loopback")
-def test_one_observer_losing_a_node_cannot_fail_it(cluster):
-    observer = cluster.peers["n1"]
-    # Drop only n3's heartbeats to n1, in the kernel: a one-way loss on one link. Heartbeats
-    # leave from an ephemeral port, so the rule matches n1's heartbeat port and the sender
-    # id inside the datagram (a length byte, then the id, after a 28-byte header), and it
-    # goes away with its table.
+def test_one_observer_losing_a_node_does_not_even_suspect_it(cluster):
+    """Everything n3 sends to n1's heartbeat port is dropped in the kernel: a one-way loss
+    on one link. n1 hears no heartbeats and no direct answers to its probes, but n2 pings
+    n3 for it and relays the answers: n3 is alive, so n1 never suspects it. It finds n3
+    late (`member_degraded`), and well again once the link heals."""
+    observer, target = cluster.peers["n1"], cluster.peers["n3"]
+    # Heartbeats leave n3 from ephemeral ports: match the sender id inside the datagram (a
+    # length byte, then the id, after a 28-byte header). Probe answers leave from n3's own
+    # heartbeat port. The rules go away with their table.
     sender = b"\x02" + b"n3"
     rules = (
         f"table inet {TABLE} {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n"
-        f"  udp dport {observer.heartbeat_port} @th,{64 + 28 * 8},24 0x{sender.hex()} drop\n }}\n}}\n"
+        f"  udp dport {observer.heartbeat_port} @th,{64 + 28 * 8},24 0x{sender.hex()} drop\n"
+        f"  udp sport {target.heartbeat_port} udp dport {observer.heartbeat_port} drop\n }}\n}}\n"
     )
     subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
     try:
         fault_ms = time.time() * 1000
-        suspicion = wait_until(
-            lambda: [e for e in events(cluster, "n2", fault_ms) if e["kind"] == "suspicion" and e["node"] == "n3"],
-            5, interval_s=0.02, what="n1's suspicion of n3",
+        degraded = wait_until(
+            lambda: [e for e in events(cluster, "n2", fault_ms) if e["kind"] == "member_degraded" and e["node"] == "n3"],
+            10, interval_s=0.02, what="n1 finding n3 late",
         )[0]
-        assert suspicion["observer"] == "n1"
-        # Watch every event committed for two seconds (long poll, no sleeping): the other
-        # observer still hears n3, so nothing is confirmed.
+        assert degraded["observer"] == "n1"
+        # Watch every event committed for two seconds (long poll, no sleeping): nobody
+        # suspects n3, let alone confirms it.
         watch_until = time.monotonic() + 2.0
-        since = suspicion["seq"]
+        since = 0
         while (left_s := watch_until - time.monotonic()) > 0:
             status, body = http_json(
                 "GET", f"{observer.url}/cluster/events?since={since}&wait_s={left_s:.2f}", timeout_s=left_s + 5
@@ -145,10 +149,11 @@ def test_one_observer_losing_a_node_cannot_fail_it(cluster):
             assert status == 200
             for event in body["events"]:
                 since = max(since, event["seq"])
-                assert (event["kind"], event.get("node")) != ("failure_confirmed", "n3"), event
-                assert (event["kind"], event.get("node"), event.get("observer")) != ("suspicion", "n3", "n2"), event
-        assert member(cluster, "n2", "n3")["status"] == "suspected"
+                if event["at_ms"] >= fault_ms:
+                    assert (event["kind"], event.get("node")) not in (("failure_confirmed", "n3"), ("suspicion", "n3")), event
+        assert member(cluster, "n2", "n3")["status"] == "alive"
     finally:
         subprocess.run(["nft", "delete", "table", "inet", TABLE], check=False)
-    # Healed: n1 hears n3 again and withdraws its suspicion.
-    wait_until(lambda: member(cluster, "n2", "n3")["status"] == "alive", 10, interval_s=0.05, what="n3 cleared")
+    # Healed: n1 hears n3 on time again and withdraws its verdict (after the degraded window).
+    wait_until(lambda: not member(cluster, "n2", "n3").get("degraded"), ENTERPRISE.degraded_window_ms / 1000 + 10,
+               interval_s=0.1, what="n3 well again")

@@ -19,9 +19,11 @@ from redge.agent.detector import (
     Degraded,
     DegradedReason,
     HeartbeatOutcome,
+    Hint,
     IntervalHistory,
     Monitor,
     NodeDetector,
+    Probe,
     Quiet,
     Recover,
     Restarted,
@@ -87,22 +89,29 @@ def test_steady_heartbeats_never_suspected_and_silence_is():
     quiet_ms = monitor.next_check_ms(last_ms + 60.0)
     assert quiet_ms - last_ms == pytest.approx(ENTERPRISE.nominal_suspicion_ms - ENTERPRISE.quiet_lead_ms, abs=0.1)
     assert monitor.tick(quiet_ms - 0.1) == []
-    assert monitor.tick(quiet_ms) == [Quiet("b", 1, quiet_ms - last_ms, quiet_ms)]
-    deadline_ms = monitor.next_check_ms(last_ms + 80.0)
-    assert deadline_ms - last_ms == pytest.approx(ENTERPRISE.nominal_suspicion_ms, abs=0.1)
-    assert monitor.tick(deadline_ms - 0.1) == []
-    verdicts = monitor.tick(deadline_ms)
-    assert verdicts == [Suspect("b", 1, SuspectReason.PHI, verdicts[0].phi, deadline_ms)]
-    assert verdicts[0].phi >= ENTERPRISE.phi_threshold
+    # The silence is probed from `Quiet` on (a round's worth before the suspicion is due).
+    outputs = monitor.tick(quiet_ms)
+    assert outputs == [Probe("b", outputs[0].round_id, 0, (), quiet_ms), Quiet("b", 1, quiet_ms - last_ms, quiet_ms)]
+    deadline_ms = last_ms + ENTERPRISE.nominal_suspicion_ms
+    assert verdicts(monitor.tick(deadline_ms - 0.1)) == []
+    [(kind, suspected_ms)] = checks_until(monitor, deadline_ms - 0.1, deadline_ms + 10.0)
+    assert kind == "Suspect" and suspected_ms == pytest.approx(deadline_ms, abs=0.1)
+    assert monitor.phi("b", suspected_ms) >= ENTERPRISE.phi_threshold
     assert monitor.tick(deadline_ms + 1000.0) == []  # changes only, not repeats
 
 
+def verdicts(outputs: list) -> list:
+    """The verdicts among a monitor's outputs (without the probes it asks the shell to send)."""
+    return [output for output in outputs if not isinstance(output, Probe)]
+
+
 def checks_until(monitor: Monitor, from_ms: float, until_ms: float) -> list[tuple[str, float]]:
-    """Run `tick` when `next_check_ms` says, as the shell does: (verdict kind, at) pairs."""
+    """Run `tick` when `next_check_ms` says, as the shell does: (verdict kind, at) pairs.
+    Probes go unanswered (the node is silent)."""
     seen = []
     at_ms = from_ms
     while at_ms < until_ms:
-        seen += [(type(v).__name__, v.at_ms) for v in monitor.tick(at_ms)]
+        seen += [(type(v).__name__, v.at_ms) for v in verdicts(monitor.tick(at_ms))]
         at_ms = monitor.next_check_ms(at_ms)
     return seen
 
@@ -129,18 +138,23 @@ def test_a_heartbeat_after_quiet_ends_that_silence_and_the_next_one_is_reported_
     assert [kind for kind, _ in seen] == ["Quiet", "Suspect"]
 
 
-def test_a_check_past_both_deadlines_suspects_without_quiet():
+def test_a_check_past_both_deadlines_probes_then_suspects_one_probe_timeout_later():
     monitor = Monitor(ENTERPRISE)
     monitor.watch("b", 1, 0.0)
     last_ms = steady(monitor, "b", 200)
-    assert [type(v) for v in monitor.tick(last_ms + ENTERPRISE.nominal_suspicion_ms + 50.0)] == [Suspect]
+    late_ms = last_ms + ENTERPRISE.nominal_suspicion_ms + 50.0
+    assert [type(v) for v in monitor.tick(late_ms)] == [Probe, Quiet]
+    seen = checks_until(monitor, late_ms, late_ms + 100.0)
+    assert [kind for kind, _ in seen] == ["Suspect"]
+    assert seen[0][1] - late_ms == pytest.approx(ENTERPRISE.probe_timeout_ms, abs=0.01)
 
 
 def test_no_quiet_for_a_node_never_heard_nor_with_the_lead_off():
     unheard = Monitor(ENTERPRISE)
     unheard.watch("b", 0, 0.0)
-    verdicts = unheard.tick(ENTERPRISE.first_heartbeat_grace_ms + 500.0)
-    assert [type(v) for v in verdicts] == [Suspect]
+    late_ms = ENTERPRISE.first_heartbeat_grace_ms + 500.0
+    assert [type(v) for v in unheard.tick(late_ms)] == [Probe]
+    assert [kind for kind, _ in checks_until(unheard, late_ms, late_ms + 100.0)] == ["Suspect"]
     off = Monitor(dataclasses.replace(ENTERPRISE, quiet_lead_ms=0.0))
     off.watch("b", 1, 0.0)
     last_ms = steady(off, "b", 200)
@@ -164,8 +178,9 @@ def test_never_heard_node_is_suspected_silent_after_grace():
     monitor = Monitor(ENTERPRISE)
     monitor.watch("b", 0, 0.0)
     assert monitor.tick(ENTERPRISE.first_heartbeat_grace_ms) == []
-    verdicts = monitor.tick(ENTERPRISE.first_heartbeat_grace_ms + 200.0)
-    assert [v.reason for v in verdicts] == [SuspectReason.SILENT]
+    seen = [v for v in verdicts(monitor.tick(ENTERPRISE.first_heartbeat_grace_ms + 200.0))]
+    seen += verdicts(monitor.tick(ENTERPRISE.first_heartbeat_grace_ms + 200.0 + ENTERPRISE.probe_timeout_ms))
+    assert [v.reason for v in seen] == [SuspectReason.SILENT]
 
 
 def test_sequence_duplicates_ignored_and_gaps_counted_as_loss():
@@ -192,33 +207,45 @@ def test_higher_incarnation_resets_history_lower_is_stale():
     assert monitor.on_heartbeat("b", 2, 2, 2020.0) == []
 
 
+def suspect_by_hint(monitor: Monitor, node_id: str, hint: Hint, at_ms: float) -> list:
+    """Give a hint, let its probe round go unanswered: the verdicts of its end."""
+    [probe] = monitor.on_hint(node_id, hint, at_ms)
+    assert isinstance(probe, Probe) and probe.attempt == 0
+    return verdicts(monitor.tick(at_ms + ENTERPRISE.probe_timeout_ms))
+
+
 def test_restart_after_suspicion_recovers_at_once():
     monitor = Monitor(ENTERPRISE)
     monitor.watch("b", 1, 0.0)
     last_ms = steady(monitor, "b", 20)
-    assert monitor.on_unreachable("b", last_ms + 5.0)[0].reason is SuspectReason.UNREACHABLE
-    verdicts = monitor.on_heartbeat("b", 2, 1, last_ms + 500.0)
-    assert verdicts == [Restarted("b", 1, 2, last_ms + 500.0), Recover("b", 2, last_ms + 500.0)]
+    [suspect] = suspect_by_hint(monitor, "b", Hint.REFUSED, last_ms + 5.0)
+    assert suspect.reason is SuspectReason.UNREACHABLE
+    outputs = monitor.on_heartbeat("b", 2, 1, last_ms + 500.0)
+    assert outputs == [Restarted("b", 1, 2, last_ms + 500.0), Recover("b", 2, last_ms + 500.0)]
 
 
-def test_unreachable_suspects_at_once_and_recovery_needs_fresh_heartbeats():
+@pytest.mark.parametrize(("hint", "reason"), [(Hint.REFUSED, SuspectReason.UNREACHABLE),
+                                              (Hint.DISCONNECTED, SuspectReason.DISCONNECTED)])
+def test_an_unanswered_hint_suspects_one_probe_timeout_later_and_recovery_needs_fresh_heartbeats(hint, reason):
     monitor = Monitor(ENTERPRISE)
     monitor.watch("b", 1, 0.0)
     last_ms = steady(monitor, "b", 20)
-    verdicts = monitor.on_unreachable("b", last_ms + 1.0)
-    assert [(v.node_id, v.reason) for v in verdicts] == [("b", SuspectReason.UNREACHABLE)]
-    assert monitor.on_unreachable("b", last_ms + 2.0) == []
+    [probe] = monitor.on_hint("b", hint, last_ms + 1.0)
+    assert monitor.on_hint("b", hint, last_ms + 2.0) == []  # one round at a time
+    assert verdicts(monitor.tick(last_ms + 1.0 + ENTERPRISE.probe_timeout_ms - 0.01)) == []
+    [suspect] = verdicts(monitor.tick(last_ms + 1.0 + ENTERPRISE.probe_timeout_ms))
+    assert (suspect.node_id, suspect.reason) == ("b", reason)
     # one straggler sent before the crash does not undo the suspicion
-    assert monitor.on_heartbeat("b", 1, 21, last_ms + 3.0) == []
-    assert monitor.on_heartbeat("b", 1, 22, last_ms + 20.0) == [Recover("b", 1, last_ms + 20.0)]
-    assert monitor.on_unreachable("nobody", 0.0) == []
+    assert monitor.on_heartbeat("b", 1, 21, last_ms + 13.0) == []
+    assert monitor.on_heartbeat("b", 1, 22, last_ms + 30.0) == [Recover("b", 1, last_ms + 30.0)]
+    assert monitor.on_hint("nobody", hint, 0.0) == []
 
 
 def test_suspected_gap_is_not_learned():
     monitor = Monitor(ENTERPRISE)
     monitor.watch("b", 1, 0.0)
     last_ms = steady(monitor, "b", 100)
-    assert monitor.tick(last_ms + 5000.0)
+    assert any(kind == "Suspect" for kind, _ in checks_until(monitor, last_ms, last_ms + 5000.0))
     monitor.on_heartbeat("b", 1, 101, last_ms + 5000.0)
     monitor.on_heartbeat("b", 1, 102, last_ms + 5020.0)
     assert monitor.health(last_ms + 5020.0)[0].interval_mean_ms == pytest.approx(INTERVAL_MS)
@@ -252,7 +279,7 @@ def test_phi_at_arrival_max_is_the_highest_phi_answered_without_suspicion(late_g
     arrival_ms = last_ms + late_gap_ms
     if not suspected:
         expected = max(expected, monitor.phi("b", arrival_ms))
-    assert any(isinstance(v, Suspect) for v in monitor.tick(arrival_ms)) is suspected
+    assert any(kind == "Suspect" for kind, _ in checks_until(monitor, last_ms, arrival_ms)) is suspected
     monitor.on_heartbeat("b", 1, 101, arrival_ms)
     assert monitor.phi_at_arrival_max == pytest.approx(expected, abs=0.05)
     assert monitor.phi_at_arrival_max < ENTERPRISE.phi_threshold
@@ -401,9 +428,8 @@ def test_monitor_reports_degraded_separately_from_suspected():
     monitor.watch("b", 1, 0.0)
     last_ms = steady(monitor, "b", 10)
     for _ in range(3):
-        monitor.on_request_latency("b", 500.0, 100.0, last_ms)
-    verdicts = monitor.tick(last_ms + 1.0)
-    assert [type(v) for v in verdicts] == [Degraded]
+        monitor.judge.on_latency("b", 500.0, 100.0, last_ms)
+    assert [type(v) for v in monitor.tick(last_ms + 1.0)] == [Degraded]
 
 
 def test_judge_is_bounded_in_nodes():
@@ -480,7 +506,7 @@ def test_a_recent_sender_stall_widens_the_tolerated_silence(gap_ms, sequence_ste
                                                             suspected):
     monitor, last_ms = after_gap(ENTERPRISE, gap_ms, sequence_step, since_gap_ms)
     assert (monitor.phi("b", last_ms + silence_ms) >= ENTERPRISE.phi_threshold) is suspected
-    assert bool(monitor.tick(last_ms + silence_ms)) is suspected
+    assert any(kind == "Suspect" for kind, _ in checks_until(monitor, last_ms, last_ms + silence_ms)) is suspected
 
 
 @pytest.mark.parametrize(
