@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import itertools
 import multiprocessing
 import os
@@ -69,6 +70,10 @@ log = structlog.get_logger(__name__)
 
 ROLES = ("warm", "serving")
 PIPE_CLOSED_GRACE_S = 2.0
+# Data-plane workers a host serves at once, and how long one may take to show its token.
+DATA_CLIENTS_MAX = 16
+DATA_HANDSHAKE_TIMEOUT_S = 2.0
+DATA_TOKEN_BYTES = 32
 _ALIGNMENT_BYTES = 64
 _READY = "ready"
 
@@ -94,6 +99,10 @@ class HostOptions:
     # nice 5 host loaded 3x slower against other processes: 0 unless the node is ours.
     nice: int = 0
     trusted_modules: tuple[str, ...] = TRUSTED_MODULES_DEFAULT
+    # Set by `ModelHost(data_plane=True)` for its child: where data-plane workers connect
+    # (an abstract Unix socket) and the token they must show. Empty: the pipe only.
+    data_address: str = ""
+    data_token: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
         assert self.threads >= 1 and self.infer_workers >= 1 and self.requests_pending_max >= 1
@@ -329,7 +338,12 @@ def _aligned(size_bytes: int) -> int:
 
 
 def _host_main(connection: Connection, options: HostOptions) -> None:
-    """Entry point of the host process: receive commands, run them, reply."""
+    """Entry point of the host process: receive commands, run them, reply.
+
+    The parent's pipe carries every command. With `options.data_address`, the host also
+    listens there (an abstract Unix socket) for data-plane workers: each proves it holds
+    `options.data_token`, then sends `infer` requests only, answered on its own connection.
+    """
     import torch
 
     from redge.runtime.loader import load
@@ -341,21 +355,29 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
         pass
     models: dict[str, Any] = {}
     models_lock = threading.Lock()
-    send_lock = threading.Lock()
     load_options = LoadOptions(threads=options.threads, verify=options.verify, trusted_modules=options.trusted_modules)
-    segments = _MappedSegments(keep_max=2 * options.requests_pending_max)
+    segments = _MappedSegments(keep_max=2 * options.requests_pending_max * (1 + DATA_CLIENTS_MAX))
     segments_lock = threading.Lock()
     load_queue: queue.Queue[Any] = queue.Queue(maxsize=options.requests_pending_max)
-    infer_queues: dict[str, queue.Queue[Any]] = {}  # per model key; the receive loop's alone
+    infer_queues: dict[str, queue.Queue[Any]] = {}  # per model key
+    infer_queues_lock = threading.Lock()
+    pid = multiprocessing.current_process().pid
 
-    def reply(request_id: int, ok: bool, payload: Any) -> None:
-        with send_lock:
-            try:
-                connection.send((request_id, ok, payload))
-            except (BrokenPipeError, OSError):
-                pass  # the parent is gone; the receive loop will see EOF and end the process
+    def replier(channel: Connection) -> Callable[[int, bool, Any], None]:
+        lock = threading.Lock()
 
-    def run_load(request_id: int, payload: dict[str, Any]) -> None:
+        def reply(request_id: int, ok: bool, payload: Any) -> None:
+            with lock:
+                try:
+                    channel.send((request_id, ok, payload))
+                except (BrokenPipeError, OSError):
+                    pass  # the other end is gone; its receive loop sees EOF and ends
+
+        return reply
+
+    reply = replier(connection)
+
+    def run_load(request_id: int, payload: dict[str, Any], answer: Callable[..., None]) -> None:
         try:
             manifest = Manifest.from_json(payload["manifest"])
             model, report = load(payload["directory"], manifest, options.device, load_options)
@@ -364,13 +386,13 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
                 models[payload["key"]] = model
             if previous is not None:
                 previous.close()
-            reply(request_id, True, report)
+            answer(request_id, True, report)
         except RuntimeFailure as error:
-            reply(request_id, False, error)
+            answer(request_id, False, error)
         except Exception as error:  # noqa: BLE001
-            reply(request_id, False, LoadFailed("?", "?", "?", "host", f"{type(error).__name__}: {error}"))
+            answer(request_id, False, LoadFailed("?", "?", "?", "host", f"{type(error).__name__}: {error}"))
 
-    def run_unload(request_id: int, payload: dict[str, Any]) -> None:
+    def run_unload(request_id: int, payload: dict[str, Any], answer: Callable[..., None]) -> None:
         import gc
 
         with models_lock:
@@ -379,9 +401,9 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
             model.close()
             del model
             gc.collect()
-        reply(request_id, True, None)
+        answer(request_id, True, None)
 
-    def run_infer(request_id: int, payload: dict[str, Any]) -> None:
+    def run_infer(request_id: int, payload: dict[str, Any], answer: Callable[..., None]) -> None:
         key = payload["key"]
         packed = payload["inputs"]
         started_s = time.perf_counter()
@@ -396,34 +418,92 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
             with segments_lock:
                 inputs = segments.views(packed)
             outputs = model.infer(inputs)
-            del inputs  # views into the parent's segment: it is reused once we answer
+            del inputs  # views into the sender's segment: it is reused once we answer
             computed_s = time.perf_counter()
             result, _ = _pack(outputs, options.inline_bytes_max)
             queued_ms = (started_s - payload["received_s"]) * 1000
-            reply(request_id, True, (result, queued_ms, (computed_s - started_s) * 1000))
+            answer(request_id, True, (result, queued_ms, (computed_s - started_s) * 1000))
         except RuntimeFailure as error:
-            reply(request_id, False, error)
+            answer(request_id, False, error)
         except Exception as error:  # noqa: BLE001
-            reply(request_id, False, InferenceFailed(key, f"{type(error).__name__}: {error}"))
+            answer(request_id, False, InferenceFailed(key, f"{type(error).__name__}: {error}"))
 
     def worker(work: queue.Queue[Any]) -> None:
         while True:
             item = work.get()
             if item is None:
                 return
-            function, request_id, payload = item
-            function(request_id, payload)
+            function, request_id, payload, answer = item
+            function(request_id, payload, answer)
 
     def infer_queue(key: str) -> queue.Queue[Any]:
-        work = infer_queues.get(key)
-        if work is None:
-            work = infer_queues[key] = queue.Queue(maxsize=options.requests_pending_max)
-            for index in range(options.infer_workers):
-                threading.Thread(target=worker, args=(work,), name=f"host-infer-{key}-{index}", daemon=True).start()
-        return work
+        with infer_queues_lock:
+            work = infer_queues.get(key)
+            if work is None:
+                work = infer_queues[key] = queue.Queue(maxsize=options.requests_pending_max)
+                for index in range(options.infer_workers):
+                    threading.Thread(target=worker, args=(work,), name=f"host-infer-{key}-{index}", daemon=True).start()
+            return work
 
+    def submit_infer(request_id: int, payload: dict[str, Any], answer: Callable[..., None]) -> None:
+        payload["received_s"] = time.perf_counter()
+        try:
+            infer_queue(payload["key"]).put_nowait((run_infer, request_id, payload, answer))
+        except queue.Full:
+            answer(request_id, False, HostBusy(options.requests_pending_max, options.requests_pending_max))
+
+    def serve_data_client(sock: socket.socket) -> None:
+        """One worker's connection: the token first, then infer requests until EOF."""
+        try:
+            sock.settimeout(DATA_HANDSHAKE_TIMEOUT_S)
+            token = _receive_exactly(sock, len(options.data_token))
+            sock.settimeout(None)
+        except OSError:
+            sock.close()
+            return
+        if not hmac.compare_digest(token, options.data_token):
+            sock.close()
+            return
+        channel = Connection(sock.detach())
+        answer = replier(channel)
+        answer(0, True, (_READY, pid))
+        while True:
+            try:
+                request_id, operation, payload = channel.recv()
+            except (EOFError, OSError, pickle.UnpicklingError):
+                break
+            if operation == "infer":
+                submit_infer(request_id, payload, answer)
+            else:
+                answer(request_id, False, InferenceFailed("?", f"a data connection may only infer, not {operation!r}"))
+        channel.close()
+
+    def accept_data_clients(listener: socket.socket) -> None:
+        clients = threading.BoundedSemaphore(DATA_CLIENTS_MAX)
+
+        def serve(sock: socket.socket) -> None:
+            try:
+                serve_data_client(sock)
+            finally:
+                clients.release()
+
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            if not clients.acquire(blocking=False):
+                sock.close()  # more clients than any peer runs workers: someone else's
+                continue
+            threading.Thread(target=serve, args=(sock,), name="host-data-client", daemon=True).start()
+
+    if options.data_address:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(options.data_address)
+        listener.listen(DATA_CLIENTS_MAX)
+        threading.Thread(target=accept_data_clients, args=(listener,), name="host-data-listener", daemon=True).start()
     threading.Thread(target=worker, args=(load_queue,), name="host-load", daemon=True).start()
-    reply(0, True, (_READY, multiprocessing.current_process().pid))
+    reply(0, True, (_READY, pid))
     while True:
         try:
             request_id, operation, payload = connection.recv()
@@ -433,21 +513,31 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
             reply(request_id, True, None)
             break
         if operation == "load":
-            load_queue.put((run_load, request_id, payload))
+            load_queue.put((run_load, request_id, payload, reply))
         elif operation == "unload":
-            load_queue.put((run_unload, request_id, payload))
-            stopping = infer_queues.pop(payload["key"], None)
+            load_queue.put((run_unload, request_id, payload, reply))
+            with infer_queues_lock:
+                stopping = infer_queues.pop(payload["key"], None)
             for _ in range(options.infer_workers if stopping is not None else 0):
                 stopping.put(None)  # after the requests already queued for it
         elif operation == "infer":
-            payload["received_s"] = time.perf_counter()
-            infer_queue(payload["key"]).put((run_infer, request_id, payload))
+            submit_infer(request_id, payload, reply)
         elif operation == "ping":
             reply(request_id, True, None)
         else:
             raise AssertionError(f"unknown host operation {operation!r}")
     # Skip interpreter teardown (seconds with torch loaded): nothing here needs flushing.
     os._exit(0)
+
+
+def _receive_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionResetError("closed before the token")
+        data += chunk
+    return data
 
 
 # -- the parent's facade
@@ -517,25 +607,176 @@ class _Counters:
     started_at_s: float = field(default_factory=time.monotonic)
 
 
-class ModelHost:
-    """The asyncio facade of one host process. Create, `await start()`, then use."""
+class _Channel:
+    """One connection to a host process, seen from an event loop: framed requests out,
+    replies matched to their futures, request tensors in pooled shared memory.
 
-    def __init__(self, options: HostOptions | None = None, on_crash: Callable[[HostCrashed], None] | None = None) -> None:
-        self.options = options or HostOptions()
+    Bounded: at most `requests_pending_max` requests wait for an answer (past that,
+    `HostBusy`), and every wait has a deadline. `usable` is asked before each request: the
+    owner says whether the other end may still answer (a crashed host, a closed client)."""
+
+    def __init__(self, options: HostOptions, usable: Callable[[], None], on_lost: Callable[[], None]) -> None:
+        self.options = options
+        self._usable = usable
+        self._on_lost = on_lost
+        self._pending: dict[int, _Pending] = {}
+        self._request_ids = itertools.count(1)
+        self._segments = _SegmentPool(keep_max=options.requests_pending_max)
+        self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
+        self.counters = _Counters()
+
+    async def open(self, sock: socket.socket) -> asyncio.Future[Any]:
+        """Take over `sock`; returns the future of the host's ready message (request id 0)."""
+        self._loop = asyncio.get_running_loop()
+        ready = self._loop.create_future()
+        self._pending[0] = _Pending(ready)
+        sock.setblocking(False)
+        self._transport, _ = await self._loop.create_connection(
+            lambda: _PipeProtocol(self._on_reply, self._lost), sock=sock
+        )
+        return ready
+
+    def forget_ready(self) -> None:
+        self._pending.pop(0, None)
+
+    def _lost(self) -> None:
+        self.closed = True
+        self._on_lost()
+
+    def check_capacity(self) -> None:
+        if len(self._pending) >= self.options.requests_pending_max:
+            raise HostBusy(len(self._pending), self.options.requests_pending_max)
+
+    def submit(self, operation: str, payload: Any, segment: shared_memory.SharedMemory | None = None) -> asyncio.Future[Any]:
+        try:
+            self._usable()
+            self.check_capacity()
+            request_id = next(self._request_ids)
+            frame = _frame((request_id, operation, payload))  # an unpicklable payload fails here, unregistered
+        except BaseException:
+            self._segments.give(segment)  # never sent
+            raise
+        assert self._loop is not None
+        future = self._loop.create_future()
+        self._pending[request_id] = _Pending(future, segment)
+        if not self.write_frame(frame):
+            self._pending.pop(request_id)
+            self._segments.give(segment)  # never sent
+            self._usable()
+            raise HostCrashed(None, "the connection to the host is closed")
+        self.counters.requests_total += 1
+        future.add_done_callback(lambda _: self._forget(request_id))
+        return future
+
+    def _forget(self, request_id: int) -> None:
+        pending = self._pending.pop(request_id, None)
+        if pending is None:
+            return
+        if pending.answered:
+            self._segments.give(pending.segment)
+        else:
+            self._segments.drop(pending.segment)  # the host may still read it
+
+    async def wait(self, future: asyncio.Future[Any], budget_s: float, operation: str, key: str) -> Any:
+        try:
+            return await asyncio.wait_for(future, budget_s)
+        except TimeoutError:
+            raise DeadlineExceeded(operation, key, budget_s * 1000) from None
+
+    async def infer(
+        self, key: str, inputs: Mapping[str, np.ndarray], deadline_s: float | None
+    ) -> tuple[dict[str, np.ndarray], InferTiming]:
+        """Run `key` on the host; `deadline_s` is an absolute `time.monotonic()` time."""
+        started_s = time.perf_counter()
+        now_s = time.monotonic()
+        budget_s = (deadline_s - now_s) if deadline_s is not None else self.options.control_timeout_s
+        if budget_s <= 0:
+            raise DeadlineExceeded("infer", key, 0.0)
+        self._usable()
+        self.check_capacity()
+        packed, segment = _pack(dict(inputs), self.options.inline_bytes_max, self._segments.take)
+        future = self.submit("infer", {"key": key, "inputs": packed, "deadline_s": deadline_s}, segment)
+        result, queued_ms, compute_ms = await self.wait(future, budget_s, "infer", key)
+        outputs = _unpack(result)
+        return outputs, InferTiming(queued_ms, compute_ms, (time.perf_counter() - started_s) * 1000)
+
+    def write(self, message: Any) -> bool:
+        return self.write_frame(_frame(message))
+
+    def write_frame(self, frame: bytes) -> bool:
+        """Send one framed request; False when the connection is closed."""
+        transport = self._transport
+        if transport is None or transport.is_closing() or self.closed:
+            return False
+        try:
+            transport.write(frame)
+        except (OSError, RuntimeError):
+            return False
+        return True
+
+    def _on_reply(self, message: tuple[int, bool, Any]) -> None:
+        request_id, ok, payload = message
+        pending = self._pending.get(request_id)
+        if pending is None or pending.future.done():
+            _discard(payload[0] if ok and isinstance(payload, tuple) else payload)  # answered after its deadline
+            return
+        pending.answered = True
+        if ok:
+            pending.future.set_result(payload)
+        else:
+            pending.future.set_exception(payload)
+
+    def fail_all(self, error: RuntimeFailure) -> None:
+        for request_id, pending in list(self._pending.items()):
+            if not pending.future.done():
+                with contextlib.suppress(RuntimeError):  # a closed loop: nobody awaits it any more
+                    pending.future.set_exception(error)
+                    pending.future.exception()  # mark retrieved: nobody may be awaiting it
+            self._forget(request_id)
+
+    def close(self, error: RuntimeFailure) -> None:
+        self.closed = True
+        self._segments.close()
+        self.fail_all(error)
+        if self._transport is not None:
+            with contextlib.suppress(RuntimeError):  # the loop may be closed already
+                self._transport.close()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
+class ModelHost:
+    """The asyncio facade of one host process. Create, `await start()`, then use.
+
+    With `data_plane=True` the host also serves data-plane workers directly
+    (`data_endpoint`): they connect with `HostClient` and run inference without a hop
+    through this process."""
+
+    def __init__(
+        self, options: HostOptions | None = None, on_crash: Callable[[HostCrashed], None] | None = None,
+        *, data_plane: bool = False,
+    ) -> None:
+        options = options or HostOptions()
+        if data_plane:
+            options = replace(
+                options,
+                data_address=f"\0redge-host-{os.getpid()}-{os.urandom(8).hex()}",
+                data_token=os.urandom(DATA_TOKEN_BYTES),
+            )
+        self.options = options
         self.on_crash = on_crash
         self._models: dict[str, ModelState] = {}
         self._loading: dict[str, asyncio.Future[LoadReport]] = {}
-        self._pending: dict[int, _Pending] = {}
-        self._request_ids = itertools.count(1)
         self._process: Any = None
-        self._transport: asyncio.Transport | None = None
         self._pipe_closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._crashed: HostCrashed | None = None
         self._closed = False
-        self._ready: asyncio.Future[Any] | None = None
-        self._segments = _SegmentPool(keep_max=self.options.requests_pending_max)
-        self.counters = _Counters()
+        self._channel = _Channel(self.options, self._check_usable, self._on_pipe_closed)
+        self.counters = self._channel.counters
 
     # -- lifecycle
 
@@ -551,6 +792,13 @@ class ModelHost:
     def crashed(self) -> HostCrashed | None:
         return self._crashed
 
+    @property
+    def data_endpoint(self) -> tuple[str, bytes] | None:
+        """(address, token) for `HostClient`, while the host is alive and serves workers."""
+        if not self.options.data_address or not self.alive:
+            return None
+        return self.options.data_address, self.options.data_token
+
     async def start(self) -> None:
         assert self._process is None, "a ModelHost starts once; make a new one after a crash"
         self._loop = asyncio.get_running_loop()
@@ -558,8 +806,6 @@ class ModelHost:
         context = multiprocessing.get_context("spawn")
         parent_socket, child_socket = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         child_end = Connection(child_socket.detach())
-        self._ready = self._loop.create_future()
-        self._pending[0] = _Pending(self._ready)
         self._process = context.Process(
             target=_host_main, args=(child_end, self.options), name="redge-model-host", daemon=True
         )
@@ -568,17 +814,14 @@ class ModelHost:
         finally:
             child_end.close()  # so that the child's death closes the pipe and we see EOF
         self._lower_priority()
-        parent_socket.setblocking(False)
-        self._transport, _ = await self._loop.create_connection(
-            lambda: _PipeProtocol(self._on_reply, self._on_pipe_closed), sock=parent_socket
-        )
+        ready = await self._channel.open(parent_socket)
         try:
-            await asyncio.wait_for(asyncio.shield(self._ready), self.options.start_timeout_s)
+            await asyncio.wait_for(asyncio.shield(ready), self.options.start_timeout_s)
         except TimeoutError:
             await self.aclose()
             raise HostCrashed(None, f"host did not start within {self.options.start_timeout_s} s") from None
         finally:
-            self._pending.pop(0, None)
+            self._channel.forget_ready()
         log.info("model_host_started", pid=self._process.pid, threads=self.options.threads, device=self.options.device)
 
     def _lower_priority(self) -> None:
@@ -613,7 +856,7 @@ class ModelHost:
             self._closed = True
             return False
         self._closed = True
-        self._write((next(self._request_ids), "shutdown", None))
+        self._channel.write((next(self._channel._request_ids), "shutdown", None))
         return True
 
     def _stop_process(self) -> None:
@@ -624,11 +867,7 @@ class ModelHost:
             self._process.join(self.options.close_timeout_s)
 
     def _finish_close(self) -> None:
-        self._segments.close()
-        self._fail_all(HostClosed())
-        if self._transport is not None:
-            with contextlib.suppress(RuntimeError):  # the loop may be closed already
-                self._transport.close()
+        self._channel.close(HostClosed())
         self._models.clear()
         log.info("model_host_closed", pid=self.pid, exit_code=self._process.exitcode)
 
@@ -659,13 +898,13 @@ class ModelHost:
             return await asyncio.shield(self._loading[key])
         budget_s = timeout_s if timeout_s is not None else self.options.load_timeout_s
         payload = {"key": key, "directory": str(directory), "manifest": manifest.to_json()}
-        future = self._submit("load", payload)
+        future = self._channel.submit("load", payload)
         self._loading[key] = future
         try:
-            report: LoadReport = await self._wait(future, budget_s, "load", key)
+            report: LoadReport = await self._channel.wait(future, budget_s, "load", key)
         except DeadlineExceeded:
             # The child may still finish this load: have it dropped right after.
-            unload = self._submit("unload", {"key": key})
+            unload = self._channel.submit("unload", {"key": key})
             unload.add_done_callback(lambda done: done.cancelled() or done.exception())
             raise
         finally:
@@ -688,25 +927,16 @@ class ModelHost:
         self, key: str, inputs: Mapping[str, np.ndarray], deadline_s: float | None = None
     ) -> tuple[dict[str, np.ndarray], InferTiming]:
         """`infer`, and where its time went."""
-        started_s = time.perf_counter()
         state = self._models.get(key)
         self._check_usable()
         if state is None:
             raise ModelNotLoaded(key)
         if state.role != "serving":
             raise ModelNotServing(key, state.role)
-        now_s = time.monotonic()
-        budget_s = (deadline_s - now_s) if deadline_s is not None else self.options.control_timeout_s
-        if budget_s <= 0:
-            raise DeadlineExceeded("infer", key, 0.0)
-        self._check_capacity()
-        packed, segment = _pack(dict(inputs), self.options.inline_bytes_max, self._segments.take)
-        future = self._submit("infer", {"key": key, "inputs": packed, "deadline_s": deadline_s}, segment)
-        result, queued_ms, compute_ms = await self._wait(future, budget_s, "infer", key)
+        outputs, timing = await self._channel.infer(key, inputs, deadline_s)
         state.requests_total += 1
         state.last_request_at_s = time.monotonic()
-        outputs = _unpack(result)
-        return outputs, InferTiming(queued_ms, compute_ms, (time.perf_counter() - started_s) * 1000)
+        return outputs, timing
 
     async def promote(self, key: str) -> None:
         """Warm backup -> serving: a flag in this process, no message, no load."""
@@ -727,8 +957,8 @@ class ModelHost:
     async def unload(self, key: str, timeout_s: float | None = None) -> None:
         """Drop a model from the host; idempotent."""
         self._models.pop(key, None)
-        future = self._submit("unload", {"key": key})
-        await self._wait(future, timeout_s or self.options.control_timeout_s, "unload", key)
+        future = self._channel.submit("unload", {"key": key})
+        await self._channel.wait(future, timeout_s or self.options.control_timeout_s, "unload", key)
         log.info("model_unloaded", key=key)
 
     def models(self) -> dict[str, ModelState]:
@@ -749,6 +979,10 @@ class ModelHost:
 
     # -- plumbing
 
+    @property
+    def _segments(self) -> _SegmentPool:
+        return self._channel._segments
+
     def _check_usable(self) -> None:
         if self._crashed is not None:
             raise self._crashed
@@ -758,59 +992,6 @@ class ModelHost:
             raise HostCrashed(None, "the pipe to the host closed; the host is exiting")
         assert self._process is not None, "call `await host.start()` first"
 
-    def _check_capacity(self) -> None:
-        if len(self._pending) >= self.options.requests_pending_max:
-            raise HostBusy(len(self._pending), self.options.requests_pending_max)
-
-    def _submit(self, operation: str, payload: Any, segment: shared_memory.SharedMemory | None = None) -> asyncio.Future[Any]:
-        try:
-            self._check_usable()
-            self._check_capacity()
-            request_id = next(self._request_ids)
-            frame = _frame((request_id, operation, payload))  # an unpicklable payload fails here, unregistered
-        except BaseException:
-            self._segments.give(segment)  # never sent
-            raise
-        assert self._loop is not None
-        future = self._loop.create_future()
-        self._pending[request_id] = _Pending(future, segment)
-        if not self._write_frame(frame):
-            self._pending.pop(request_id)
-            self._segments.give(segment)  # never sent
-            raise self._crashed or HostCrashed(None, "the pipe to the host is closed")
-        self.counters.requests_total += 1
-        future.add_done_callback(lambda _: self._forget(request_id))
-        return future
-
-    def _forget(self, request_id: int) -> None:
-        pending = self._pending.pop(request_id, None)
-        if pending is None:
-            return
-        if pending.answered:
-            self._segments.give(pending.segment)
-        else:
-            self._segments.drop(pending.segment)  # the host may still read it
-
-    async def _wait(self, future: asyncio.Future[Any], budget_s: float, operation: str, key: str) -> Any:
-        try:
-            return await asyncio.wait_for(future, budget_s)
-        except TimeoutError:
-            raise DeadlineExceeded(operation, key, budget_s * 1000) from None
-
-    def _write(self, message: Any) -> bool:
-        return self._write_frame(_frame(message))
-
-    def _write_frame(self, frame: bytes) -> bool:
-        """Send one framed command; False when the pipe is closed (the crash is reported apart)."""
-        transport = self._transport
-        if transport is None or transport.is_closing() or self._pipe_closed:
-            return False
-        try:
-            transport.write(frame)
-        except (OSError, RuntimeError):
-            return False
-        return True
-
     def _on_pipe_closed(self) -> None:
         """EOF from the host: it exited, or was killed. The crash is reported once the
         process is reaped, for its exit code: the loop watches the process sentinel, which
@@ -818,8 +999,8 @@ class ModelHost:
         if self._closed or self._crashed is not None or self._pipe_closed:
             return
         self._pipe_closed = True  # from now on nothing is sent and every call fails at once
-        assert self._loop is not None
-        loop, process = self._loop, self._process
+        loop = asyncio.get_running_loop()
+        process = self._process
         sentinel = process.sentinel
 
         def reap() -> None:
@@ -838,39 +1019,77 @@ class ModelHost:
         # A host that closed its end but does not exit is ended after a grace period.
         loop.call_later(PIPE_CLOSED_GRACE_S, lambda: self._crashed is None and not self._closed and reap())
 
-    def _on_reply(self, message: tuple[int, bool, Any]) -> None:
-        request_id, ok, payload = message
-        pending = self._pending.get(request_id)
-        if pending is None or pending.future.done():
-            _discard(payload[0] if ok and isinstance(payload, tuple) else payload)  # answered after its deadline
-            return
-        pending.answered = True
-        if ok:
-            pending.future.set_result(payload)
-        else:
-            pending.future.set_exception(payload)
-
     def _on_crash(self, exit_code: int | None) -> None:
         if self._closed or self._crashed is not None:
             return
         self._crashed = HostCrashed(exit_code, "the host process exited; its models are gone")
         self.counters.crashes_total += 1
         self._models.clear()
-        self._fail_all(self._crashed)
-        self._segments.close()
-        if self._transport is not None:
-            self._transport.close()
+        self._channel.close(self._crashed)
         log.error("model_host_crashed", pid=self.pid, exit_code=exit_code)
         if self.on_crash is not None:
             self.on_crash(self._crashed)
 
-    def _fail_all(self, error: RuntimeFailure) -> None:
-        for request_id, pending in list(self._pending.items()):
-            if not pending.future.done():
-                with contextlib.suppress(RuntimeError):  # a closed loop: nobody awaits it any more
-                    pending.future.set_exception(error)
-                    pending.future.exception()  # mark retrieved: nobody may be awaiting it
-            self._forget(request_id)
+
+class HostClient:
+    """A data-plane worker's own connection to the model host: inference only, straight to
+    the host process, without a hop through the peer's control process. Roles are the
+    control process's business: the worker asks only for models its routing table says
+    are loaded here, and the host answers `ModelNotLoaded` for any other."""
+
+    def __init__(self, address: str, token: bytes, options: HostOptions | None = None) -> None:
+        self.address = address
+        self._token = token
+        self.options = options or HostOptions()
+        self._closed = False
+        self._lost = False
+        self._channel = _Channel(self.options, self._check_usable, self._on_lost)
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and not self._lost
+
+    async def connect(self, timeout_s: float = 5.0) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            async with asyncio.timeout(timeout_s):
+                await loop.sock_connect(sock, self.address)
+                await loop.sock_sendall(sock, self._token)
+                ready = await self._channel.open(sock)
+                await ready
+        except (OSError, TimeoutError) as error:
+            sock.close()
+            self._lost = True
+            raise HostCrashed(None, f"cannot reach the model host at its data socket: {error or type(error).__name__}") from None
+        finally:
+            self._channel.forget_ready()
+
+    async def infer(
+        self, key: str, inputs: Mapping[str, np.ndarray], deadline_s: float | None
+    ) -> tuple[dict[str, np.ndarray], InferTiming]:
+        return await self._channel.infer(key, inputs, deadline_s)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise HostClosed()
+        if self._lost:
+            raise HostCrashed(None, "the connection to the model host closed")
+
+    def _on_lost(self) -> None:
+        if self._closed or self._lost:
+            return
+        self._lost = True
+        self._channel.close(HostCrashed(None, "the connection to the model host closed"))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._channel.close(HostClosed())
+
+    def __len__(self) -> int:
+        return len(self._channel)
 
 
 def _close_segment(segment: shared_memory.SharedMemory | None, unlink: bool) -> None:
