@@ -20,6 +20,7 @@ from aiohttp import web
 
 from redge import __version__
 from redge.agent import metrics as metrics_module
+from redge.agent.dataplane import CONTROL_TOKEN_HEADER
 from redge.consensus import commands as c
 from redge.consensus.errors import ConsensusError, MalformedCommand, ProposalTimeout
 
@@ -47,8 +48,15 @@ class HttpError(Exception):
         self.message = message
 
 
+CONTROL_BODY_BYTES_MAX = 1024 * 1024
+
+
 def build_app(peer: Peer) -> web.Application:
-    app = web.Application(client_max_size=peer.config.request_body_bytes_max, middlewares=[_errors_middleware(peer)])
+    """The control process's API. It listens on an abstract Unix socket only and answers
+    only calls that carry the peer's control token, which its data-plane workers add when
+    they pass a client's call on (agent/dataplane.py); inference never comes here."""
+    app = web.Application(client_max_size=CONTROL_BODY_BYTES_MAX,
+                          middlewares=[_token_middleware(peer), _errors_middleware(peer)])
     app["peer"] = peer
     app.router.add_get("/v2", server_metadata)
     app.router.add_get("/v2/health/live", health_live)
@@ -62,6 +70,19 @@ def build_app(peer: Peer) -> web.Application:
     app.router.add_post("/cluster/probe", cluster_probe)
     app.router.add_get("/metrics", metrics_text)
     return app
+
+
+def _token_middleware(peer: Peer):
+    expected = peer.control_token.encode()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        given = request.headers.get(CONTROL_TOKEN_HEADER, "").encode("utf-8", "replace")
+        if not hmac.compare_digest(given, expected):
+            return error_response(403, "this socket serves the peer's own HTTP workers only")
+        return await handler(request)
+
+    return middleware
 
 
 def _errors_middleware(peer: Peer):
@@ -83,8 +104,7 @@ def _errors_middleware(peer: Peer):
         except Exception as error:  # the peer must stay up whatever a handler does
             log.exception("http_handler_failed", route=route)
             response = error_response(500, f"internal error: {type(error).__name__}: {error}")
-        peer.metrics.http_requests.labels(route=route, status=str(response.status)).inc()
-        return response
+        return response  # counted by the worker that passed the call on
 
     return middleware
 
@@ -350,5 +370,8 @@ async def apps_remove(request: web.Request) -> web.Response:
 
 
 async def metrics_text(request: web.Request) -> web.Response:
-    body = _peer(request).metrics.render()
+    peer = _peer(request)
+    if peer.workers is not None:
+        await peer.workers.flush()  # what the HTTP workers served up to now, counted
+    body = peer.metrics.render()
     return web.Response(body=body, headers={"Content-Type": metrics_module.CONTENT_TYPE})

@@ -44,7 +44,16 @@ def _add_peer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-kind", help="cpu or gpu")
     parser.add_argument("--model-threads", type=int, help="threads for model inference (default 1)")
     parser.add_argument("--model-host-nice", type=int, help="CPU niceness added to the model host (default 10)")
-    parser.add_argument("--request-body-bytes-max", type=int, help="largest inference request accepted")
+    parser.add_argument("--request-body-bytes-max", type=int, help="largest inference request accepted (default 64 MiB)")
+    parser.add_argument(
+        "--request-bytes-held-max", type=int,
+        help="request body bytes held at once across all requests; past it, 503 (default 256 MiB)",
+    )
+    parser.add_argument(
+        "--dynamic-dimension-max", type=int, help="largest value of a model input's dynamic dimension (default 64)"
+    )
+    parser.add_argument("--http-workers", type=int, help="data-plane worker processes serving HTTP (default 1)")
+    parser.add_argument("--http-worker-nice", type=int, help="CPU niceness added to the HTTP workers (default 5)")
     parser.add_argument(
         "--slo-factor", type=float, help="report this node degraded when an app's median latency here exceeds this x its SLO (default 1.5)"
     )
@@ -154,7 +163,8 @@ def peer_values(args: argparse.Namespace) -> dict[str, Any]:
         "node_id", "http", "raft", "heartbeat", "peers", "join", "data_dir", "store", "storage_budget_bytes",
         "source", "profile", "secret_file", "admin_token_file", "log_level", "memory_bytes",
         "accelerator_memory_bytes", "device_kind", "model_threads", "model_host_nice", "request_body_bytes_max",
-        "slo_factor", "watch_rotation_s",
+        "slo_factor", "watch_rotation_s", "request_bytes_held_max", "dynamic_dimension_max", "http_workers",
+        "http_worker_nice",
     ):
         value = getattr(args, key, None)
         if value is not None:

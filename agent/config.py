@@ -46,6 +46,15 @@ class PeerConfig:
     accelerator_memory_bytes: int = 0
     device_kind: str = "cpu"
     request_body_bytes_max: int = 64 * 1024 * 1024
+    # Bytes of request bodies a peer holds at once, across all requests (agent/dataplane.py):
+    # past it a request is refused with 503 before its body is read.
+    request_bytes_held_max: int = 256 * 1024 * 1024
+    # A model input's dynamic (-1) dimension may be at most this: it bounds the body a
+    # request for that model may have.
+    dynamic_dimension_max: int = 64
+    # Data-plane worker processes that serve HTTP, and how much nicer than the peer they run.
+    http_workers: int = 1
+    http_worker_nice: int = 5
     model_threads: int = 1
     model_host_nice: int = 10
     # Degraded when an app's median latency here stays above this factor x its SLO (agent/slo.py).
@@ -142,6 +151,14 @@ def load(values: dict[str, Any], environ: dict[str, str] | None = None) -> PeerC
         problems.append("model-threads must be between 1 and 256")
     if config.request_body_bytes_max <= 0:
         problems.append("request-body-bytes-max must be > 0")
+    if config.request_bytes_held_max < config.request_body_bytes_max:
+        problems.append("request-bytes-held-max must be at least request-body-bytes-max (one body must fit)")
+    if not 1 <= config.dynamic_dimension_max <= 1 << 20:
+        problems.append("dynamic-dimension-max must be between 1 and 1048576")
+    if not 1 <= config.http_workers <= 64:
+        problems.append("http-workers must be between 1 and 64")
+    if not 0 <= config.http_worker_nice <= 19:
+        problems.append("http-worker-nice must be between 0 and 19")
     if config.log_level not in ("debug", "info", "warning", "error"):
         problems.append("log-level must be debug, info, warning or error")
 

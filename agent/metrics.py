@@ -86,6 +86,35 @@ class PeerMetrics:
         self.forwards = Counter(
             "redge_forwards_total", "Requests forwarded to another peer, by outcome", ["outcome"], **labels
         )
+        self.request_body_bytes_held = Gauge(
+            "redge_request_body_bytes_held", "Bytes of request bodies the HTTP workers hold now", **labels
+        )
+        self.request_bodies_refused = Counter(
+            "redge_request_bodies_refused_total",
+            "Inference requests refused before their body was read, by status (411 no length, 413 too large, "
+            "503 over the bytes held)",
+            ["status"],
+            **labels,
+        )
+        self.dataplane_worker_restarts = Gauge(
+            "redge_dataplane_worker_restarts", "HTTP worker processes restarted after they died", **labels
+        )
+        self.detector_probe_rounds = Gauge(
+            "redge_detector_probe_rounds", "Probe rounds this peer started (a hint or a silence to check)", **labels
+        )
+        self.detector_probe_rounds_answered = Gauge(
+            "redge_detector_probe_rounds_answered", "Probe rounds an authenticated answer ended", **labels
+        )
+        self.detector_hints_refuted = Gauge(
+            "redge_detector_hints_refuted",
+            "Refusals and dropped connections that the node's probe answers disproved",
+            **labels,
+        )
+        self.detector_local_health = Gauge(
+            "redge_detector_local_health",
+            "This peer's local health score (0 healthy; its own stalls raise it, and its timeouts with it)",
+            **labels,
+        )
         self.http_requests = Counter(
             "redge_http_requests_total", "HTTP requests by route and status", ["route", "status"], **labels
         )

@@ -16,12 +16,18 @@ from typing import Any
 import numpy as np
 import orjson
 
-from redge.runtime.tensor import DATATYPE_NUMPY, NUMPY_DATATYPE
+from redge.runtime.tensor import DATATYPE_NUMPY, NUMPY_DATATYPE, TensorSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 INPUTS_MAX = 64
 DIMENSIONS_MAX = 8
 NAME_LENGTH_MAX = 128
+# What a request may hold beyond its tensors' data: the JSON header of a binary request, or
+# the names, shapes and parameters around the data of a JSON one.
+HEADER_BYTES_MAX = 64 * 1024
+# The longest a number can be written in JSON, with its separator ("-1.2345678901234567e-308,"
+# and a little room for whitespace and brackets).
+JSON_BYTES_PER_ELEMENT_MAX = 40
 
 
 class BadRequest(ValueError):
@@ -75,7 +81,44 @@ def _flatten(data: Any, where: str, elements_max: int) -> list[Any]:
     return flat
 
 
-def parse_infer_request(body: bytes, header_length: str | None, body_bytes_max: int) -> InferRequest:
+def dimension_problem(spec: TensorSpec, datatype: str, shape: tuple[int, ...], dynamic_max: int) -> str | None:
+    """Why a tensor declared as `datatype` and `shape` cannot be `spec`'s input, or None.
+    Judged from the declaration alone, before any of the tensor's data is decoded."""
+    if datatype != spec.datatype:
+        return f"datatype {datatype}, the model takes {spec.datatype}"
+    if len(shape) != len(spec.shape):
+        return f"shape {list(shape)}, the model takes {list(spec.shape)}"
+    for given, wanted in zip(shape, spec.shape, strict=True):
+        if wanted == -1:
+            if not 1 <= given <= dynamic_max:
+                return f"shape {list(shape)}: a dynamic dimension must be 1..{dynamic_max}"
+        elif given != wanted:
+            return f"shape {list(shape)}, the model takes {list(spec.shape)}"
+    return None
+
+
+def request_bytes_bound(specs: tuple[TensorSpec, ...], binary: bool, dynamic_max: int) -> int:
+    """The largest body a well-formed request for a model with these inputs can have: its
+    tensors' bytes (binary) or their longest JSON text, plus the header. A larger body is
+    refused on its Content-Length, before it is read."""
+    total = HEADER_BYTES_MAX
+    for spec in specs:
+        elements = 1
+        for dimension in spec.shape:
+            elements *= dynamic_max if dimension == -1 else dimension
+        total += elements * (spec.numpy_dtype.itemsize if binary else JSON_BYTES_PER_ELEMENT_MAX)
+    return total
+
+
+def parse_infer_request(
+    body: bytes | bytearray,
+    header_length: str | None,
+    body_bytes_max: int,
+    specs: tuple[TensorSpec, ...] | None = None,
+    dynamic_max: int = 1 << 20,
+) -> InferRequest:
+    """Parse one request. With the model's input `specs`, an input whose name, datatype or
+    shape cannot fit is refused from its declaration, before its data is decoded."""
     if len(body) > body_bytes_max:
         raise BadRequest(f"body of {len(body)} bytes exceeds the limit of {body_bytes_max}")
     if header_length is not None:
@@ -100,6 +143,7 @@ def parse_infer_request(body: bytes, header_length: str | None, body_bytes_max: 
     if len(raw_inputs) > INPUTS_MAX:
         raise BadRequest(f"at most {INPUTS_MAX} inputs")
     elements_max = max(body_bytes_max, 1)
+    by_name = {spec.name: spec for spec in specs} if specs is not None else {}
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for index, raw in enumerate(raw_inputs):
@@ -121,6 +165,13 @@ def parse_infer_request(body: bytes, header_length: str | None, body_bytes_max: 
             raise BadRequest(f"{where}: unknown datatype {datatype!r}; use one of {', '.join(DATATYPE_NUMPY)}")
         dtype = DATATYPE_NUMPY[datatype].newbyteorder("<")
         shape = _shape(raw.get("shape"), where)
+        if specs is not None:
+            spec = by_name.get(name)
+            if spec is None:
+                raise BadRequest(f"{where} is not one of the model's inputs {sorted(by_name)}")
+            problem = dimension_problem(spec, datatype, shape, dynamic_max)
+            if problem is not None:
+                raise BadRequest(f"{where}: {problem}")
         count = _element_count(shape, where, elements_max)
         parameters = raw.get("parameters") or {}
         if not isinstance(parameters, dict):

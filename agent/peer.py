@@ -7,6 +7,13 @@ restarted node from a stale message about its previous life. It keeps that annou
 true: if the cluster confirms it failed while it was in fact alive (a pause, a partition),
 it rejoins with a higher incarnation. On SIGTERM it leaves: it records `Leave`, hands over
 leadership if it holds it, removes itself from the Raft group and stops.
+
+This process is the control plane: Raft, heartbeats and probes, the leader's planning and
+the reconciler, nothing that can hold the CPU for long. HTTP is served by data-plane worker
+processes (agent/dataplane.py, started and restarted by agent/workers.py) on the port this
+process binds; they route from a table it pushes (`routes_changed`), run inference on the
+model host directly, and pass admin and cluster calls to this process's own API, which
+listens only on an abstract Unix socket and asks for a per-boot token.
 """
 
 from __future__ import annotations
@@ -17,24 +24,30 @@ import hashlib
 import hmac
 import os
 import signal
+import socket
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import structlog
 from aiohttp import web
 
+from redge.agent import routes as routing
 from redge.agent.config import PeerConfig
+from redge.agent.dataplane import WorkerConfig
 from redge.agent.detection import FailureDetection
 from redge.agent.detector import Degraded, Restored, SlownessJudge, SlownessSettings
 from redge.agent.errors import JoinFailed
-from redge.agent.inference import InferenceService
 from redge.agent.leader import LeaderDuty
 from redge.agent.metrics import PeerMetrics
 from redge.agent.profile import Profile, get_profile
 from redge.agent.reconciler import Reconciler
 from redge.agent.replicas import ReplicaManager
+from redge.agent.workers import DataPlaneWorkers
 from redge.consensus import commands as c
 from redge.consensus import shim
 from redge.consensus.errors import ConsensusError
@@ -53,6 +66,8 @@ JOIN_CLOCK_SKEW_S = 300
 # apps away, and without evidence it should get a chance again rather than stay marked.
 SLO_QUIET_S = 30.0
 SLO_JUDGE_INTERVAL_S = 1.0
+HTTP_BACKLOG = 1024
+CONTROL_TOKEN_BYTES = 32
 
 
 def now_ms() -> int:
@@ -75,12 +90,13 @@ class Peer:
         self.detection: FailureDetection | None = None
         self.store: Store | None = None
         self.replicas: ReplicaManager | None = None
-        self.inference = InferenceService(self)
+        self.workers: DataPlaneWorkers | None = None
         self.leader = LeaderDuty(self)
         self.reconciler: Reconciler | None = None
         self.incarnation = 0
         self.started_at_ms = now_ms()
         self._runner: web.AppRunner | None = None
+        self._listener: socket.socket | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._closed = asyncio.Event()
         self._stopping = False
@@ -94,6 +110,12 @@ class Peer:
         self.slowness = SlownessJudge(SlownessSettings(latency_factor=config.slo_factor, restore_factor=1.0))
         self._slo_detail = ""
         self._served_at_s = 0.0
+        # The control API: an abstract Unix socket (a short private path where there is no
+        # abstract namespace) and the token every call must carry; both new on each start.
+        self.control_token = os.urandom(CONTROL_TOKEN_BYTES).hex()
+        self.control_address = _control_address(config.node_id)
+        self._routes_scheduled = False
+        self._body_bytes_held: dict[int, int] = {}
 
     # ------------------------------------------------------------------ start
 
@@ -115,7 +137,9 @@ class Peer:
         )
         self.raft.on_commit(self._on_commit)
         self.raft.on_leader_change(self._on_leader_change)
+        listener: socket.socket | None = None
         try:
+            listener = _bind_http(config.http)
             self.store = Store(config.store_dir, config.storage_budget_bytes)
             # The model host runs below the peer's CPU priority: on a saturated box heartbeats
             # and Raft must come first, or load alone looks like a failure to the neighbours.
@@ -125,21 +149,19 @@ class Peer:
                 config.device_kind,
                 HostOptions(device=config.device_kind, threads=config.model_threads, nice=config.model_host_nice),
             )
+            self.replicas.on_change = self.routes_changed
             self.reconciler = Reconciler(self, self.replicas, self.store, config.source)
             self.add_commit_hook(self.leader.on_commit)
             self.add_commit_hook(self.reconciler.on_commit)
             self.detection = FailureDetection(self)
             await self.detection.start()
-            app = build_app(self)
-            self.inference.register(app)
-            self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
             await self._runner.setup()
-            host, port = split_address(config.http)
-            site = web.TCPSite(self._runner, host, port, reuse_address=True)
-            try:
-                await site.start()
-            except OSError as error:
-                raise OSError(f"cannot bind the HTTP address {config.http}: {error.strerror or error}") from None
+            await web.UnixSite(self._runner, self.control_address).start()
+            self.workers = DataPlaneWorkers(self._worker_template(), config.http_workers, config.http_worker_nice,
+                                            self.on_worker_stats)
+            await self.workers.start(listener)
+            self.routes_changed()
             log.info(
                 "peer_started",
                 http=config.http,
@@ -152,18 +174,82 @@ class Peer:
             if config.join:
                 await self._request_join(config.join)
         except BaseException:
+            if self.workers is not None:
+                await self.workers.stop()
             if self._runner is not None:
                 await self._runner.cleanup()
                 self._runner = None
             if self.detection is not None:
                 await self.detection.stop()
+            if listener is not None:
+                listener.close()
             self.raft.close()
             raise
+        self._listener = listener
         self._tasks.append(asyncio.create_task(self._keep_registered(), name="keep_registered"))
         self.leader.start()
         self.reconciler.start()
         self._tasks.append(asyncio.create_task(self._refresh_metrics(), name="refresh_metrics"))
         self._tasks.append(asyncio.create_task(self._report_slowness(), name="report_slowness"))
+
+    def _worker_template(self) -> WorkerConfig:
+        config = self.config
+        return WorkerConfig(
+            node_id=self.node_id, index=0, listen_fd=-1, channel_fd=-1,
+            control_address=self.control_address, control_token=self.control_token,
+            store_dir=str(config.store_dir), storage_budget_bytes=config.storage_budget_bytes,
+            request_body_bytes_max=config.request_body_bytes_max,
+            request_bytes_held_max=config.request_bytes_held_max // config.http_workers,
+            dynamic_dimension_max=config.dynamic_dimension_max,
+            request_timeout_s=self.profile.request_timeout_s, forward_timeout_s=self.profile.forward_timeout_s,
+            log_level=config.log_level,
+        )
+
+    # ------------------------------------------------------------------ the data plane
+
+    def routes_changed(self) -> None:
+        """Something the workers route by may have changed: publish the table once this loop
+        turn is over (a burst of commits makes one message)."""
+        if self._routes_scheduled or self.workers is None:
+            return
+        self._routes_scheduled = True
+        asyncio.get_running_loop().call_soon(self._publish_routes)
+
+    def _publish_routes(self) -> None:
+        self._routes_scheduled = False
+        if self.raft is None or self.workers is None or self.replicas is None:
+            return
+        view = self.raft.read(lambda state: routing.cluster_view(state, self.node_id))
+        table = routing.route_table(view, self.replicas.local_models(), ready=self.is_ready(),
+                                    host=self.replicas.host_endpoint())
+        self.workers.publish(table)
+
+    def on_worker_stats(self, message: dict[str, Any]) -> None:
+        """What a worker served since its last batch: into the metrics and the SLO judge."""
+        metrics = self.metrics
+        try:
+            for app, latency_ms, model_ms, slo_ms in message.get("served", []):
+                metrics.inference_seconds.labels(app=app).observe(latency_ms / 1000)
+                metrics.model_seconds.labels(app=app).observe(model_ms / 1000)
+                if slo_ms > 0:
+                    # From the parsed request to the answer: not the client's upload, nor a
+                    # failed forward to the primary that came before serving here.
+                    self.on_served(slo_ms, latency_ms)
+            for _ in range(int(message.get("timeouts", 0))):
+                self.on_timed_out()
+            if self.detection is not None:
+                for node_id in message.get("request_timeouts", []):
+                    self.detection.on_request_timeout(node_id)
+            for outcome, count in message.get("forwards", {}).items():
+                metrics.forwards.labels(outcome=outcome).inc(count)
+            for route, status, count in message.get("http", []):
+                metrics.http_requests.labels(route=route, status=status).inc(count)
+            for status, count in message.get("bodies_refused", {}).items():
+                metrics.request_bodies_refused.labels(status=status).inc(count)
+            self._body_bytes_held[int(message.get("index", 0))] = int(message.get("body_bytes_held", 0))
+            metrics.request_body_bytes_held.set(sum(self._body_bytes_held.values()))
+        except (TypeError, ValueError) as error:  # a worker of another build: its batch is lost, not us
+            log.warning("worker_stats_unreadable", error=str(error))
 
     def _next_incarnation(self) -> int:
         path = self.config.data_dir / "incarnation"
@@ -251,6 +337,8 @@ class Peer:
                     self.detection.set_incarnation(self.incarnation)
                 log.warning("refuting_failure", status=view[1], incarnation=self.incarnation)
             if not needs_join:
+                if not self._registered.is_set():
+                    self.routes_changed()  # ready now
                 self._registered.set()
                 self._state_changed.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -299,6 +387,13 @@ class Peer:
                 self.metrics.heartbeat_send_gap_ms_max.set(stats.send_gap_ms_max)
                 for reason, count in stats.packets_rejected.items():
                     self.metrics.heartbeats_rejected.labels(reason=reason).set(count)
+                self.metrics.detector_probe_rounds.set(stats.probe_rounds)
+                self.metrics.detector_probe_rounds_answered.set(stats.probe_rounds_answered)
+                self.metrics.detector_hints_refuted.set(stats.hints_refuted)
+                self.metrics.detector_local_health.set(stats.local_health_score)
+            if self.workers is not None:
+                self.metrics.dataplane_worker_restarts.set(self.workers.restarts_total)
+            self.routes_changed()  # a safety net: the table is sent only if it changed
             await asyncio.sleep(1.0)
 
     def on_served(self, slo_ms: float, latency_ms: float) -> None:
@@ -356,6 +451,8 @@ class Peer:
     def _on_commit(self, command: c.Command | None, outcome: Outcome) -> None:
         # `command is None` with an accepted outcome: a snapshot replaced the whole state.
         name = type(command).__name__ if command is not None else ("snapshot" if outcome.accepted else "malformed")
+        if not isinstance(command, c.Probe):
+            self.routes_changed()
         self.metrics.commands_applied.labels(command=name, outcome="accepted" if outcome.accepted else "rejected").inc()
         replaced = command is None and outcome.accepted
         if replaced or isinstance(command, (c.Join, c.Leave, c.Suspect)):
@@ -377,6 +474,7 @@ class Peer:
 
     def _on_leader_change(self, status: RaftStatus) -> None:
         self.metrics.leader_changes.inc()
+        self.routes_changed()  # readiness follows the leader
         self.leader.on_leader_change()
         if self.detection is not None:
             self.detection.on_leader_change(status.leader_address is not None)
@@ -456,6 +554,7 @@ class Peer:
         if self._stopping:
             return
         self._stopping = True
+        self.routes_changed()  # not ready any more: load balancers move away
         deadline = time.monotonic() + timeout_s
         raft = self.raft
         if raft is not None and raft.status().leader_address is not None:
@@ -485,13 +584,17 @@ class Peer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         log.info("peer_closing", step="http")
+        if self.workers is not None:
+            await self.workers.stop()  # they finish the requests in flight first
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
         log.info("peer_closing", step="heartbeats")
         if self.detection is not None:
             await self.detection.stop()
-        await self.inference.close()
         log.info("peer_closing", step="models")
         if self.replicas is not None:
             await self.replicas.close()
@@ -502,6 +605,28 @@ class Peer:
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
+
+
+def _bind_http(address: str) -> socket.socket:
+    """The HTTP listening socket, bound here and served by the workers (inherited)."""
+    host, port = split_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(HTTP_BACKLOG)
+    except OSError as error:
+        listener.close()
+        raise OSError(f"cannot bind the HTTP address {address}: {error.strerror or error}") from None
+    listener.set_inheritable(True)
+    return listener
+
+
+def _control_address(node_id: str) -> str:
+    if sys.platform.startswith("linux"):
+        return f"\0redge-control-{node_id}-{os.getpid()}-{os.urandom(6).hex()}"
+    return str(Path(tempfile.mkdtemp(prefix="redge-")) / "control.sock")  # a private (0700) directory
 
 
 def _count_members(state: ClusterState) -> dict[str, int]:

@@ -1,27 +1,27 @@
-"""The peer's own replicas: which app runs here, in which role, and running its inference.
+"""The peer's own replicas: which app runs here, in which role, on which model host.
 
 The reconciler decides (from the committed plan) and this module carries it out through the
 runtime: it starts the model host lazily (a peer that hosts nothing never imports torch),
-loads artifacts from the local store, flips roles, unloads, and runs inference with a
-deadline. A warm backup is loaded but idle; promoting it is a flag, not a load. A request
-that reaches a warm backup directly is served too: the redge client only sends it there
-after the primary failed it, and serving at once is what makes warm backups worth their
-memory.
+loads artifacts from the local store, flips roles and unloads. Inference does not pass
+through here: the data-plane workers run it on their own connections to the host, from
+the routing table, which says what is loaded here (`local_models`) and where the host
+takes them (`host_endpoint`). Every change calls `on_change`, so the table follows at once.
+A warm backup is loaded but idle; promoting it is a flag, not a load.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import structlog
 
+from redge.agent.routes import LocalModel
 from redge.runtime.errors import HostClosed, HostCrashed, ModelNotLoaded, RuntimeFailure
-from redge.runtime.host import HostOptions, InferTiming, ModelHost
+from redge.runtime.host import HostOptions, ModelHost
 from redge.runtime.loader import LoadReport
 from redge.runtime.manifest import Manifest, choose_manifest
 from redge.runtime.store import Store
@@ -49,6 +49,7 @@ class ReplicaManager:
         self._host_lock = asyncio.Lock()
         self.replicas: dict[str, LocalReplica] = {}
         self.on_host_crash: Callable[[list[str]], None] | None = None
+        self.on_change: Callable[[], None] = lambda: None
         self._closed = False
         self._warm_up: asyncio.Task[None] | None = None
 
@@ -60,15 +61,31 @@ class ReplicaManager:
                 if self.host is not None:
                     log.warning("model_host_restarting", reason=str(self.host.crashed))
                     self.replicas.clear()
-                self.host = ModelHost(self.host_options, on_crash=self._host_crashed)
+                self.host = ModelHost(self.host_options, on_crash=self._host_crashed, data_plane=True)
                 await self.host.start()
+                self.on_change()
             return self.host
 
     def _host_crashed(self, crash: HostCrashed) -> None:
         lost = sorted(self.replicas)
         self.replicas.clear()
+        self.on_change()
         if self.on_host_crash is not None and not self._closed:
             self.on_host_crash(lost)
+
+    def host_endpoint(self) -> tuple[str, bytes] | None:
+        return self.host.data_endpoint if self.host is not None else None
+
+    def local_models(self) -> list[LocalModel]:
+        """What is loaded here, for the routing table."""
+        return [
+            LocalModel(
+                app=r.app, key=r.key, variant=r.variant, version=r.manifest.version, format=r.manifest.format,
+                role=r.role, inputs=tuple(spec.to_json() for spec in r.manifest.inputs),
+                outputs=tuple(spec.to_json() for spec in r.manifest.outputs),
+            )
+            for r in sorted(self.replicas.values(), key=lambda r: r.app)
+        ]
 
     def warm_up(self) -> None:
         """Start the model host in the background (its start-up imports torch: seconds)."""
@@ -101,6 +118,7 @@ class ReplicaManager:
         await loop.run_in_executor(None, self.store.mark_used, manifest.name, manifest.version)
         replica = LocalReplica(app, variant, manifest, role, key, time.monotonic(), report)
         self.replicas[app] = replica
+        self.on_change()
         if current is not None and current.key != key:
             await self._unload_key(current.key)
         return replica
@@ -113,11 +131,13 @@ class ReplicaManager:
         else:
             await self.host.demote(replica.key)
         replica.role = role
+        self.on_change()
 
     async def unload(self, app: str) -> bool:
         replica = self.replicas.pop(app, None)
         if replica is None:
             return False
+        self.on_change()  # the workers stop sending it requests before it goes
         await self._unload_key(replica.key)
         return True
 
@@ -130,19 +150,6 @@ class ReplicaManager:
 
     def serving(self, app: str) -> LocalReplica | None:
         return self.replicas.get(app)
-
-    async def infer(
-        self, app: str, inputs: Mapping[str, np.ndarray], deadline_s: float
-    ) -> tuple[LocalReplica, dict[str, np.ndarray], InferTiming]:
-        """Run `app` here. A warm backup asked directly is promoted locally first (see module doc)."""
-        replica = self.replicas.get(app)
-        if replica is None or self.host is None:
-            raise ModelNotLoaded(f"{app} is not loaded on this node")
-        if self.host.role(replica.key) != "serving":
-            self.host.promote_now(replica.key)
-            log.info("warm_backup_serving_directly", app=app, variant=replica.variant)
-        outputs, timing = await self.host.infer_timed(replica.key, inputs, deadline_s)
-        return replica, outputs, timing
 
     def describe(self) -> list[dict[str, Any]]:
         return [

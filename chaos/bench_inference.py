@@ -31,7 +31,7 @@ import aiohttp
 import numpy as np
 
 from redge.agent import oip
-from redge.agent.inference import TIMING_HEADER, parse_server_timing
+from redge.agent.dataplane import TIMING_HEADER, parse_server_timing
 from redge.chaos.cluster import LocalCluster, wait_until
 from redge.chaos.stats import summary
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from redge.agent.inference import parse_server_timing, server_timing
+from redge.agent.dataplane import parse_server_timing, server_timing
 
 names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz+-_", min_size=1, max_size=12)
 

@@ -85,7 +85,7 @@ def test_any_peer_serves_any_app_and_says_who_served(serving_cluster):
 def test_responses_say_where_the_time_went(serving_cluster):
     """Server-Timing: the serving peer's parts (read, parse, queue, model, hop, total), and a
     forwarding peer's whole hop after them."""
-    from redge.agent.inference import parse_server_timing
+    from redge.agent.dataplane import parse_server_timing
 
     cluster = serving_cluster
     primary = primary_of(cluster, "n1", "det")

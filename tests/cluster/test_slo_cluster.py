@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from redge.agent import oip
-from redge.agent.inference import parse_server_timing
+from redge.agent.dataplane import parse_server_timing
 from redge.chaos.cluster import LocalCluster, http_json, wait_until
 from redge.chaos.observe import primary_of, replicas_loaded
 from redge.runtime.testing import SLOW_FROM, write_family

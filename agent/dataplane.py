@@ -1,0 +1,705 @@
+"""The data plane: a peer's HTTP worker process, where every request body is read and parsed.
+
+A peer is one command and one unit to supervise, but two kinds of process. The control
+process (agent/peer.py) votes in Raft, sends and answers heartbeats and probes, plans and
+reconciles; it must never stall, because a stalled control process is indistinguishable
+from a dead one to its neighbours. So it reads no request body. That work happens here, in
+worker processes it starts (`--http-workers`, default 1) and restarts when one dies:
+
+- the control process binds the HTTP port and hands the listening socket to every worker
+  (inherited file descriptor), so a worker restart refuses no connection: the kernel queues
+  them until a worker accepts again;
+- the control process pushes a routing table (agent/routes.py) over a private socket pair
+  whenever it changes; a worker routes from that table alone;
+- a worker runs inference on its own connection to the model host (runtime/host.py,
+  `HostClient`), not through the control process;
+- admin and cluster calls (`/cluster/...`, `/metrics`, health) are passed to the control
+  process's own API on an abstract Unix socket, with a per-boot token, bodies capped small;
+- what a worker served (latencies against SLOs, timeouts, forwards, HTTP statuses) goes
+  back to the control process in batches, where the metrics and the SLO judge live.
+
+Input before memory. A request must say its length (Content-Length), and may hold at most
+`request_body_bytes_max` bytes, and no more than the served model's declared inputs can
+take (`oip.request_bytes_bound`): past either, 413 before a byte of the body is read. Every
+body admitted is counted against `request_bytes_held_max` across all requests in flight
+(JSON bodies at `JSON_MEMORY_FACTOR` times their size, for the objects parsing makes); past
+it, 503 at once. An input whose declared shape cannot fit the model is refused from its
+declaration, before its data is decoded.
+
+The process dies with its control process: it asks the kernel for SIGKILL when its parent
+exits, and it exits when its end of the socket pair closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+
+from redge.agent import channel, oip
+from redge.runtime.errors import (
+    ArtifactNotFound,
+    DeadlineExceeded,
+    HostBusy,
+    HostClosed,
+    HostCrashed,
+    InvalidInput,
+    ManifestInvalid,
+    ModelNotLoaded,
+    ModelNotServing,
+    RuntimeFailure,
+)
+from redge.runtime.host import HostClient, HostOptions
+from redge.runtime.store import Store
+from redge.runtime.tensor import TensorSpec
+
+log = structlog.get_logger("redge.dataplane")
+
+FORWARDED_HEADER = "X-Redge-Forwarded"
+PREFER_LOCAL_HEADER = "X-Redge-Prefer-Local"
+DEADLINE_HEADER = "X-Redge-Deadline-Ms"
+NODE_HEADER = "X-Redge-Node"
+EPOCH_HEADER = "X-Redge-Epoch"
+VARIANT_HEADER = "X-Redge-Variant"
+TIMING_HEADER = "Server-Timing"
+CONTROL_TOKEN_HEADER = "X-Redge-Control-Token"
+PASSED_HEADERS = ("Content-Type", oip.HEADER_LENGTH, NODE_HEADER, EPOCH_HEADER, VARIANT_HEADER)
+CHUNK_BYTES = 1024 * 1024
+# Parsing a JSON tensor makes a Python object per number: about this many times the text.
+JSON_MEMORY_FACTOR = 8
+# Control calls carry small JSON (an app, a signed join): a larger body is refused.
+CONTROL_BODY_BYTES_MAX = 1024 * 1024
+CONTROL_HEADERS = ("Authorization", "Content-Type", "X-Redge-Join-Signature")
+# The longest a control call may take beyond its own long poll (`/cluster/probe` runs up to 120 s).
+CONTROL_TIMEOUT_S = 150.0
+STATS_INTERVAL_S = 0.1
+STATS_SERVED_MAX = 2000  # observations per batch; more are counted, not timed
+ROUTES_WAIT_S_MAX = 30.0
+HOST_RETRY_S = 0.2
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What the control process tells a worker at start (as JSON on its stdin)."""
+
+    node_id: str
+    index: int
+    listen_fd: int
+    channel_fd: int
+    control_address: str
+    control_token: str
+    store_dir: str
+    storage_budget_bytes: int
+    request_body_bytes_max: int
+    request_bytes_held_max: int
+    dynamic_dimension_max: int
+    request_timeout_s: float
+    forward_timeout_s: float
+    log_level: str = "info"
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> WorkerConfig:
+        return cls(**orjson.loads(data))
+
+
+class Unavailable(Exception):
+    """No replica can serve now (503)."""
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+def server_timing(**durations_ms: float) -> str:
+    """A `Server-Timing` header value (W3C): `read;dur=0.41, model;dur=12.03, ...`."""
+    return ", ".join(f"{name};dur={value:.3f}" for name, value in durations_ms.items())
+
+
+def parse_server_timing(value: str) -> dict[str, float]:
+    """The durations of a `Server-Timing` value, in ms (metrics without `dur` are skipped)."""
+    durations: dict[str, float] = {}
+    for metric in value.split(","):
+        name, *params = (part.strip() for part in metric.split(";"))
+        for param in params:
+            key, _, raw = param.partition("=")
+            if key.strip() == "dur" and name:
+                try:
+                    durations[name] = float(raw.strip().strip('"'))
+                except ValueError:
+                    pass
+    return durations
+
+
+class BodyBudget:
+    """Bytes held for request bodies across every request in flight, with a bound.
+    `reserve` is all or nothing: a body that does not fit is refused, never half read."""
+
+    def __init__(self, bytes_max: int) -> None:
+        assert bytes_max > 0
+        self.bytes_max = bytes_max
+        self.held_bytes = 0
+        self.held_bytes_peak = 0
+        self.refused = 0
+
+    def reserve(self, size_bytes: int) -> bool:
+        if self.held_bytes + size_bytes > self.bytes_max:
+            self.refused += 1
+            return False
+        self.held_bytes += size_bytes
+        self.held_bytes_peak = max(self.held_bytes_peak, self.held_bytes)
+        return True
+
+    def release(self, size_bytes: int) -> None:
+        self.held_bytes -= size_bytes
+        assert self.held_bytes >= 0
+
+
+@dataclass
+class Stats:
+    """What this worker did since the last batch sent to the control process."""
+
+    served: list[tuple[str, float, float, float]] = field(default_factory=list)  # app, latency, model, slo
+    served_untimed: int = 0
+    timeouts: int = 0
+    request_timeouts: list[str] = field(default_factory=list)  # peers a forward timed out on
+    forwards: dict[str, int] = field(default_factory=dict)
+    http: dict[tuple[str, str], int] = field(default_factory=dict)
+    bodies_refused: dict[str, int] = field(default_factory=dict)
+
+    def empty(self) -> bool:
+        return not (self.served or self.served_untimed or self.timeouts or self.request_timeouts or self.forwards
+                    or self.http or self.bodies_refused)
+
+    def to_message(self, index: int, held_bytes: int, held_bytes_peak: int) -> dict[str, Any]:
+        return {
+            "type": "stats",
+            "index": index,
+            "served": self.served,
+            "served_untimed": self.served_untimed,
+            "timeouts": self.timeouts,
+            "request_timeouts": self.request_timeouts,
+            "forwards": self.forwards,
+            "http": [[route, status, count] for (route, status), count in self.http.items()],
+            "bodies_refused": self.bodies_refused,
+            "body_bytes_held": held_bytes,
+            "body_bytes_held_peak": held_bytes_peak,
+        }
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.routes: dict[str, Any] = {"epoch": -1, "apps": {}, "local": {}, "ready": [False, "starting"],
+                                       "host": None, "client_routes": {"epoch": -1, "apps": {}}}
+        self._routes_changed = asyncio.Event()
+        self.budget = BodyBudget(config.request_bytes_held_max)
+        self.stats = Stats()
+        self.store = Store(config.store_dir, config.storage_budget_bytes)
+        self._host: HostClient | None = None
+        self._host_endpoint: tuple[str, str] | None = None
+        self._host_lock = asyncio.Lock()
+        self._channel: channel.MessageProtocol | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._control: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self._stopped = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signal_number in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signal_number, self._stopped.set)
+        self._channel = await channel.connect(
+            socket.socket(fileno=self.config.channel_fd), self._on_message, self._stopped.set
+        )
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, keepalive_timeout=30)
+        )
+        self._control = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=self.config.control_address))
+        app = web.Application(client_max_size=CONTROL_BODY_BYTES_MAX, middlewares=[self._errors_middleware])
+        self.register(app)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        await self._runner.setup()
+        listener = socket.socket(fileno=self.config.listen_fd)
+        listener.setblocking(False)
+        await web.SockSite(self._runner, listener).start()
+        self._tasks.append(asyncio.create_task(self._send_stats(), name="stats"))
+        self._channel.send({"type": "hello", "index": self.config.index, "pid": os.getpid()})
+        log.info("dataplane_worker_started", index=self.config.index, pid=os.getpid())
+        await self._stopped.wait()
+        await self.close()
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()  # stop accepting, let requests in flight finish
+        for task in self._tasks:
+            task.cancel()
+        self._flush_stats()
+        if self._host is not None:
+            self._host.close()
+        for session in (self._session, self._control):
+            if session is not None:
+                await session.close()
+        log.info("dataplane_worker_stopped", index=self.config.index)
+
+    # ------------------------------------------------------------------ control channel
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "routes":
+            self.routes = message
+            changed, self._routes_changed = self._routes_changed, asyncio.Event()
+            changed.set()
+        elif kind == "flush" and self._channel is not None:
+            # Everything served so far, then the answer: the control process reads them in
+            # this order, so its metrics hold every request answered before it asked.
+            self._flush_stats()
+            self._channel.send({"type": "flushed", "id": message.get("id")})
+
+    async def _send_stats(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_INTERVAL_S)
+            self._flush_stats()
+
+    def _flush_stats(self) -> None:
+        if self.stats.empty() or self._channel is None:
+            return
+        stats, self.stats = self.stats, Stats()
+        self._channel.send(stats.to_message(self.config.index, self.budget.held_bytes, self.budget.held_bytes_peak))
+
+    def _count(self, table: dict[Any, int], key: Any) -> None:
+        table[key] = table.get(key, 0) + 1
+
+    # ------------------------------------------------------------------ HTTP
+
+    def register(self, app: web.Application) -> None:
+        router = app.router
+        router.add_get("/v2", self.server_metadata)
+        router.add_get("/v2/models/{app}", self.model_metadata)
+        router.add_get("/v2/models/{app}/ready", self.model_ready)
+        router.add_post("/v2/models/{app}/infer", self.infer)
+        router.add_get("/v2/models/{app}/versions/{version}", self.model_metadata)
+        router.add_get("/v2/models/{app}/versions/{version}/ready", self.model_ready)
+        router.add_post("/v2/models/{app}/versions/{version}/infer", self.infer)
+        router.add_get("/cluster/routes", self.client_routes)
+        router.add_get("/models/{name}/{version}/artifact", self.artifact_manifest)
+        router.add_get("/models/{name}/{version}/files/{file:.+}", self.artifact_file)
+        router.add_route("*", "/v2/health/{kind}", self.to_control)
+        router.add_route("*", "/metrics", self.to_control)
+        router.add_route("*", "/cluster", self.to_control)
+        router.add_route("*", "/cluster/{tail:.+}", self.to_control)
+
+    @web.middleware
+    async def _errors_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        try:
+            response = await handler(request)
+        except HttpError as error:
+            response = json_response({"error": error.message}, error.status, error.headers)
+        except web.HTTPException as error:
+            response = json_response({"error": error.reason or "error"}, error.status)
+        except Exception as error:  # the worker must stay up whatever a handler does
+            log.exception("http_handler_failed", route=route)
+            response = json_response({"error": f"internal error: {type(error).__name__}: {error}"}, 500)
+        self._count(self.stats.http, (route, str(response.status)))
+        return response
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        from redge import __version__
+
+        return json_response({"name": "redge", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    def _app(self, request: web.Request) -> tuple[str, dict[str, Any]]:
+        name = request.match_info["app"]
+        entry = self.routes["apps"].get(name)
+        if entry is None:
+            raise HttpError(404, f"unknown app {name!r}")
+        return name, entry
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        app, _ = self._app(request)
+        local = self.routes["local"].get(app)
+        if local is not None:
+            return json_response({
+                "name": app,
+                "versions": [local["version"]],
+                "platform": local["format"],
+                "inputs": local["inputs"],
+                "outputs": local["outputs"],
+                "parameters": {"node_id": self.config.node_id, "variant": local["variant"], "epoch": self.routes["epoch"]},
+            })
+        if FORWARDED_HEADER in request.headers:
+            raise HttpError(503, f"{app} is not loaded on {self.config.node_id}")
+        try:
+            return await self._forward(request, app, b"")
+        except Unavailable as error:
+            raise HttpError(503, str(error)) from None
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        app, entry = self._app(request)
+        if app in self.routes["local"]:
+            return json_response({"name": app, "ready": True, "node_id": self.config.node_id})
+        ready = bool(entry.get("servable"))
+        return json_response({"name": app, "ready": ready}, status=200 if ready else 503)
+
+    async def client_routes(self, request: web.Request) -> web.Response:
+        """The routing table clients keep; with `since_epoch` and `wait_s`, a long poll."""
+        try:
+            since_epoch = int(request.query.get("since_epoch", "-1"))
+            wait_s = min(max(float(request.query.get("wait_s", "0")), 0.0), ROUTES_WAIT_S_MAX)
+        except ValueError:
+            raise HttpError(400, "since_epoch must be an integer and wait_s a number") from None
+        deadline = time.monotonic() + wait_s
+        while self.routes["epoch"] <= since_epoch and (left_s := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left_s):
+                    await self._routes_changed.wait()
+        return json_response(self.routes["client_routes"])
+
+    # ------------------------------------------------------------------ inference
+
+    async def infer(self, request: web.Request) -> web.Response:
+        started_s = time.perf_counter()
+        app, entry = self._app(request)
+        forwarded = FORWARDED_HEADER in request.headers
+        prefer_local = forwarded or request.headers.get(PREFER_LOCAL_HEADER, "") not in ("", "0", "false")
+        local = self.routes["local"].get(app)
+        # Serve here if the committed plan makes this node the primary, or if the caller
+        # already failed with the primary (a backup answering at once is the point of it).
+        serve_here = local is not None and (entry["primary_here"] or prefer_local)
+        if local is None and forwarded:
+            raise HttpError(503, f"{app} is not loaded on {self.config.node_id}")
+        specs = _specs(local) if local is not None else None
+        body, reserved = await self._admit(request, specs if serve_here else None)
+        try:
+            read_s = time.perf_counter()
+            if serve_here:
+                return await self._serve_locally(request, app, local, specs, body, (started_s, read_s), entry["slo_ms"])
+            try:
+                return await self._forward(request, app, body, started_s)
+            except Unavailable as error:
+                if local is not None:
+                    return await self._serve_locally(request, app, local, specs, body, (started_s, read_s), entry["slo_ms"])
+                raise HttpError(503, str(error)) from None
+        finally:
+            self.budget.release(reserved)
+
+    async def _admit(self, request: web.Request, specs: tuple[TensorSpec, ...] | None) -> tuple[bytearray, int]:
+        """Read the body if it may be: its length known, within the bounds, and room for it
+        in the budget. Returns the body and the bytes reserved for it (release them)."""
+        length = request.content_length
+        if length is None:
+            self._count(self.stats.bodies_refused, "411")
+            raise HttpError(411, "an inference request needs a Content-Length header")
+        limit = self.config.request_body_bytes_max
+        binary = oip.HEADER_LENGTH in request.headers
+        if specs is not None:
+            bound = oip.request_bytes_bound(specs, binary, self.config.dynamic_dimension_max)
+            if bound < limit:
+                limit = bound
+        if length > limit:
+            self._count(self.stats.bodies_refused, "413")
+            raise HttpError(413, f"a body of {length} bytes is more than the {limit} this request may have"
+                            + (" (the model's declared inputs)" if specs is not None and limit != self.config.request_body_bytes_max else ""),
+                            headers={"Connection": "close"})
+        reserved = length if binary else length * JSON_MEMORY_FACTOR
+        if reserved > self.budget.bytes_max:
+            self._count(self.stats.bodies_refused, "413")
+            raise HttpError(413, f"a {'binary' if binary else 'JSON'} body of {length} bytes needs {reserved} bytes here, "
+                            f"more than this peer holds for request bodies ({self.budget.bytes_max}); send binary tensors",
+                            headers={"Connection": "close"})
+        if not self.budget.reserve(reserved):
+            self._count(self.stats.bodies_refused, "503")
+            raise HttpError(503, f"this peer holds {self.budget.held_bytes} bytes of request bodies, its bound is "
+                            f"{self.budget.bytes_max}: try again, or another peer",
+                            headers={"Retry-After": "1", "Connection": "close"})
+        try:
+            return await _read_exactly(request, length), reserved
+        except BaseException:
+            self.budget.release(reserved)
+            raise
+
+    def _deadline_s(self, request: web.Request) -> float:
+        raw = request.headers.get(DEADLINE_HEADER)
+        budget_s = self.config.request_timeout_s
+        if raw is not None:
+            try:
+                budget_s = min(budget_s, max(0.001, float(raw) / 1000))
+            except ValueError:
+                pass
+        return time.monotonic() + budget_s
+
+    async def _host_client(self) -> HostClient:
+        """This worker's connection to the model host named in the routing table."""
+        endpoint = self.routes.get("host")
+        if endpoint is None:
+            raise ModelNotLoaded("the model host is not running on this peer")
+        wanted = (endpoint["address"], endpoint["token"])
+        async with self._host_lock:
+            if self._host is not None and self._host_endpoint == wanted and self._host.alive:
+                return self._host
+            if self._host is not None:
+                self._host.close()
+            client = HostClient(endpoint["address"], bytes.fromhex(endpoint["token"]), HostOptions())
+            await client.connect()
+            self._host, self._host_endpoint = client, wanted
+            return client
+
+    async def _serve_locally(
+        self, request: web.Request, app: str, local: dict[str, Any], specs: tuple[TensorSpec, ...],
+        body: bytearray, marks: tuple[float, float], slo_ms: float,
+    ) -> web.Response:
+        """Run `app` on this node's replica. `marks`: when the handler started, and when it
+        had read the body (perf_counter seconds), for the `Server-Timing` header."""
+        try:
+            parsed = oip.parse_infer_request(
+                body, request.headers.get(oip.HEADER_LENGTH), self.config.request_body_bytes_max,
+                specs, self.config.dynamic_dimension_max,
+            )
+        except oip.BadRequest as error:
+            raise HttpError(400, str(error)) from None
+        started = time.perf_counter()
+        try:
+            host = await self._host_client()
+            outputs, timing = await host.infer(local["key"], parsed.inputs, self._deadline_s(request))
+        except InvalidInput as error:
+            raise HttpError(400, str(error)) from None
+        except DeadlineExceeded as error:
+            self.stats.timeouts += 1
+            raise HttpError(504, str(error)) from None
+        except HostBusy as error:
+            self.stats.timeouts += 1  # the model host's queue is full: as slow as a timeout
+            raise HttpError(503, str(error)) from None
+        except (ModelNotLoaded, ModelNotServing, HostCrashed, HostClosed) as error:
+            raise HttpError(503, str(error)) from None
+        except RuntimeFailure as error:
+            raise HttpError(500, f"inference failed: {error}") from None
+        latency_ms = (time.perf_counter() - started) * 1000
+        epoch = self.routes["epoch"]
+        try:
+            response_body, headers = oip.encode_infer_response(
+                app, local["version"], outputs, parsed,
+                {"node_id": self.config.node_id, "epoch": epoch, "variant": local["variant"], "role": local["role"]},
+            )
+        except oip.BadRequest as error:
+            raise HttpError(400, str(error)) from None
+        headers.update({NODE_HEADER: self.config.node_id, EPOCH_HEADER: str(epoch), VARIANT_HEADER: local["variant"]})
+        handler_started_s, read_s = marks
+        total_ms = (time.perf_counter() - handler_started_s) * 1000
+        headers[TIMING_HEADER] = server_timing(
+            read=(read_s - handler_started_s) * 1000,
+            parse=(started - read_s) * 1000,
+            queue=timing.queued_ms,
+            model=timing.compute_ms,
+            hop=timing.transfer_ms,
+            total=total_ms,
+        )
+        if len(self.stats.served) < STATS_SERVED_MAX:
+            self.stats.served.append((app, round(latency_ms, 3), round(timing.compute_ms, 3), slo_ms))
+        else:
+            self.stats.served_untimed += 1
+        return web.Response(body=response_body, headers=headers)
+
+    async def _forward(self, request: web.Request, app: str, body: bytes | bytearray,
+                       started_s: float | None = None) -> web.Response:
+        targets = self.routes["apps"].get(app, {}).get("targets", [])
+        if not targets:
+            raise Unavailable(f"no replica of {app} can serve now")
+        assert self._session is not None
+        headers = {name: request.headers[name] for name in ("Content-Type", oip.HEADER_LENGTH) if name in request.headers}
+        headers[FORWARDED_HEADER] = self.config.node_id
+        deadline = self._deadline_s(request)  # one deadline for every target tried
+        failures = []
+        for node_id, address, _role, _variant in targets:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                failures.append("deadline passed")
+                break
+            headers[DEADLINE_HEADER] = str(max(1, int(remaining_s * 1000)))
+            attempt_s = min(self.config.forward_timeout_s, remaining_s)
+            timeout = aiohttp.ClientTimeout(total=attempt_s, connect=min(1.0, attempt_s))
+            url = f"http://{address}{request.rel_url.path}"
+            try:
+                async with self._session.request(request.method, url, data=body or None, headers=headers,
+                                                 timeout=timeout) as response:
+                    payload = await response.read()
+                    if response.status == 503:
+                        failures.append(f"{node_id}: 503")
+                        continue
+                    passed = {k: response.headers[k] for k in PASSED_HEADERS if k in response.headers}
+                    if started_s is not None:
+                        # The serving peer's own timings, then this hop's whole time.
+                        upstream = response.headers.get(TIMING_HEADER)
+                        forward = server_timing(forward=(time.perf_counter() - started_s) * 1000)
+                        passed[TIMING_HEADER] = f"{upstream}, {forward}" if upstream else forward
+                    self._count(self.stats.forwards, "ok" if response.status < 500 else "error")
+                    return web.Response(body=payload, status=response.status, headers=passed)
+            except (TimeoutError, aiohttp.ClientError, OSError) as error:
+                failures.append(f"{node_id}: {type(error).__name__}")
+                self._count(self.stats.forwards, "unreachable")
+                if isinstance(error, TimeoutError):
+                    self.stats.request_timeouts.append(node_id)  # slow, not gone: evidence of degradation
+        raise Unavailable(f"no replica of {app} answered: {', '.join(failures)}")
+
+    # ------------------------------------------------------------------ artifacts
+
+    async def artifact_manifest(self, request: web.Request) -> web.Response:
+        name, version = request.match_info["name"], request.match_info["version"]
+        try:
+            manifest = await asyncio.get_running_loop().run_in_executor(None, self.store.get, name, version)
+        except (ArtifactNotFound, ManifestInvalid) as error:
+            raise HttpError(404, str(error)) from None
+        return web.Response(body=manifest.to_json(), content_type="application/json")
+
+    async def artifact_file(self, request: web.Request) -> web.StreamResponse:
+        name, version, file = request.match_info["name"], request.match_info["version"], request.match_info["file"]
+        loop = asyncio.get_running_loop()
+        try:
+            whole = await loop.run_in_executor(None, self.store.open_range, name, version, file, 0, None)
+        except (RuntimeFailure, OSError, ValueError) as error:
+            raise HttpError(404, str(error)) from None
+        size = whole.size_bytes
+        start, end, status = 0, size, 200
+        range_header = request.headers.get("Range")
+        if range_header:
+            parsed = parse_range(range_header, size)
+            if parsed is None:
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"},
+                                    body=orjson.dumps({"error": f"unsatisfiable range {range_header!r}"}),
+                                    content_type="application/json")
+            start, end, status = parsed[0], parsed[1], 206
+        try:
+            part = await loop.run_in_executor(None, self.store.open_range, name, version, file, start, end)
+        except (RuntimeFailure, OSError, ValueError) as error:
+            raise HttpError(404, f"artifact file went away: {error}") from None
+        response = web.StreamResponse(status=status)
+        response.content_length = part.length_bytes
+        response.content_type = "application/octet-stream"
+        response.headers["Accept-Ranges"] = "bytes"
+        if status == 206:
+            response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        await response.prepare(request)
+        chunks = part.chunks(CHUNK_BYTES)
+        while True:
+            chunk = await loop.run_in_executor(None, next, chunks, None)
+            if chunk is None:
+                break
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    # ------------------------------------------------------------------ the control process's API
+
+    async def to_control(self, request: web.Request) -> web.Response:
+        """Pass an admin or cluster call to the control process, body capped small."""
+        length = request.content_length
+        if length is not None and length > CONTROL_BODY_BYTES_MAX:
+            raise HttpError(413, f"a control call carries at most {CONTROL_BODY_BYTES_MAX} bytes")
+        body = await request.read() if request.can_read_body else b""
+        headers = {name: request.headers[name] for name in CONTROL_HEADERS if name in request.headers}
+        headers[CONTROL_TOKEN_HEADER] = self.config.control_token
+        assert self._control is not None
+        wait_s = 0.0
+        with contextlib.suppress(ValueError):
+            wait_s = min(max(float(request.query.get("wait_s", "0")), 0.0), ROUTES_WAIT_S_MAX)
+        timeout = aiohttp.ClientTimeout(total=wait_s + CONTROL_TIMEOUT_S)
+        try:
+            async with self._control.request(request.method, f"http://control{request.rel_url}", data=body or None,
+                                             headers=headers, timeout=timeout) as response:
+                payload = await response.read()
+                passed = {"Content-Type": response.headers.get("Content-Type", "application/json")}
+                return web.Response(body=payload, status=response.status, headers=passed)
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
+            raise HttpError(503, f"the peer's control process did not answer: {type(error).__name__}") from None
+
+
+def _specs(local: dict[str, Any]) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec.from_json(spec) for spec in local["inputs"])
+
+
+async def _read_exactly(request: web.Request, length: int) -> bytearray:
+    """The body into one buffer of its announced length (no second copy, no growth)."""
+    body = bytearray(length)
+    view = memoryview(body)
+    offset = 0
+    while offset < length:
+        chunk = await request.content.readany()
+        if not chunk:
+            raise HttpError(400, f"the body ended after {offset} of its {length} bytes")
+        take = min(len(chunk), length - offset)
+        view[offset : offset + take] = chunk[:take]
+        offset += take
+    return body
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """`bytes=START-END` (END inclusive, optional) or `bytes=-SUFFIX` as [start, end)."""
+    unit, _, spec = header.partition("=")
+    if unit.strip() != "bytes" or "," in spec:
+        return None
+    first, _, last = spec.strip().partition("-")
+    try:
+        if first == "":
+            length = int(last)
+            if length <= 0:
+                return None
+            return max(0, size - length), size
+        start = int(first)
+        end = int(last) + 1 if last else size
+    except ValueError:
+        return None
+    if start >= size or start < 0 or end <= start:
+        return None
+    return start, min(end, size)
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to kill this process when its parent (the control process) exits."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the closed socket pair still ends the worker
+    if os.getppid() == 1:
+        os._exit(1)  # the parent died before we asked
+
+
+def main() -> None:
+    _die_with_parent()
+    config = WorkerConfig.from_json(sys.stdin.buffer.read())
+    from redge.agent import logs
+
+    logs.configure(config.node_id, config.log_level)
+    structlog.contextvars.bind_contextvars(worker=config.index)
+    asyncio.run(Worker(config).run())
+
+
+if __name__ == "__main__":
+    main()

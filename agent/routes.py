@@ -1,0 +1,126 @@
+"""Routing, as data: what the data-plane workers need to know to serve and forward requests.
+
+The control process holds the committed cluster state; its workers (agent/dataplane.py)
+hold only this table, built here from that state and the peer's own replicas and pushed to
+them whenever it changes. It says, per app: whether this peer is the app's primary, which
+peers to forward to (primary first, then warm backups), whether anyone can serve it, and,
+for the replicas loaded here, which model-host key serves them and the tensors the model
+declares (so a worker can refuse a request that cannot fit before reading it). Pure
+functions of their arguments: the table is a plain dict, the message itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from redge.consensus.state import ALIVE, SUSPECTED, ClusterState
+
+SERVING_REPORTS = ("serving", "load_done")
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """One replica loaded on this peer, as a worker needs it."""
+
+    app: str
+    key: str  # the model host's key
+    variant: str
+    version: str
+    format: str
+    role: str  # primary | warm
+    inputs: tuple[dict[str, Any], ...]
+    outputs: tuple[dict[str, Any], ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key, "variant": self.variant, "version": self.version, "format": self.format,
+            "role": self.role, "inputs": list(self.inputs), "outputs": list(self.outputs),
+        }
+
+
+def route_targets(state: ClusterState, app: str, self_id: str) -> list[tuple[str, str, str, str]]:
+    """(node_id, http_address, role, variant) to try for `app`: primary, then warm backups."""
+    order = {"primary": 0, "warm": 1}
+    targets = []
+    for replica in state.plan.get(app, ()):
+        member = state.members.get(replica.node_id)
+        if replica.role not in order or member is None or member.status not in (ALIVE, SUSPECTED):
+            continue
+        if replica.node_id == self_id:
+            continue
+        targets.append((order[replica.role], member.status != ALIVE, replica.node_id, member.http_address, replica.role, replica.variant))
+    targets.sort()
+    return [t[2:] for t in targets]
+
+
+def client_routes(state: ClusterState) -> dict[str, Any]:
+    """The routing table that clients keep: per app, its replicas in the order to try."""
+    apps: dict[str, Any] = {}
+    for app in sorted(state.apps):
+        replicas = []
+        for replica in state.plan.get(app, ()):
+            member = state.members.get(replica.node_id)
+            if member is None:
+                continue
+            replicas.append(
+                {
+                    "node_id": replica.node_id,
+                    "url": f"http://{member.http_address}",
+                    "role": replica.role,
+                    "variant": replica.variant,
+                    "status": member.status,
+                    "report": state.replica_reports.get((app, replica.node_id)),
+                }
+            )
+        order = {"primary": 0, "warm": 1, "cold": 2}
+        replicas.sort(key=lambda r: (order.get(r["role"], 9), r["status"] != ALIVE, r["node_id"]))
+        apps[app] = {"replicas": replicas}
+    return {"epoch": state.epoch, "apps": apps}
+
+
+def servable(state: ClusterState, app: str) -> bool:
+    """Whether some live primary or warm replica of `app` reports itself loaded."""
+    for replica in state.plan.get(app, ()):
+        member = state.members.get(replica.node_id)
+        if (
+            replica.role in ("primary", "warm")
+            and member is not None
+            and member.status in (ALIVE, SUSPECTED)
+            and state.replica_reports.get((app, replica.node_id)) in SERVING_REPORTS
+        ):
+            return True
+    return False
+
+
+def cluster_view(state: ClusterState, self_id: str) -> dict[str, Any]:
+    """The part of the worker's table read from the committed state (under its lock)."""
+    apps = {}
+    for name, app in state.apps.items():
+        primary = state.primary_of(name)
+        apps[name] = {
+            "slo_ms": app.slo_ms,
+            "primary_here": primary is not None and primary.node_id == self_id,
+            "targets": [list(target) for target in route_targets(state, name, self_id)],
+            "servable": servable(state, name),
+        }
+    return {"epoch": state.epoch, "apps": apps, "client_routes": client_routes(state)}
+
+
+def route_table(
+    view: dict[str, Any],
+    local: Iterable[LocalModel],
+    *,
+    ready: tuple[bool, str],
+    host: tuple[str, bytes] | None,
+) -> dict[str, Any]:
+    """The whole `routes` message: the committed view, this peer's replicas, its readiness
+    and where its model host takes data-plane connections."""
+    return {
+        "type": "routes",
+        **view,
+        "local": {model.app: model.to_json() for model in local},
+        "ready": list(ready),
+        "host": {"address": host[0], "token": host[1].hex()} if host is not None else None,
+    }
