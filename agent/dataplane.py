@@ -77,7 +77,9 @@ TIMING_HEADER = "Server-Timing"
 CONTROL_TOKEN_HEADER = "X-Redge-Control-Token"
 PASSED_HEADERS = ("Content-Type", oip.HEADER_LENGTH, NODE_HEADER, EPOCH_HEADER, VARIANT_HEADER)
 CHUNK_BYTES = 1024 * 1024
-# Parsing a JSON tensor makes a Python object per number: about this many times the text.
+# Memory a body costs while it is read and parsed, in multiples of its length: reading
+# holds two copies for a moment; parsing a JSON tensor makes a Python object per number.
+BINARY_MEMORY_FACTOR = 2
 JSON_MEMORY_FACTOR = 8
 # Control calls carry small JSON (an app, a signed join): a larger body is refused.
 CONTROL_BODY_BYTES_MAX = 1024 * 1024
@@ -429,7 +431,7 @@ class Worker:
             raise HttpError(413, f"a body of {length} bytes is more than the {limit} this request may have"
                             + (" (the model's declared inputs)" if specs is not None and limit != self.config.request_body_bytes_max else ""),
                             headers={"Connection": "close"})
-        reserved = length if binary else length * JSON_MEMORY_FACTOR
+        reserved = length * (BINARY_MEMORY_FACTOR if binary else JSON_MEMORY_FACTOR)
         if reserved > self.budget.bytes_max:
             self._count(self.stats.bodies_refused, "413")
             raise HttpError(413, f"a {'binary' if binary else 'JSON'} body of {length} bytes needs {reserved} bytes here, "
@@ -441,7 +443,10 @@ class Worker:
                             f"{self.budget.bytes_max}: try again, or another peer",
                             headers={"Retry-After": "1", "Connection": "close"})
         try:
-            return await _read_exactly(request, length), reserved
+            # aiohttp's own read is the fastest here (a loop of our own into a preallocated
+            # buffer measured 3x slower); it holds two copies while it finishes, which the
+            # reservation counts.
+            return await request.read(), reserved
         except BaseException:
             self.budget.release(reserved)
             raise
@@ -642,21 +647,6 @@ class Worker:
 
 def _specs(local: dict[str, Any]) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec.from_json(spec) for spec in local["inputs"])
-
-
-async def _read_exactly(request: web.Request, length: int) -> bytearray:
-    """The body into one buffer of its announced length (no second copy, no growth)."""
-    body = bytearray(length)
-    view = memoryview(body)
-    offset = 0
-    while offset < length:
-        chunk = await request.content.readany()
-        if not chunk:
-            raise HttpError(400, f"the body ended after {offset} of its {length} bytes")
-        take = min(len(chunk), length - offset)
-        view[offset : offset + take] = chunk[:take]
-        offset += take
-    return body
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:

@@ -161,6 +161,8 @@ class Peer:
             self.workers = DataPlaneWorkers(self._worker_template(), config.http_workers, config.http_worker_nice,
                                             self.on_worker_stats)
             await self.workers.start(listener)
+            workers = self.workers
+            self.metrics.dataplane_worker_restarts.set_function(lambda: workers.restarts_total)
             self.routes_changed()
             log.info(
                 "peer_started",
@@ -391,8 +393,6 @@ class Peer:
                 self.metrics.detector_probe_rounds_answered.set(stats.probe_rounds_answered)
                 self.metrics.detector_hints_refuted.set(stats.hints_refuted)
                 self.metrics.detector_local_health.set(stats.local_health_score)
-            if self.workers is not None:
-                self.metrics.dataplane_worker_restarts.set(self.workers.restarts_total)
             self.routes_changed()  # a safety net: the table is sent only if it changed
             await asyncio.sleep(1.0)
 

@@ -152,3 +152,66 @@ def test_fuzzed_structured_requests_never_raise_anything_but_bad_request(inputs,
         parse_infer_request(header + trailing, str(len(header)), LIMIT)
     except BadRequest:
         pass
+
+
+# -- the model's declared inputs, judged before the data is decoded
+
+from redge.agent.oip import dimension_problem, request_bytes_bound  # noqa: E402
+from redge.runtime.tensor import TensorSpec  # noqa: E402
+
+IMAGE = TensorSpec("input", "FP32", (-1, 3, 224, 224))
+VECTOR = TensorSpec("input", "FP32", (-1, 16))
+
+
+@pytest.mark.parametrize(
+    ("spec", "datatype", "shape", "problem"),
+    [
+        (IMAGE, "FP32", (1, 3, 224, 224), None),
+        (IMAGE, "FP32", (64, 3, 224, 224), None),
+        (IMAGE, "FP32", (65, 3, 224, 224), "dynamic dimension must be 1..64"),
+        (IMAGE, "FP32", (0, 3, 224, 224), "dynamic dimension must be 1..64"),
+        (IMAGE, "FP32", (1, 12_000_000), "the model takes [-1, 3, 224, 224]"),
+        (IMAGE, "FP64", (1, 3, 224, 224), "datatype FP64, the model takes FP32"),
+        (IMAGE, "FP32", (1, 3, 224, 225), "the model takes [-1, 3, 224, 224]"),
+        (VECTOR, "FP32", (2, 16, 1), "the model takes [-1, 16]"),
+    ],
+)
+def test_a_declared_tensor_is_judged_against_the_model_s_input(spec, datatype, shape, problem):
+    found = dimension_problem(spec, datatype, shape, dynamic_max=64)
+    assert (found is None) if problem is None else (problem in found)
+
+
+@pytest.mark.parametrize(
+    ("specs", "binary", "bound"),
+    [
+        ((VECTOR,), True, 64 * 16 * 4 + 64 * 1024),
+        ((VECTOR,), False, 64 * 16 * 40 + 64 * 1024),
+        ((IMAGE,), True, 64 * 3 * 224 * 224 * 4 + 64 * 1024),
+        ((TensorSpec("a", "UINT8", (8,)), TensorSpec("b", "INT64", (2, -1))), True, 8 + 2 * 64 * 8 + 64 * 1024),
+    ],
+)
+def test_the_largest_body_a_model_s_inputs_allow(specs, binary, bound):
+    assert request_bytes_bound(specs, binary, dynamic_max=64) == bound
+
+
+def test_a_wrong_shape_is_refused_before_its_data_is_looked_at():
+    # 2 million elements of data that is not even numbers: had it been decoded it would have
+    # failed on the data; it fails on the declared shape first.
+    body = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 2_000_000], "data": ["x"] * 10}]})
+    with pytest.raises(BadRequest, match=r"shape \[1, 2000000\], the model takes \[-1, 16\]"):
+        parse_infer_request(body, None, LIMIT * 64, (VECTOR,), dynamic_max=64)
+    with pytest.raises(BadRequest, match="not one of the model's inputs"):
+        parse_infer_request(orjson.dumps({"inputs": [{"name": "other", "datatype": "FP32", "shape": [1, 16],
+                                                      "data": [0.0] * 16}]}), None, LIMIT, (VECTOR,))
+    parsed = parse_infer_request(orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 16],
+                                                           "data": [0.5] * 32}]}), None, LIMIT, (VECTOR,), dynamic_max=64)
+    assert parsed.inputs["input"].shape == (2, 16)
+
+
+@given(body=st.binary(max_size=300), header_length=st.one_of(st.none(), st.integers(-5, 400).map(str)))
+@settings(max_examples=300, deadline=None)
+def test_fuzzed_bytes_with_the_model_s_specs_only_ever_bad_request(body, header_length):
+    try:
+        parse_infer_request(body, header_length, LIMIT, (VECTOR,), dynamic_max=64)
+    except BadRequest:
+        pass
