@@ -12,7 +12,13 @@ reads no clock. Invariants always checked:
   it is a false positive too, unless `degraded_confirmation_ok`). A node that came back
   after the heal (`member_recovered`, a new incarnation) and is then confirmed again was
   alive: that confirmation is false too.
-- `lost_request`: operations with an unknown outcome, beyond `lost_requests_max`.
+- `lost_request`: operations with an unknown outcome, beyond `lost_requests_max` (writes
+  aside: an unknown write is Raft's nature under a leader change, not a loss).
+- `lost_write`: a register whose committed value at the end is below its last acknowledged
+  write, or is a value no write that may have landed (acknowledged or unknown) wrote.
+- `unanswered_request`: a request that a hostile fault sent (chaos/hostile.py) got no answer
+  at all from a running peer: no status, only a reset or a timeout.
+- `late_answer`: a call that ended more than `late_answer_grace_s` past its own deadline.
 - `unrecovered`: an app with no ok answer in the last `final_window_s` of the load, when
   `recovered` is expected (a scenario that kills a majority says `recovered = false`).
 
@@ -30,6 +36,9 @@ from redge.chaos.faults import FaultRecord
 from redge.chaos.history import FAIL, INFO, OK, Operation
 
 FAILING_KINDS = ("crash", "kill-leader", "hang", "partition", "cascade")
+# A peer stopped on purpose is not running either: confirming it while it is down is no false
+# positive (it leaves first, so usually nothing is confirmed at all).
+DOWN_KINDS = (*FAILING_KINDS, "restart")
 EXAMPLES_MAX = 5
 SERVING_ROLES = ("primary", "warm")
 REJOIN_KINDS = ("member_recovered", "member_rejoined", "member_cleared")
@@ -47,6 +56,8 @@ class Expectations:
     mttr_ms_max: float | None = None
     degraded_confirmation_ok: bool = False
     confirmation_grace_s: float = 15.0  # a confirmation this long after the heal still counts
+    # A call may end this much after its deadline (scheduling, the last attempt's answer).
+    late_answer_grace_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.lost_requests_max < 0 or (self.failed_requests_max is not None and self.failed_requests_max < 0):
@@ -80,12 +91,19 @@ def check(
     plans: Sequence[dict[str, Any]] = (),
     expect: Expectations = Expectations(),
     measurements: Sequence[Any] = (),
+    final_registers: dict[str, float] | None = None,
+    timeout_s: float | None = None,
 ) -> CheckResult:
-    """`plans` are observations {observed_at_ms, via, epoch, plan: {app: [replica...]}}."""
+    """`plans` are observations {observed_at_ms, via, epoch, plan: {app: [replica...]}};
+    `final_registers` the committed value of each write register at the end (write load);
+    `timeout_s` each call's deadline."""
     violations: list[Violation] = []
     violations += two_primaries(operations, events, plans)
     violations += false_confirmations(faults, events, expect)
     violations += lost_requests(operations, expect)
+    violations += lost_writes(operations, final_registers)
+    violations += unanswered_requests(faults)
+    violations += late_answers(operations, timeout_s, expect)
     violations += unrecovered_apps(operations, expect)
     violations += expectation_bounds(operations, faults, events, measurements, expect)
     counts = {outcome: sum(1 for o in operations if o.outcome == outcome) for outcome in (OK, FAIL, INFO)}
@@ -144,7 +162,7 @@ def two_primaries(operations: Sequence[Operation], events: Sequence[dict[str, An
 
 def false_confirmations(faults: Sequence[FaultRecord], events: Sequence[dict[str, Any]],
                         expect: Expectations) -> list[Violation]:
-    justifying = FAILING_KINDS if not expect.degraded_confirmation_ok else None
+    justifying = DOWN_KINDS if not expect.degraded_confirmation_ok else None
     violations = []
     for event in events:
         if event["kind"] != "failure_confirmed":
@@ -183,12 +201,63 @@ def _came_back_before(events: Sequence[dict[str, Any]], node: str, healed_at_ms:
 
 
 def lost_requests(operations: Sequence[Operation], expect: Expectations) -> list[Violation]:
-    lost = [o for o in operations if o.outcome == INFO]
+    lost = [o for o in operations if o.outcome == INFO and o.kind != "write"]
     if len(lost) <= expect.lost_requests_max:
         return []
     examples = [f"#{o.index} client {o.client} to {o.target}: {o.error}" for o in lost[:EXAMPLES_MAX]]
     return [Violation("lost_request", f"{len(lost)} requests with unknown outcome (at most "
                       f"{expect.lost_requests_max} allowed)", lost[0].end_ms, {"examples": examples})]
+
+
+def lost_writes(operations: Sequence[Operation], final_registers: dict[str, float] | None) -> list[Violation]:
+    """Each client's writes go to its own register, one at a time, with growing values: the
+    committed value must be at least the last acknowledged one, and one that an acknowledged
+    or unknown write wrote (a failed write must not have landed)."""
+    if final_registers is None:
+        return []
+    from redge.chaos.load import write_register
+
+    violations = []
+    writes = [o for o in operations if o.kind == "write" and o.value is not None]
+    for client in sorted({o.client for o in writes}):
+        mine = [o for o in writes if o.client == client]
+        register = write_register(client)
+        acknowledged = [o.value for o in mine if o.outcome == OK]
+        possible = {o.value for o in mine if o.outcome in (OK, INFO)}
+        final = final_registers.get(register)
+        if not acknowledged and final is None:
+            continue
+        if final is None or (acknowledged and final < max(acknowledged)):
+            violations.append(Violation("lost_write", f"{register} holds {final} at the end, but "
+                                        f"{max(acknowledged)} was acknowledged", details={"client": client}))
+        elif int(final) not in possible:
+            violations.append(Violation("lost_write", f"{register} holds {final}, which no write that may have "
+                                        "landed wrote (a failed write was applied)", details={"client": client}))
+    return violations
+
+
+def unanswered_requests(faults: Sequence[FaultRecord]) -> list[Violation]:
+    violations = []
+    for fault in faults:
+        unanswered = fault.notes.get("unanswered", 0) if fault.notes else 0
+        if unanswered:
+            violations.append(Violation(
+                "unanswered_request", f"{unanswered} requests of fault {fault.fault_id} ({fault.kind}) to running "
+                "peers got no answer at all", fault.applied_at_ms, {"examples": fault.notes.get("examples", [])},
+            ))
+    return violations
+
+
+def late_answers(operations: Sequence[Operation], timeout_s: float | None, expect: Expectations) -> list[Violation]:
+    if timeout_s is None:
+        return []
+    bound_ms = (timeout_s + expect.late_answer_grace_s) * 1000
+    late = [o for o in operations if o.latency_ms > bound_ms]
+    if not late:
+        return []
+    examples = [f"#{o.index} {o.kind} to {o.target}: {o.latency_ms:.0f} ms ({o.outcome})" for o in late[:EXAMPLES_MAX]]
+    return [Violation("late_answer", f"{len(late)} calls ended more than {expect.late_answer_grace_s:g} s past their "
+                      f"{timeout_s:g} s deadline", late[0].end_ms, {"examples": examples})]
 
 
 def unrecovered_apps(operations: Sequence[Operation], expect: Expectations) -> list[Violation]:

@@ -18,6 +18,7 @@ What each fault needs:
 | fault | mechanism | loopback | netns |
 | --- | --- | --- | --- |
 | Crash, KillLeader | SIGKILL; heal restarts from the data dir | yes | yes |
+| Restart | SIGTERM (the peer leaves); heal starts it again | yes | yes |
 | Hang | SIGSTOP / SIGCONT | yes | yes |
 | SlowNode | cgroup v1 cpu.cfs_quota_us (root) | yes | yes |
 | CpuLoad | busy-loop processes beside the peers (touches no node) | yes | yes |
@@ -115,16 +116,41 @@ class Crash(Fault):
 
     def apply(self, nemesis: Nemesis) -> tuple[str, ...]:
         node = nemesis.resolve(self, (self.node,))[0]
+        nemesis.note_targets(self, (node,))
         nemesis.cluster.peers[node].kill()
         return (node,)
 
     def heal(self, nemesis: Nemesis) -> None:
-        for node in nemesis.touched(self):
-            peer = nemesis.cluster.peers[node]
-            if not peer.running():
-                if peer.log_file is not None:
-                    peer.log_file.close()
-                peer.start()
+        _start_stopped(nemesis, self)
+
+
+def _start_stopped(nemesis: Nemesis, fault: Fault) -> None:
+    """Start again, from its data directory, every peer `fault` stopped."""
+    for node in nemesis.touched(fault):
+        peer = nemesis.cluster.peers[node]
+        if not peer.running():
+            if peer.log_file is not None:
+                peer.log_file.close()
+            peer.start()
+
+
+@dataclass(frozen=True)
+class Restart(Fault):
+    """Stop one peer as an operator does (SIGTERM: it leaves the cluster, finishes the
+    requests in flight), and start it again from its data directory at the heal. A peer
+    restarted while others watch is the storm an upgrade or a crash loop makes."""
+
+    node: str = "follower"
+    kind: ClassVar[str] = "restart"
+
+    def apply(self, nemesis: Nemesis) -> tuple[str, ...]:
+        node = nemesis.resolve(self, (self.node,))[0]
+        nemesis.note_targets(self, (node,))  # before the peer goes: it is leaving from now on
+        nemesis.cluster.peers[node].terminate()
+        return (node,)
+
+    def heal(self, nemesis: Nemesis) -> None:
+        _start_stopped(nemesis, self)
 
 
 @dataclass(frozen=True)
@@ -144,6 +170,7 @@ class Hang(Fault):
 
     def apply(self, nemesis: Nemesis) -> tuple[str, ...]:
         node = nemesis.resolve(self, (self.node,))[0]
+        nemesis.note_targets(self, (node,))
         for pid in process_tree(nemesis.cluster.peers[node].pid):
             _signal(pid, signal.SIGSTOP)
         return (node,)
@@ -429,7 +456,7 @@ class Cascade(Fault):
 
 FAULT_KINDS: dict[str, type[Fault]] = {
     cls.kind: cls
-    for cls in (Crash, KillLeader, Hang, Partition, PacketLoss, Delay, Bandwidth, SlowNode, CpuLoad, Cascade)
+    for cls in (Crash, KillLeader, Restart, Hang, Partition, PacketLoss, Delay, Bandwidth, SlowNode, CpuLoad, Cascade)
 }
 
 
@@ -447,12 +474,15 @@ class FaultRecord:
     applied_at_ms: float
     healed_at_ms: float | None = None
     error: str = ""
+    # What a fault that sends traffic counted while it ran (chaos/hostile.py): requests sent,
+    # statuses answered, requests that got no answer at all.
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "fault_id": self.fault_id, "kind": self.kind, "description": self.description,
             "targets": list(self.targets), "applied_at_ms": self.applied_at_ms,
-            "healed_at_ms": self.healed_at_ms, "error": self.error,
+            "healed_at_ms": self.healed_at_ms, "error": self.error, "notes": self.notes,
         }
 
     @classmethod
@@ -471,6 +501,7 @@ class Nemesis:
     _active: dict[Fault, FaultRecord] = field(default_factory=dict)
     _proxies: dict[Any, subprocess.Popen[bytes]] = field(default_factory=dict)
     _workers: dict[Any, list[subprocess.Popen[bytes]]] = field(default_factory=dict)
+    _background: dict[Any, tuple[threading.Thread, threading.Event]] = field(default_factory=dict)
     cpu_groups: CpuGroups = field(default_factory=lambda: CpuGroups())
 
     @property
@@ -583,6 +614,8 @@ class Nemesis:
             self.stop_proxy(key)
         for key in list(self._workers):
             self.stop_workers(key)
+        for key in list(self._background):
+            self.stop_background(key)
         errors += self.cpu_groups.release_all()
         return errors
 
@@ -627,6 +660,37 @@ class Nemesis:
             if process.poll() is None:
                 process.kill()
             process.wait(timeout=10)
+
+    # ------------------------------------------------------------------ traffic threads
+
+    def start_background(self, key: Any, run: Any) -> None:
+        """Run `run(stop)` on a thread of its own until `stop` (a threading.Event) is set."""
+        if key in self._background:
+            return
+        stop = threading.Event()
+        thread = threading.Thread(target=run, args=(stop,), daemon=True, name=f"nemesis-{key}")
+        self._background[key] = (thread, stop)
+        thread.start()
+
+    def stop_background(self, key: Any, timeout_s: float = 30.0) -> None:
+        entry = self._background.pop(key, None)
+        if entry is not None:
+            thread, stop = entry
+            stop.set()
+            thread.join(timeout=timeout_s)
+
+    def record_of(self, fault: Fault) -> FaultRecord | None:
+        return self._active.get(fault)
+
+    def note_targets(self, fault: Fault, targets: tuple[str, ...]) -> None:
+        """Record whom `fault` touches before it acts (an apply that takes seconds, such as a
+        peer's graceful stop, touches its node from its first moment)."""
+        record = self._active.get(fault)
+        if record is not None:
+            record.targets = targets
+
+    def active_records(self) -> list[FaultRecord]:
+        return list(self._active.values())
 
 
 # ---------------------------------------------------------------------- helpers

@@ -44,6 +44,7 @@ class Operation:
     epoch: int | None = None  # the plan epoch it was served under, when known
     status: int | None = None  # the HTTP status, when there was an answer
     error: str = ""
+    value: int | None = None  # what a write wrote (`write` load): its register's new value
 
     def __post_init__(self) -> None:
         assert self.outcome in OUTCOMES, self.outcome
@@ -74,6 +75,12 @@ class History:
 
     def __len__(self) -> int:
         return len(self.operations)
+
+    def merge(self, other: History) -> None:
+        """Take in another load's operations, in the order they started (bounded as always)."""
+        merged = sorted([*self.operations, *other.operations], key=lambda o: (o.start_ms, o.kind, o.index))
+        self.dropped += other.dropped + max(0, len(merged) - self.operations_max)
+        self.operations = merged[: self.operations_max]
 
     def counts(self) -> dict[str, int]:
         counts = {outcome: 0 for outcome in OUTCOMES}

@@ -24,6 +24,16 @@ import os
 import random
 import socket
 import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from redge.chaos.faults import Fault
+
+if TYPE_CHECKING:
+    from redge.chaos.cluster import PeerProcess
+    from redge.chaos.faults import Nemesis
 
 EPHEMERAL_PORTS = range(32768, 61000)  # Linux's default ip_local_port_range
 _ICMP_DESTINATION_UNREACHABLE = 3
@@ -126,3 +136,220 @@ def huge_json_body(elements: int) -> bytes:
     """A JSON tensor of `elements` numbers (about 4 bytes each) whose shape does not fit the model."""
     data = b"0.5," * (elements - 1) + b"0.5" if elements > 0 else b""
     return b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, %d], "data": [' % elements + data + b"]}]}"
+
+
+# ---------------------------------------------------------------------- faults
+
+
+def _running_targets(nemesis: Nemesis) -> list[PeerProcess]:
+    """Peers that are up and that no active fault is stopping or breaking right now."""
+    busy = {node for record in nemesis.active_records() for node in record.targets}
+    return [peer for peer in nemesis.cluster.peers.values() if peer.running() and peer.node_id not in busy]
+
+
+def _count(notes: dict[str, Any], key: str, amount: int = 1) -> None:
+    notes[key] = notes.get(key, 0) + amount
+
+
+@dataclass(frozen=True)
+class IcmpSweep(Fault):
+    """Forged ICMP port unreachable for every peer's heartbeat port, a sweep over every
+    ephemeral source port, one sweep every `interval_s` (raw socket: root). Touches no node:
+    every peer stays up, so any failure confirmed meanwhile is a false positive."""
+
+    interval_s: float = 2.0
+    kind: ClassVar[str] = "icmp-sweep"
+
+    def unavailable_reason(self, mode: str) -> str | None:
+        if os.geteuid() != 0:
+            return "icmp-sweep forges ICMP with a raw socket: it needs root"
+        return None
+
+    def apply(self, nemesis: Nemesis) -> tuple[str, ...]:
+        record = nemesis.record_of(self)
+        notes = record.notes if record is not None else {}
+
+        def run(stop: threading.Event) -> None:
+            with raw_icmp_socket() as raw:
+                raw.setblocking(False)
+                while not stop.is_set():
+                    started = time.monotonic()
+                    for target in _running_targets(nemesis):
+                        for observer in nemesis.cluster.peers.values():
+                            if observer is target or stop.is_set():
+                                continue
+                            _count(notes, "packets", sweep_port_unreachable(
+                                raw, observer.host, (target.host, target.heartbeat_port)))
+                            if observer.host == target.host:
+                                break  # one shared address (loopback): one sweep reaches every observer
+                    _count(notes, "sweeps")
+                    stop.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
+
+        nemesis.start_background(self, run)
+        return ()
+
+    def heal(self, nemesis: Nemesis) -> None:
+        nemesis.stop_background(self)
+
+
+@dataclass(frozen=True)
+class RaftFlood(Fault):
+    """`connections` TCP connections to every peer's Raft port, each announcing a 2 GiB frame
+    and sending `megabytes` of garbage, again every `interval_s`. No secret."""
+
+    connections: int = 4
+    megabytes: int = 51
+    interval_s: float = 1.0
+    kind: ClassVar[str] = "raft-flood"
+
+    def apply(self, nemesis: Nemesis) -> tuple[str, ...]:
+        record = nemesis.record_of(self)
+        notes = record.notes if record is not None else {}
+
+        def run(stop: threading.Event) -> None:
+            while not stop.is_set():
+                for peer in _running_targets(nemesis):
+                    host, port = peer.raft_address.rsplit(":", 1)
+                    for _ in range(self.connections):
+                        accepted = flood_raft((host, int(port)), self.megabytes, timeout_s=5.0)
+                        _count(notes, "floods")
+                        notes["bytes_accepted_max"] = max(notes.get("bytes_accepted_max", 0), accepted)
+                stop.wait(self.interval_s)
+
+        nemesis.start_background(self, run)
+        return ()
+
+    def heal(self, nemesis: Nemesis) -> None:
+        nemesis.stop_background(self)
+
+
+class _Answers:
+    """How a fault's own HTTP requests ended: an answer (by status), not delivered, or none."""
+
+    def __init__(self, notes: dict[str, Any], nemesis: Nemesis) -> None:
+        self.notes = notes
+        self.nemesis = nemesis
+        notes.setdefault("statuses", {})
+        notes.setdefault("unanswered", 0)
+        notes.setdefault("examples", [])
+
+    def answered(self, status: int) -> None:
+        statuses = self.notes["statuses"]
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+
+    def failed(self, peer: PeerProcess, error: BaseException, sent: bool) -> None:
+        if not sent or isinstance(error, ConnectionRefusedError):
+            _count(self.notes, "not_delivered")
+        elif not peer.running() or peer.node_id in {n for r in self.nemesis.active_records() for n in r.targets}:
+            _count(self.notes, "interrupted")  # a fault stopped that peer meanwhile
+        else:
+            _count(self.notes, "unanswered")
+            if len(self.notes["examples"]) < 5:
+                self.notes["examples"].append(f"{peer.node_id}: {type(error).__name__}: {error}")
+
+
+def _post(peer: PeerProcess, path: str, body: bytes, headers: dict[str, str], answers: _Answers,
+          timeout_s: float = 10.0) -> None:
+    """One request on a connection of its own; the body may be refused before it is sent."""
+    head = f"POST {path} HTTP/1.1\r\nHost: redge\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
+    sent = False
+    try:
+        with socket.create_connection(("127.0.0.1", int(peer.url.rsplit(":", 1)[1])), timeout=timeout_s) as sock:
+            sock.sendall(head.encode())
+            sent = True
+            view = memoryview(body)
+            offset = 0
+            try:
+                while offset < len(body):
+                    offset += sock.send(view[offset : offset + (1 << 20)])
+            except OSError:
+                pass  # the peer answered early and closed: read that answer
+            data = b""
+            while b"\r\n" not in data:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise ConnectionResetError("closed without an answer")
+                data += chunk
+            answers.answered(int(data.split(b" ", 2)[1]))
+    except (OSError, ValueError, IndexError) as error:
+        answers.failed(peer, error, sent)
+
+
+@dataclass(frozen=True)
+class HttpFuzz(Fault):
+    """`rate_per_s` random inference requests (random bytes, broken or deep JSON, shapes the
+    model cannot take, lying binary headers) at random running peers. Every one must get an
+    answer: the fault counts those that got none (`unanswered`), which the checker refuses."""
+
+    app: str = "det"
+    rate_per_s: float = 30.0
+    kind: ClassVar[str] = "http-fuzz"
+
+    def apply(self, nemesis: Nemesis) -> tuple[str, ...]:
+        record = nemesis.record_of(self)
+        answers = _Answers(record.notes if record is not None else {}, nemesis)
+        rng = random.Random(nemesis.rng.randrange(2**32))
+
+        def run(stop: threading.Event) -> None:
+            while not stop.is_set():
+                targets = _running_targets(nemesis)
+                if targets:
+                    body, headers = random_body(rng)
+                    _post(rng.choice(targets), f"/v2/models/{self.app}/infer", body, headers, answers)
+                stop.wait(1.0 / self.rate_per_s)
+
+        nemesis.start_background(self, run)
+        return ()
+
+    def heal(self, nemesis: Nemesis) -> None:
+        nemesis.stop_background(self)
+
+
+@dataclass(frozen=True)
+class OversizedBodies(Fault):
+    """Huge requests at random running peers, `concurrency` at a time: JSON tensors of
+    `json_megabytes` (a shape the model cannot take) and binary ones of `binary_megabytes`.
+    Each must be answered (413 or 503, before the peer reads it all), never dropped."""
+
+    app: str = "det"
+    json_megabytes: int = 48
+    binary_megabytes: int = 60
+    concurrency: int = 2
+    kind: ClassVar[str] = "oversized-bodies"
+
+    def apply(self, nemesis: Nemesis) -> tuple[str, ...]:
+        record = nemesis.record_of(self)
+        answers = _Answers(record.notes if record is not None else {}, nemesis)
+        json_body = huge_json_body(self.json_megabytes * (1 << 20) // 4)
+        binary_size = self.binary_megabytes * (1 << 20) // 4 * 4
+        header = ('{"inputs":[{"name":"input","datatype":"FP32","shape":[1,%d],"parameters":{"binary_data_size":%d}}]}'
+                  % (binary_size // 4, binary_size)).encode()
+        binary_body = header + bytes(binary_size)
+        bodies = [(json_body, {"Content-Type": "application/json"}),
+                  (binary_body, {"Content-Type": "application/octet-stream",
+                                 "Inference-Header-Content-Length": str(len(header))})]
+
+        def run(stop: threading.Event, lane: int) -> None:
+            rng = random.Random(lane)
+            turn = lane
+            while not stop.is_set():
+                targets = _running_targets(nemesis)
+                if targets:
+                    body, headers = bodies[turn % 2]
+                    turn += 1
+                    _post(rng.choice(targets), f"/v2/models/{self.app}/infer", body, headers, answers, timeout_s=30.0)
+                stop.wait(0.05)
+
+        for lane in range(self.concurrency):
+            nemesis.start_background((self, lane), lambda stop, lane=lane: run(stop, lane))
+        return ()
+
+    def heal(self, nemesis: Nemesis) -> None:
+        for lane in range(self.concurrency):
+            nemesis.stop_background((self, lane))
+
+
+HOSTILE_FAULT_KINDS: dict[str, type[Fault]] = {
+    cls.kind: cls for cls in (IcmpSweep, RaftFlood, HttpFuzz, OversizedBodies)
+}

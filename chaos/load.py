@@ -5,13 +5,20 @@ optionally paced to a rate. A client starts on its own peer (client i on peer i 
 when a call fails or its outcome is unknown, moves to the next peer, the way a client that
 knows several endpoints fails over; so reconfiguration time is visible in the history.
 
-Two kinds of load:
+Four kinds of load:
 
 - `probe`: `POST /cluster/probe` (admin token) commits one no-op through Raft from the
   peer called. It works on any cluster and measures the control plane.
 - `infer`: `POST /v2/models/{app}/infer` with Open Inference Protocol (KServe v2) JSON
   tensors. The answer names the serving node and plan epoch in `parameters`
   (`node_id`, `epoch`) and in the headers `X-Redge-Node` / `X-Redge-Epoch`.
+- `client`: the same inference through the redge client (agent/client.py), which fails
+  over between replicas by itself: every call ends with a result or a definite error
+  within its deadline, which is what a user of redge sees.
+- `write`: acknowledged writes. Each client owns a register (an app named `w<client>`
+  that no artifact serves, so nothing is placed) and writes 1, 2, 3, ... into its
+  `request_rate_per_s` with `POST /cluster/apps`; the checker compares the last
+  acknowledged value with the committed one at the end (`lost_writes`).
 
 Outcomes follow history.py: an answered error is `fail`, a timeout or a connection lost after
 sending is `info`. A connection refused, or a netns portal's 502 `unreachable`, was never
@@ -30,7 +37,7 @@ import aiohttp
 
 from redge.chaos.history import FAIL, INFO, OK, History, Operation
 
-KINDS = ("probe", "infer")
+KINDS = ("probe", "infer", "client", "write")
 CLIENTS_MAX = 256
 DATATYPES = ("FP32", "FP64", "INT32", "INT64", "UINT8", "BOOL")
 INPUT_ELEMENTS_MAX = 1_000_000
@@ -52,8 +59,8 @@ class LoadSpec:
         problems = []
         if self.kind not in KINDS:
             problems.append(f"load kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
-        if self.kind == "infer" and not self.app:
-            problems.append("infer load needs an app")
+        if self.kind in ("infer", "client") and not self.app:
+            problems.append(f"{self.kind} load needs an app")
         if not 1 <= self.clients <= CLIENTS_MAX:
             problems.append(f"clients must be 1..{CLIENTS_MAX}")
         if self.rate_per_s < 0:
@@ -102,6 +109,8 @@ class LoadGenerator:
     _thread: threading.Thread | None = None
     _index: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _redge: Any = None  # the redge client of `client` load
+    _written: dict[int, int] = field(default_factory=dict)  # write load: each client's last value
 
     def start(self, duration_s_max: float) -> None:
         assert self._thread is None, "a load generator runs once"
@@ -119,8 +128,18 @@ class LoadGenerator:
         deadline = time.monotonic() + duration_s_max
         timeout = aiohttp.ClientTimeout(total=self.spec.timeout_s)
         connector = aiohttp.TCPConnector(limit=self.spec.clients * 2, force_close=False)
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-            await asyncio.gather(*(self._client(session, client, deadline) for client in range(self.spec.clients)))
+        if self.spec.kind == "client":
+            from redge.agent.client import AsyncClient
+
+            self._redge = AsyncClient([self.targets[n] for n in sorted(self.targets)], deadline_s=self.spec.timeout_s,
+                                      attempt_timeout_s=max(0.1, self.spec.timeout_s / 4))
+            await self._redge.start()
+        try:
+            async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+                await asyncio.gather(*(self._client(session, client, deadline) for client in range(self.spec.clients)))
+        finally:
+            if self._redge is not None:
+                await self._redge.close()
 
     async def _client(self, session: aiohttp.ClientSession, client: int, deadline: float) -> None:
         nodes = sorted(self.targets)
@@ -150,9 +169,17 @@ class LoadGenerator:
     async def _call(self, session: aiohttp.ClientSession, client: int, node: str) -> Operation:
         spec = self.spec
         index = self._next_index()
+        if spec.kind == "client":
+            return await self._call_client(index, client, node)
         base = self.targets[node]
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        if spec.kind == "probe":
+        value = None
+        if spec.kind == "write":
+            value = self._written.get(client, 0) + 1
+            self._written[client] = value
+            url = base + "/cluster/apps"
+            body = write_body(client, value)
+        elif spec.kind == "probe":
             url = base + "/cluster/probe"
             attempt_timeout_s = min(0.5, spec.timeout_s / 2)
             body: dict[str, Any] = {"count": 1, "concurrency": 1, "attempt_timeout_s": attempt_timeout_s,
@@ -177,8 +204,52 @@ class LoadGenerator:
         return Operation(
             index=index, client=client, kind=spec.kind, app=spec.label, target=node,
             start_ms=start_ms, end_ms=start_ms + latency_ms, latency_ms=latency_ms,
-            outcome=outcome, node=served_by, epoch=epoch, status=status, error=error[:300],
+            outcome=outcome, node=served_by, epoch=epoch, status=status, error=error[:300], value=value,
         )
+
+    async def _call_client(self, index: int, client: int, node: str) -> Operation:
+        """One inference through the redge client, which picks and fails over by itself."""
+        from redge.agent.client import ClientError
+
+        spec = self.spec
+        inputs = {spec.input_name: infer_array(spec)}
+        start_ms = time.time() * 1000
+        started = time.perf_counter()
+        outcome, served_by, epoch, error = INFO, None, None, ""
+        try:
+            result = await self._redge.infer(spec.app, inputs, deadline_s=spec.timeout_s)
+            outcome, served_by, epoch = OK, result.node_id, result.epoch
+        except ClientError as exception:  # a definite error: a rejected request, or nobody could serve
+            outcome, error = FAIL, str(exception)
+        except Exception as exception:  # noqa: BLE001 - anything else is an unknown outcome, and a bug
+            error = f"{type(exception).__name__}: {exception}"
+        latency_ms = (time.perf_counter() - started) * 1000
+        return Operation(
+            index=index, client=client, kind=spec.kind, app=spec.label, target=served_by or node,
+            start_ms=start_ms, end_ms=start_ms + latency_ms, latency_ms=latency_ms,
+            outcome=outcome, node=served_by, epoch=epoch, status=200 if outcome == OK else None, error=error[:300],
+        )
+
+
+WRITE_VARIANT = "w-register"  # no artifact has this name: the planner places nothing
+
+
+def write_register(client: int) -> str:
+    return f"w{client}"
+
+
+def write_body(client: int, value: int) -> dict[str, Any]:
+    return {"name": write_register(client), "variants": [WRITE_VARIANT], "priority": "best-effort", "slo_ms": 1000,
+            "backup": "none", "request_rate_per_s": value}
+
+
+def infer_array(spec: LoadSpec) -> Any:
+    import numpy as np
+
+    from redge.runtime.tensor import DATATYPE_NUMPY
+
+    return np.full(spec.input_shape, 0.5 if spec.input_datatype.startswith("FP") else 1,
+                   dtype=DATATYPE_NUMPY[spec.input_datatype])
 
 
 def failed_outcome(exception: BaseException, timeout_s: float) -> tuple[str, str]:
@@ -198,8 +269,13 @@ def classify(kind: str, status: int, answer: Any, headers: dict[str, str]) -> tu
         return FAIL, None, None, f"not delivered: {message}"
     if status == 504:
         return INFO, None, None, f"504 outcome unknown: {message}"
+    if kind == "write" and status == 503:
+        # The leader changed or was lost while it committed: the write may still land.
+        return INFO, None, None, f"503 outcome unknown: {message}"
     if status != 200:
         return FAIL, None, None, f"{status}: {message}"
+    if kind == "write":
+        return OK, None, None, ""
     if not isinstance(answer, dict):
         return INFO, None, None, "200 without a JSON object"
     if kind == "probe":

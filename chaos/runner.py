@@ -41,6 +41,7 @@ APP_REGISTER_S = 20.0
 APPS_SERVING_S = 120.0
 EVENTS_PAGES_MAX = 50
 EVENTS_PAGE = 2000
+EVENTS_TAILED_MAX = 200_000
 PLAN_OBSERVATION_INTERVAL_S = 0.5
 PLAN_OBSERVATIONS_MAX = 5000
 REPEAT_MAX = 100
@@ -74,6 +75,57 @@ class PlanObserver(threading.Thread):
                         "leader": snapshot.get("leader"), "plan": snapshot.get("plan") or {},
                     })
             self.stopping.wait(PLAN_OBSERVATION_INTERVAL_S)
+
+
+class EventTail(threading.Thread):
+    """Follows the event log while the run lasts (long polls, any running peer): the log the
+    peers keep is bounded, and a long run with many faults outgrows it."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        super().__init__(daemon=True, name="event-tail")
+        self.cluster = cluster
+        self.events: dict[int, dict[str, Any]] = {}
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        since = 0
+        turn = 0
+        while not self.stopping.is_set() and len(self.events) < EVENTS_TAILED_MAX:
+            peers = [p for p in self.cluster.peers.values() if p.running()]
+            if not peers:
+                self.stopping.wait(0.2)
+                continue
+            peer = peers[turn % len(peers)]
+            try:
+                status, body = http_json("GET", f"{peer.url}/cluster/events?since={since}&limit={EVENTS_PAGE}&wait_s=1",
+                                         timeout_s=5.0)
+            except OSError:
+                status, body = 0, None
+            if status != 200 or not isinstance(body, dict):
+                turn += 1  # that peer is down or busy: ask the next one
+                self.stopping.wait(0.1)
+                continue
+            for event in body.get("events", []):
+                self.events.setdefault(event["seq"], event)
+                since = max(since, event["seq"])
+
+    def merged_with(self, final: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The final read of the log (the leader's commit times), and before it what only the
+        tail saw (events the bounded log dropped since)."""
+        by_seq = dict(self.events)
+        by_seq.update({event["seq"]: event for event in final})
+        return [by_seq[seq] for seq in sorted(by_seq)]
+
+
+def final_registers(cluster: LocalCluster) -> dict[str, float] | None:
+    """The committed value of every app's `request_rate_per_s` (the write load's registers)."""
+    leader = cluster.leader()
+    for peer in sorted(cluster.peers.values(), key=lambda p: p.node_id != leader):
+        if peer.running():
+            snapshot = peer.snapshot(timeout_s=5.0)
+            if snapshot is not None:
+                return {app["name"]: app["request_rate_per_s"] for app in snapshot.get("apps", [])}
+    return None
 
 
 def fetch_events(cluster: LocalCluster) -> list[dict[str, Any]]:
@@ -179,7 +231,11 @@ def analyse(report: dict[str, Any], operations: list[Operation], faults: list[Fa
             expect: Expectations) -> dict[str, Any]:
     """Fill in the report's measurements, check and timeline from the run's records (pure)."""
     measurements = measure(operations, faults, report["events"])
-    result = check(operations, faults, report["events"], report["plans"], expect, measurements)
+    scenario = report["scenario"]
+    timeouts = [load.get("timeout_s") for load in scenario.get("loads") or [scenario.get("load") or {}]]
+    known = [timeout for timeout in timeouts if timeout is not None]
+    result = check(operations, faults, report["events"], report["plans"], expect, measurements,
+                   final_registers=report.get("final_registers"), timeout_s=max(known) if known else None)
     report.update(
         faults=[record.to_dict() for record in faults],
         measurements=[m.to_dict() for m in measurements],
@@ -219,7 +275,9 @@ def _run_in(scenario: Scenario, out: Path, quiet: bool, scratch: Path) -> dict[s
                            root=scratch / "cluster", extra_args=_source_args(scenario, scratch))
     nemesis = Nemesis(cluster, random.Random(scenario.seed))
     observer = PlanObserver(cluster)
-    load = LoadGenerator(scenario.load, {}, token=ADMIN_TOKEN)
+    tail = EventTail(cluster)
+    loads = [LoadGenerator(spec, {}, token=ADMIN_TOKEN) for spec in (scenario.load, *scenario.extra_loads)]
+    registers: dict[str, float] | None = None
     try:
         cluster.start(timeout_s=CLUSTER_START_S)
         cluster.wait_leader(timeout_s=30)
@@ -228,13 +286,16 @@ def _run_in(scenario: Scenario, out: Path, quiet: bool, scratch: Path) -> dict[s
             names = [app["name"] for app in scenario.apps]
             wait_until(lambda: serving(cluster, names), APPS_SERVING_S, interval_s=0.1,
                        what=f"apps {names} placed and loaded")
-        load.targets = {node_id: peer.url for node_id, peer in cluster.peers.items()}
+        for load in loads:
+            load.targets = {node_id: peer.url for node_id, peer in cluster.peers.items()}
         observer.start()
+        tail.start()
         started_at_ms = time.time() * 1000
         started = time.monotonic()
-        load.start(scenario.duration_s + 5)
+        for load in loads:
+            load.start(scenario.duration_s + 5)
         errors += _execute(scenario, nemesis, started)
-        history = load.stop()
+        histories = [load.stop() for load in loads]
         ended_at_ms = time.time() * 1000
         errors += nemesis.heal_all()
         try:
@@ -243,21 +304,32 @@ def _run_in(scenario: Scenario, out: Path, quiet: bool, scratch: Path) -> dict[s
             errors.append(f"after healing: {error}")
         observer.stopping.set()
         observer.join(timeout=5)
-        events = fetch_events(cluster)
+        tail.stopping.set()
+        tail.join(timeout=10)
+        events = tail.merged_with(fetch_events(cluster))
         peer_metrics = scrape_detection_metrics(cluster)
+        if any(spec.kind == "write" for spec in (scenario.load, *scenario.extra_loads)):
+            registers = final_registers(cluster)
     finally:
-        load.stop()
+        for load in loads:
+            load.stop()
         observer.stopping.set()
+        tail.stopping.set()
         errors += nemesis.close()
         cluster.stop()
+    history = histories[0]
+    for other in histories[1:]:
+        history.merge(other)
     operations = list(history)
     report: dict[str, Any] = {
         "scenario": {
             "name": scenario.name, "seed": scenario.seed, "description": scenario.description,
             "profile": scenario.profile, "peers": scenario.peers, "mode": scenario.mode,
             "duration_s": scenario.duration_s, "path": str(scenario.path) if scenario.path else None,
-            "load": asdict(scenario.load), "expect": asdict(scenario.expect),
+            "load": asdict(scenario.load), "loads": [asdict(spec) for spec in (scenario.load, *scenario.extra_loads)],
+            "expect": asdict(scenario.expect),
         },
+        "final_registers": registers,
         "started_at_ms": started_at_ms,
         "ended_at_ms": ended_at_ms,
         "history_dropped": history.dropped,

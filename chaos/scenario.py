@@ -25,10 +25,15 @@ any process starts. The file format, with every key:
     backup = "warm"
 
     [load]                        # chaos/load.py LoadSpec
-    kind = "probe"                # or "infer" (then app = "detector")
+    kind = "probe"                # or "infer" / "client" (then app = "detector"), or "write"
     clients = 2
     rate_per_s = 0                # per client; 0 = closed loop as fast as it goes
     timeout_s = 2.0
+
+    [[loads]]                     # more loads beside it, each a LoadSpec (e.g. writes)
+    kind = "write"
+    clients = 2
+    rate_per_s = 5
 
     [[faults]]                    # chaos/faults.py; kind plus that fault's fields
     at_s = 4                      # when, from the start of the load
@@ -41,7 +46,9 @@ any process starts. The file format, with every key:
 
 A `random-cascade` fault (`count`, `kinds`, `window_s`, `duration_s`) is expanded here, from
 the seed, into a `Cascade` of that many faults of those kinds on random nodes, so the same
-seed always gives the same schedule; `random` node selectors are resolved here too.
+seed always gives the same schedule; `random` node selectors are resolved here too. The
+hostile faults of chaos/hostile.py (`icmp-sweep`, `raft-flood`, `http-fuzz`,
+`oversized-bodies`) take the same `at_s` / `duration_s` and their own fields.
 """
 
 from __future__ import annotations
@@ -53,8 +60,12 @@ from pathlib import Path
 from typing import Any
 
 from redge.chaos.checker import Expectations
-from redge.chaos.faults import FAULT_KINDS, Cascade, Fault
+from redge.chaos.faults import FAULT_KINDS as PROCESS_FAULT_KINDS
+from redge.chaos.faults import Cascade, Fault, Partition
+from redge.chaos.hostile import HOSTILE_FAULT_KINDS
 from redge.chaos.load import LoadSpec
+
+FAULT_KINDS: dict[str, type[Fault]] = {**PROCESS_FAULT_KINDS, **HOSTILE_FAULT_KINDS}
 
 SCENARIO_DIRECTORY = Path(__file__).parent / "scenarios"
 PROFILES = ("enterprise", "iobt")
@@ -63,9 +74,10 @@ PEERS_MAX = 9
 DURATION_S_MAX = 600.0
 FAULTS_MAX = 64
 TOP_KEYS = {"name", "description", "seed", "profile", "peers", "mode", "duration_s", "settle_s", "source",
-            "apps", "load", "faults", "expect"}
+            "apps", "load", "loads", "faults", "expect"}
 APP_KEYS = {"name", "variants", "priority", "slo_ms", "backup", "request_rate_per_s"}
-RANDOM_CASCADE_KINDS = ("crash", "hang", "slow-node", "packet-loss", "delay")
+RANDOM_CASCADE_KINDS = ("crash", "hang", "restart", "partition", "slow-node", "packet-loss", "delay")
+RANDOM_CASCADE_COUNT_MAX = 100
 
 
 class ScenarioError(ValueError):
@@ -92,6 +104,7 @@ class Scenario:
     source: str = ""  # a model repository for the peers' --source, or "test-family"
     apps: list[dict[str, Any]] = field(default_factory=list)
     load: LoadSpec = field(default_factory=LoadSpec)
+    extra_loads: list[LoadSpec] = field(default_factory=list)
     schedule: list[ScheduledFault] = field(default_factory=list)
     expect: Expectations = field(default_factory=Expectations)
     path: Path | None = None
@@ -191,6 +204,12 @@ def parse_scenario(data: dict[str, Any], source: str = "scenario") -> Scenario:
         if not isinstance(app.get("name"), str) or not isinstance(app.get("variants"), list):
             problems.append(f"apps[{index}] needs a name and a list of variants")
     load = _parse_load(want("load", dict, {}), problems)
+    extra_loads = []
+    for index, raw_load in enumerate(want("loads", list, [])):
+        if not isinstance(raw_load, dict):
+            problems.append(f"loads[{index}] must be a table")
+            continue
+        extra_loads.append(_parse_load(raw_load, problems))
     node_ids = [f"n{index + 1}" for index in range(peers)]
     rng = random.Random(seed)
     schedule = []
@@ -206,8 +225,8 @@ def parse_scenario(data: dict[str, Any], source: str = "scenario") -> Scenario:
         raise ScenarioError(f"{source}: " + "; ".join(problems))
     return Scenario(
         name=name, seed=seed, description=str(data.get("description", "")), profile=profile, peers=peers,
-        mode=mode, duration_s=duration_s, settle_s=settle_s, source=source, apps=apps, load=load, schedule=schedule,
-        expect=expect or Expectations(),
+        mode=mode, duration_s=duration_s, settle_s=settle_s, source=source, apps=apps, load=load,
+        extra_loads=extra_loads, schedule=schedule, expect=expect or Expectations(),
     )
 
 
@@ -305,8 +324,8 @@ def _random_cascade(values: dict[str, Any], where: str, node_ids: list[str], rng
     kinds = values.get("kinds", ["crash", "hang"])
     window_s = float(values.get("window_s", 10.0))
     step_s = float(values.get("step_duration_s", 3.0))
-    if not isinstance(count, int) or not 1 <= count <= 16:
-        problems.append(f"{where}: count must be 1..16")
+    if not isinstance(count, int) or not 1 <= count <= RANDOM_CASCADE_COUNT_MAX:
+        problems.append(f"{where}: count must be 1..{RANDOM_CASCADE_COUNT_MAX}")
         return None
     if not isinstance(kinds, list) or not kinds or any(k not in RANDOM_CASCADE_KINDS for k in kinds):
         problems.append(f"{where}: kinds must be a non-empty list from {', '.join(RANDOM_CASCADE_KINDS)}")
@@ -321,7 +340,13 @@ def _random_cascade(values: dict[str, Any], where: str, node_ids: list[str], rng
         offset_s = round(rng.uniform(0, window_s), 3)
         kind = rng.choice(kinds)
         node = rng.choice(victims)
-        fault: Fault = FAULT_KINDS[kind](node) if kind not in ("packet-loss", "delay") else FAULT_KINDS[kind]((node,))
+        fault: Fault
+        if kind == "partition":
+            fault = Partition(groups=((node,), ("rest",)))  # the node alone on one side
+        elif kind in ("packet-loss", "delay"):
+            fault = FAULT_KINDS[kind]((node,))
+        else:
+            fault = FAULT_KINDS[kind](node)
         steps.append((offset_s, fault, step_s))
     # One fault object is active once: identical (kind, node) steps may not overlap.
     steps.sort(key=lambda s: s[0])
