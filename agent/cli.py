@@ -55,6 +55,10 @@ def _add_peer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-workers", type=int, help="data-plane worker processes serving HTTP (default 1)")
     parser.add_argument("--http-worker-nice", type=int, help="CPU niceness added to the HTTP workers (default 5)")
     parser.add_argument(
+        "--control-nice", type=int,
+        help="niceness of the peer's control process where it may take it (root): heartbeats first (default -5)",
+    )
+    parser.add_argument(
         "--slo-factor", type=float, help="report this node degraded when an app's median latency here exceeds this x its SLO (default 1.5)"
     )
     parser.add_argument(
@@ -164,7 +168,7 @@ def peer_values(args: argparse.Namespace) -> dict[str, Any]:
         "source", "profile", "secret_file", "admin_token_file", "log_level", "memory_bytes",
         "accelerator_memory_bytes", "device_kind", "model_threads", "model_host_nice", "request_body_bytes_max",
         "slo_factor", "watch_rotation_s", "request_bytes_held_max", "dynamic_dimension_max", "http_workers",
-        "http_worker_nice",
+        "http_worker_nice", "control_nice",
     ):
         value = getattr(args, key, None)
         if value is not None:

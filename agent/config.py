@@ -55,6 +55,10 @@ class PeerConfig:
     # Data-plane worker processes that serve HTTP, and how much nicer than the peer they run.
     http_workers: int = 1
     http_worker_nice: int = 5
+    # The control process's own niceness, taken at start where the peer may (root or
+    # CAP_SYS_NICE): heartbeats, probes and Raft first when the box is saturated. The
+    # workers and the model host are niced relative to it.
+    control_nice: int = -5
     model_threads: int = 1
     model_host_nice: int = 10
     # Degraded when an app's median latency here stays above this factor x its SLO (agent/slo.py).
@@ -159,6 +163,8 @@ def load(values: dict[str, Any], environ: dict[str, str] | None = None) -> PeerC
         problems.append("http-workers must be between 1 and 64")
     if not 0 <= config.http_worker_nice <= 19:
         problems.append("http-worker-nice must be between 0 and 19")
+    if not -20 <= config.control_nice <= 0:
+        problems.append("control-nice must be between -20 and 0")
     if config.log_level not in ("debug", "info", "warning", "error"):
         problems.append("log-level must be debug, info, warning or error")
 

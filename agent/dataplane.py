@@ -62,6 +62,7 @@ from redge.runtime.errors import (
     RuntimeFailure,
 )
 from redge.runtime.host import HostClient, HostOptions
+from redge.runtime.priority import own_scheduling_group
 from redge.runtime.store import Store
 from redge.runtime.tensor import TensorSpec
 
@@ -111,6 +112,7 @@ class WorkerConfig:
     request_timeout_s: float
     forward_timeout_s: float
     log_level: str = "info"
+    nice: int = 0  # added to the control process's, for this worker and its scheduling group
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.__dict__)
@@ -684,6 +686,7 @@ def _die_with_parent() -> None:
 def main() -> None:
     _die_with_parent()
     config = WorkerConfig.from_json(sys.stdin.buffer.read())
+    own_scheduling_group(config.nice)  # below the control process, in a group of its own
     from redge.agent import logs
 
     logs.configure(config.node_id, config.log_level)

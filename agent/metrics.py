@@ -115,6 +115,9 @@ class PeerMetrics:
             "This peer's local health score (0 healthy; its own stalls raise it, and its timeouts with it)",
             **labels,
         )
+        self.gc_pause_ms_max = Gauge(
+            "redge_gc_pause_ms_max", "Longest pause of the control process's garbage collector", **labels
+        )
         self.http_requests = Counter(
             "redge_http_requests_total", "HTTP requests by route and status", ["route", "status"], **labels
         )

@@ -42,6 +42,7 @@ from redge.agent.dataplane import WorkerConfig
 from redge.agent.detection import FailureDetection
 from redge.agent.detector import Degraded, Restored, SlownessJudge, SlownessSettings
 from redge.agent.errors import JoinFailed
+from redge.agent.gcwatch import GcWatch, freeze_startup_objects
 from redge.agent.leader import LeaderDuty
 from redge.agent.metrics import PeerMetrics
 from redge.agent.profile import Profile, get_profile
@@ -54,6 +55,7 @@ from redge.consensus.errors import ConsensusError
 from redge.consensus.raft import RaftNode, RaftStatus, split_address
 from redge.consensus.state import ALIVE, FAILED, LEFT, ClusterState, Outcome
 from redge.runtime.host import HostOptions
+from redge.runtime.priority import set_autogroup_nice
 from redge.runtime.store import Store
 
 log = structlog.get_logger("redge.peer")
@@ -67,6 +69,10 @@ JOIN_CLOCK_SKEW_S = 300
 SLO_QUIET_S = 30.0
 SLO_JUDGE_INTERVAL_S = 1.0
 HTTP_BACKLOG = 1024
+# A peer that left the group (SIGTERM) and started again asks to be added back once it has
+# seen no leader this long, then again every REJOIN_RETRY_S.
+REJOIN_AFTER_S = 2.0
+REJOIN_RETRY_S = 2.0
 CONTROL_TOKEN_BYTES = 32
 
 
@@ -116,6 +122,7 @@ class Peer:
         self.control_address = _control_address(config.node_id)
         self._routes_scheduled = False
         self._body_bytes_held: dict[int, int] = {}
+        self.gc_watch = GcWatch()
 
     # ------------------------------------------------------------------ start
 
@@ -163,6 +170,8 @@ class Peer:
             await self.workers.start(listener)
             workers = self.workers
             self.metrics.dataplane_worker_restarts.set_function(lambda: workers.restarts_total)
+            self.gc_watch.install()
+            self.metrics.gc_pause_ms_max.set_function(lambda: self.gc_watch.pause_ms_max)
             self.routes_changed()
             log.info(
                 "peer_started",
@@ -329,6 +338,8 @@ class Peer:
         assert self.raft is not None
         backoff_s = 0.05
         warned_no_leader_at = time.monotonic()
+        no_leader_since: float | None = None
+        rejoin_at = 0.0
         while not self._stopping:
             view = self.raft.read(self._membership_view)
             needs_join = view is None or view[0] < self.incarnation or view[1] in (FAILED, LEFT)
@@ -348,6 +359,13 @@ class Peer:
                 continue
             status = self.raft.status()
             if status.leader_address is None:
+                now_s = time.monotonic()
+                no_leader_since = no_leader_since or now_s
+                if view is not None and view[1] == LEFT and now_s - no_leader_since > REJOIN_AFTER_S and now_s >= rejoin_at:
+                    # This peer left the group (its last SIGTERM) and is back: the others no
+                    # longer take it as a voter, so it asks one of them to add it again.
+                    rejoin_at = now_s + REJOIN_RETRY_S
+                    await self._rejoin()
                 if time.monotonic() - warned_no_leader_at > 10:
                     log.warning(
                         "raft_no_leader",
@@ -357,6 +375,7 @@ class Peer:
                     warned_no_leader_at = time.monotonic()
                 await asyncio.sleep(backoff_s)
                 continue
+            no_leader_since = None
             try:
                 outcome = await self.propose(self._join_command())
                 if not outcome.accepted:
@@ -367,6 +386,22 @@ class Peer:
                 log.info("join_retry", error=str(error))
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 1.0)
+
+    async def _rejoin(self) -> None:
+        """Ask the members this peer knows of (from its own journal) to add it back."""
+        assert self.raft is not None
+        me = self.node_id
+        urls = self.raft.read(lambda state: [
+            f"http://{m.http_address}" for m in sorted(state.members.values(), key=lambda m: m.node_id)
+            if m.node_id != me and m.status != LEFT
+        ])
+        for url in urls:
+            try:
+                await self._request_join(url)
+                log.info("rejoined_after_leaving", via=url)
+                return
+            except JoinFailed as error:
+                log.info("rejoin_retry", via=url, error=str(error))
 
     async def _refresh_metrics(self) -> None:
         assert self.raft is not None
@@ -601,6 +636,7 @@ class Peer:
         log.info("peer_closing", step="raft")
         if self.raft is not None:
             self.raft.close()
+        self.gc_watch.uninstall()
         self._closed.set()
 
     async def wait_closed(self) -> None:
@@ -643,10 +679,27 @@ def _physical_memory_bytes() -> int:
         return 0
 
 
+def take_priority(nice: int) -> None:
+    """Run this process (and every thread it starts from now on) at `nice`, and its scheduling
+    group too when it leads its session (a service, not a shell's job), if allowed."""
+    if nice >= os.getpriority(os.PRIO_PROCESS, 0):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError as error:
+        log.warning("control_priority_not_taken", nice=nice, error=error.strerror or str(error),
+                    hint="run as root or with CAP_SYS_NICE, or heartbeats may run late on a saturated box")
+        return
+    group = os.getsid(0) == os.getpid() and set_autogroup_nice(nice)
+    log.info("control_priority_taken", nice=nice, scheduling_group=bool(group))
+
+
 async def run_peer(config: PeerConfig) -> None:
     """Run a peer until SIGTERM or SIGINT, then leave the cluster cleanly."""
+    take_priority(config.control_nice)  # before any thread starts: Linux niceness is per thread
     peer = Peer(config)
     await peer.start()
+    freeze_startup_objects()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signal_number in (signal.SIGTERM, signal.SIGINT):

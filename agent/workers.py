@@ -8,7 +8,8 @@ millisecond. Why one listening socket, bound here and inherited: the port is tak
 peer once (a taken port fails `redge peer` at start, not a worker later), and while a
 worker restarts the kernel queues new connections instead of refusing them. Workers run
 `nice`r than the control process, so that on a saturated box the control process is
-scheduled first.
+scheduled first; each worker is a session, and so a scheduling group, of its own
+(runtime/priority.py), so that niceness means what it says under autogroup scheduling.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class DataPlaneWorkers:
     async def _spawn(self, slot: _Slot) -> None:
         assert self._listener is not None
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        config = replace(self.template, index=slot.index, listen_fd=self._listener.fileno(), channel_fd=child_end.fileno())
+        config = replace(self.template, index=slot.index, listen_fd=self._listener.fileno(),
+                         channel_fd=child_end.fileno(), nice=self.nice)
         environment = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENVIRONMENT}
         try:
             process = subprocess.Popen(
@@ -134,7 +136,6 @@ class DataPlaneWorkers:
             process.stdin.close()
         except OSError as error:  # it died at once; the channel's close restarts it
             log.warning("dataplane_worker_config_not_sent", index=slot.index, error=str(error))
-        self._lower_priority(process.pid)
         slot.process, slot.started_at_s = process, time.monotonic()
         slot.protocol = await channel.connect(
             parent_end, lambda message, slot=slot: self._on_message(slot, message), lambda slot=slot: self._on_lost(slot)
@@ -142,14 +143,6 @@ class DataPlaneWorkers:
         if self._table_message is not None:
             slot.protocol.send(self._table_message)
         log.info("dataplane_worker_spawned", index=slot.index, pid=process.pid, restarts=slot.restarts)
-
-    def _lower_priority(self, pid: int) -> None:
-        if not self.nice:
-            return
-        try:
-            os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + self.nice))
-        except OSError as error:
-            log.warning("dataplane_worker_priority_unchanged", error=str(error))
 
     def _on_message(self, slot: _Slot, message: dict[str, Any]) -> None:
         kind = message.get("type")

@@ -704,20 +704,24 @@ def _signal(pid: int, signal_number: int) -> None:
 
 
 def process_tree(pid: int | None) -> list[int]:
-    """`pid` and every process in its session (peers start their own session), parent first."""
+    """`pid` and every process descended from it (a peer's workers and model host, which run
+    in sessions of their own), parents first."""
     if pid is None:
         return []
-    found = [pid]
+    children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == pid:
+        if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 3 and int(fields[3]) == pid:  # session id
-            found.append(int(entry.name))
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))  # parent pid
+    found = [pid]
+    for parent in found:  # grows while it is walked: breadth first
+        found.extend(children.get(parent, []))
     return found
 
 

@@ -65,6 +65,7 @@ from redge.runtime.errors import (
 )
 from redge.runtime.loader import TRUSTED_MODULES_DEFAULT, LoadOptions, LoadReport
 from redge.runtime.manifest import Manifest
+from redge.runtime.priority import own_scheduling_group
 
 log = structlog.get_logger(__name__)
 
@@ -94,9 +95,10 @@ class HostOptions:
     control_timeout_s: float = 30.0
     close_timeout_s: float = 5.0
     verify: str = "size"
-    # Added niceness of the host process. Positive values let the (mostly idle) peer
-    # win the CPU over loading and inference, but measured on a contended machine a
-    # nice 5 host loaded 3x slower against other processes: 0 unless the node is ours.
+    # Added niceness of the host process (and of its scheduling group: it starts a session
+    # of its own). Positive values let the (mostly idle) peer win the CPU over loading and
+    # inference, but measured on a contended machine a nice 5 host loaded 3x slower against
+    # other processes: 0 unless the node is ours.
     nice: int = 0
     trusted_modules: tuple[str, ...] = TRUSTED_MODULES_DEFAULT
     # Set by `ModelHost(data_plane=True)` for its child: where data-plane workers connect
@@ -344,6 +346,9 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
     listens there (an abstract Unix socket) for data-plane workers: each proves it holds
     `options.data_token`, then sends `infer` requests only, answered on its own connection.
     """
+    # A scheduling group of its own, below the peer's, before the long import of torch: the
+    # peer's control process must win the CPU over loading and inference (runtime/priority.py).
+    own_scheduling_group(options.nice)
     import torch
 
     from redge.runtime.loader import load
@@ -813,7 +818,6 @@ class ModelHost:
             self._process.start()
         finally:
             child_end.close()  # so that the child's death closes the pipe and we see EOF
-        self._lower_priority()
         ready = await self._channel.open(parent_socket)
         try:
             await asyncio.wait_for(asyncio.shield(ready), self.options.start_timeout_s)
@@ -823,18 +827,6 @@ class ModelHost:
         finally:
             self._channel.forget_ready()
         log.info("model_host_started", pid=self._process.pid, threads=self.options.threads, device=self.options.device)
-
-    def _lower_priority(self) -> None:
-        """Apply `nice` from here, right after the spawn: the child's start-up (importing
-        torch takes seconds of CPU) already runs below the peer, and the threads it starts
-        later inherit the value. Linux nice values are per thread; the child has one now."""
-        if not self.options.nice or self._process is None:
-            return
-        try:
-            target = min(19, os.getpriority(os.PRIO_PROCESS, 0) + self.options.nice)
-            os.setpriority(os.PRIO_PROCESS, self._process.pid, target)
-        except OSError as error:
-            log.warning("model_host_priority_unchanged", error=str(error))
 
     def close(self) -> None:
         """Stop the host process (gracefully, then by force); idempotent and bounded.

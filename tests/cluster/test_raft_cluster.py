@@ -288,3 +288,22 @@ def test_garbage_flood_on_the_leader_s_raft_port_leaves_it_leading_and_committin
     status, body = http_json("GET", cluster.peers[leader].url + "/cluster/events?limit=2000", timeout_s=5)
     suspicions = [e for e in body["events"] if e["at_ms"] >= started_ms and e["kind"] in ("suspicion", "failure_confirmed")]
     assert suspicions == []
+
+
+def test_a_peer_stopped_with_sigterm_comes_back_when_started_again(cluster):
+    """SIGTERM makes a peer leave the Raft group (the quorum shrinks, nobody waits for it). An
+    operator's restart brings it back: it finds itself out of the group and asks a member it
+    knows from its own journal to add it again, with a higher incarnation."""
+    cluster.wait_leader()
+    peer = cluster.peers["n2"]
+    before = next(m for m in cluster.peers["n1"].snapshot()["members"] if m["node_id"] == "n2")["incarnation"]
+    assert peer.terminate() == 0
+    wait_until(lambda: next(m for m in cluster.peers["n1"].snapshot()["members"] if m["node_id"] == "n2")["status"]
+               == "left", 10, what="n2 left")
+    peer.log_file.close()
+    peer.start()
+    cluster.wait_ready(["n2"], timeout_s=30)
+    member = next(m for m in cluster.peers["n1"].snapshot()["members"] if m["node_id"] == "n2")
+    assert member["status"] == "alive" and member["incarnation"] > before
+    register_once_the_cluster_commits(cluster, "n2", app_spec("after-rejoin"))
+    wait_app_everywhere(cluster, "after-rejoin", list(cluster.peers))
