@@ -178,10 +178,14 @@ def false_confirmations(faults: Sequence[FaultRecord], events: Sequence[dict[str
             for fault in faults
         )
         if not explained:
+            # What the observers said, for whoever reads the report: why, and how long before.
+            said = [{"observer": e.get("observer"), "reason": e.get("reason"), "before_ms": round(at_ms - e["at_ms"], 1)}
+                    for e in events if e["kind"] == "suspicion" and e.get("node") == node
+                    and 0 <= at_ms - e["at_ms"] <= 10_000]
             violations.append(Violation(
                 "false_confirmation", f"{node} (incarnation {event.get('incarnation', '?')}) was confirmed failed "
                 f"at {at_ms:.0f} but no crash, hang or partition had touched it then", at_ms,
-                {"observers": event.get("observers", [])},
+                {"observers": event.get("observers", []), "suspicions": said[-4:]},
             ))
     return violations
 
