@@ -687,17 +687,11 @@ class NodeDetector:
 
     def probe_timeout_ms(self) -> float:
         """How long a probe round waits for an answer: the profile's timeout, longer while the
-        observer doubts itself, and at least the silence a remembered stall of this node (or
-        its start-up) is allowed, since a node that just stalled may stall through a round."""
-        settings = self.settings
-        timeout_ms = settings.probe_timeout_ms * self.health_multiplier
-        if self.last_arrival_ms is not None:
-            if self.in_startup():
-                pause_ms = max(settings.acceptable_heartbeat_pause_ms, settings.acceptable_heartbeat_pause_ms_max)
-            else:
-                pause_ms = self._remembered_pause_ms()
-            timeout_ms = max(timeout_ms, settings.probe_timeout_ms + pause_ms - settings.acceptable_heartbeat_pause_ms)
-        return timeout_ms
+        observer doubts itself. Not longer for a node that stalled lately or is young: a
+        round about its silence ends no sooner than the silence it is allowed anyway, and a
+        hint about it is either a dropped connection (a process exit closes them all) or a
+        refusal, which suspects nothing while the connection is up."""
+        return self.settings.probe_timeout_ms * self.health_multiplier
 
     def on_alive(self, now_ms: float) -> None:
         """An authenticated answer to a probe: the node runs now. Its silence starts over,
