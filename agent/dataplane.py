@@ -509,7 +509,10 @@ class Worker:
         except RuntimeFailure as error:
             raise HttpError(500, f"inference failed: {error}") from None
         latency_ms = (time.perf_counter() - started) * 1000
-        epoch = self.routes["epoch"]
+        # An answer names the plan it was served under: the current one if it gives this node
+        # a serving role, else the last one that did (a copy bridging to its successor).
+        planned = self.routes["apps"].get(app, {}).get("planned_here", True)
+        epoch = self.routes["epoch"] if planned else local.get("epoch", self.routes["epoch"])
         try:
             response_body, headers = oip.encode_infer_response(
                 app, local["version"], outputs, parsed,

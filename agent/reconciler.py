@@ -162,7 +162,9 @@ class Reconciler(Duty):
             local = self.replicas.serving(app)
             if local is not None and local.variant == replica.variant and replica.role in ("primary", "warm"):
                 if local.role != replica.role:
-                    await self.replicas.set_role(app, replica.role)
+                    await self.replicas.set_role(app, replica.role, epoch)
+                else:
+                    local.epoch = max(local.epoch, epoch)  # the new plan keeps it where it was
                     if replica.role == "primary":
                         await self._report("serving", app, replica.variant, epoch, detail="promoted")
         # 2. Loads, critical apps first.
@@ -237,7 +239,7 @@ class Reconciler(Duty):
         await self._report("load_started", app, replica.variant, epoch, detail=replica.role)
         try:
             await self._ensure_stored(app, replica.variant, "serving", epoch)
-            local = await self.replicas.load(app, replica.variant, replica.role)
+            local = await self.replicas.load(app, replica.variant, replica.role, epoch=epoch)
         except (RuntimeFailure, OSError) as error:
             attempts = self._failed.get((app, replica.variant, epoch), (0, 0.0))[0] + 1
             # Retried within the epoch with a growing pause: a fetch source may be back soon.

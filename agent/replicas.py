@@ -38,6 +38,9 @@ class LocalReplica:
     key: str
     loaded_at_s: float
     report: LoadReport
+    # The last plan epoch that gave this replica its role: what an answer from it names
+    # once a newer plan has moved the app away and the copy only bridges to its successor.
+    epoch: int = 0
 
 
 class ReplicaManager:
@@ -81,7 +84,7 @@ class ReplicaManager:
         return [
             LocalModel(
                 app=r.app, key=r.key, variant=r.variant, version=r.manifest.version, format=r.manifest.format,
-                role=r.role, inputs=tuple(spec.to_json() for spec in r.manifest.inputs),
+                role=r.role, epoch=r.epoch, inputs=tuple(spec.to_json() for spec in r.manifest.inputs),
                 outputs=tuple(spec.to_json() for spec in r.manifest.outputs),
             )
             for r in sorted(self.replicas.values(), key=lambda r: r.app)
@@ -101,7 +104,8 @@ class ReplicaManager:
         """The stored artifact of `variant` this device should use for `purpose`."""
         return choose_manifest(self.store.versions(variant), self.device_kind, purpose)
 
-    async def load(self, app: str, variant: str, role: str, timeout_s: float | None = None) -> LocalReplica:
+    async def load(self, app: str, variant: str, role: str, timeout_s: float | None = None,
+                   epoch: int = 0) -> LocalReplica:
         """Load `variant` for `app` as `role` (primary or warm); replaces another variant."""
         loop = asyncio.get_running_loop()
         manifest = await loop.run_in_executor(None, self.manifests_of, variant, "serving")
@@ -111,20 +115,22 @@ class ReplicaManager:
         current = self.replicas.get(app)
         host = await self._ensure_host()
         if current is not None and current.key == key:
-            await self.set_role(app, role)
+            await self.set_role(app, role, epoch)
             return current
         directory = self.store.path(manifest.name, manifest.version)
         report = await host.load(key, directory, manifest, role="serving" if role == "primary" else "warm", timeout_s=timeout_s)
         await loop.run_in_executor(None, self.store.mark_used, manifest.name, manifest.version)
-        replica = LocalReplica(app, variant, manifest, role, key, time.monotonic(), report)
+        replica = LocalReplica(app, variant, manifest, role, key, time.monotonic(), report, epoch)
         self.replicas[app] = replica
         self.on_change()
         if current is not None and current.key != key:
             await self._unload_key(current.key)
         return replica
 
-    async def set_role(self, app: str, role: str) -> None:
+    async def set_role(self, app: str, role: str, epoch: int | None = None) -> None:
         replica = self.replicas[app]
+        if epoch is not None:
+            replica.epoch = max(replica.epoch, epoch)
         assert self.host is not None
         if role == "primary":
             self.host.promote_now(replica.key)

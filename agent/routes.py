@@ -32,11 +32,12 @@ class LocalModel:
     role: str  # primary | warm
     inputs: tuple[dict[str, Any], ...]
     outputs: tuple[dict[str, Any], ...]
+    epoch: int = 0  # the last plan that gave it its role
 
     def to_json(self) -> dict[str, Any]:
         return {
             "key": self.key, "variant": self.variant, "version": self.version, "format": self.format,
-            "role": self.role, "inputs": list(self.inputs), "outputs": list(self.outputs),
+            "role": self.role, "epoch": self.epoch, "inputs": list(self.inputs), "outputs": list(self.outputs),
         }
 
 
@@ -102,6 +103,8 @@ def cluster_view(state: ClusterState, self_id: str) -> dict[str, Any]:
         apps[name] = {
             "slo_ms": app.slo_ms,
             "primary_here": primary is not None and primary.node_id == self_id,
+            # The committed plan gives this node a serving role (primary or warm) for it.
+            "planned_here": any(r.node_id == self_id and r.role in ("primary", "warm") for r in state.plan.get(name, ())),
             "targets": [list(target) for target in route_targets(state, name, self_id)],
             "servable": servable(state, name),
         }

@@ -67,7 +67,7 @@ def test_the_view_names_the_primary_and_the_order_to_forward_in():
     assert here["apps"]["det"]["servable"] is False  # nobody reported loaded yet
     state.apply(c.Report("n3", "load_done", 0, app="det", variant="small", epoch=1))
     assert routes.cluster_view(state, "n2")["apps"]["det"] == {
-        "slo_ms": 150.0, "primary_here": True, "targets": [["n3", "127.0.0.1:8102", "warm", "small"]], "servable": True,
+        "slo_ms": 150.0, "primary_here": True, "planned_here": True, "targets": [["n3", "127.0.0.1:8102", "warm", "small"]], "servable": True,
     }
 
 
