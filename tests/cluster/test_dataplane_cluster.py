@@ -37,13 +37,17 @@ def source(tmp_path_factory):
     return directory
 
 
+def serve_detector(cluster: LocalCluster) -> None:
+    leader = cluster.wait_leader()
+    status, body = cluster.register_app(leader, DETECTOR)
+    assert status == 200, body
+    wait_until(lambda: replicas_loaded(cluster, leader, ["det"]), 120, interval_s=0.1, what="det serving")
+
+
 @pytest.fixture(scope="module")
 def serving(source):
     with LocalCluster(size=3, extra_args=["--source", str(source)]) as cluster:
-        leader = cluster.wait_leader()
-        status, body = cluster.register_app(leader, DETECTOR)
-        assert status == 200, body
-        wait_until(lambda: replicas_loaded(cluster, leader, ["det"]), 120, interval_s=0.1, what="det serving")
+        serve_detector(cluster)
         yield cluster
 
 
@@ -258,10 +262,7 @@ def test_a_killed_worker_is_restarted_and_no_connection_is_refused(source):
 @pytest.mark.timeout(120)
 def test_killing_the_control_process_takes_its_workers_and_model_host_down(source):
     with LocalCluster(size=1, extra_args=["--source", str(source)]) as cluster:
-        leader = cluster.wait_leader()
-        status, body = cluster.register_app(leader, DETECTOR)
-        assert status == 200, body
-        wait_until(lambda: replicas_loaded(cluster, leader, ["det"]), 120, interval_s=0.1, what="det serving")
+        serve_detector(cluster)
         pid = cluster.peers["n1"].pid
         below = [*workers(cluster, "n1"), *children(pid, "multiprocessing.spawn")]
         assert len(below) >= 2, below  # a worker and the model host
