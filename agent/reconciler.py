@@ -161,12 +161,12 @@ class Reconciler(Duty):
         for app, replica in ordered:
             local = self.replicas.serving(app)
             if local is not None and local.variant == replica.variant and replica.role in ("primary", "warm"):
-                if local.role != replica.role:
-                    await self.replicas.set_role(app, replica.role, epoch)
-                else:
+                if local.role == replica.role:
                     local.epoch = max(local.epoch, epoch)  # the new plan keeps it where it was
-                    if replica.role == "primary":
-                        await self._report("serving", app, replica.variant, epoch, detail="promoted")
+                    continue
+                await self.replicas.set_role(app, replica.role, epoch)
+                if replica.role == "primary":
+                    await self._report("serving", app, replica.variant, epoch, detail="promoted")
         # 2. Loads, critical apps first.
         for app, replica in ordered:
             if self._stale(epoch):

@@ -170,6 +170,9 @@ def test_primary_crash_warm_backup_serves_under_next_epoch_and_client_never_fail
     promoted = [e for e in events(cluster, survivors[0]) if e["kind"] == "serving" and e.get("node") == new_primary and e.get("detail") == "promoted"]
     assert promoted, "the warm backup was not promoted in place"
     assert all(r.epoch is not None for r in after)
+    # Reported once per epoch: a reconciler that keeps reporting floods the replicated log.
+    reports = [(e["node"], e["app"], e["epoch"]) for e in events(cluster, survivors[0]) if e["kind"] == "serving"]
+    assert len(reports) == len(set(reports)), sorted(reports)
 
 
 def test_leader_that_is_also_the_primary_dies_and_the_new_leader_fails_over(serving_cluster):
