@@ -106,10 +106,12 @@ class Reconciler(Duty):
 
     async def _run(self) -> None:
         await self.peer.wait_registered()
-        if self.source or await asyncio.get_running_loop().run_in_executor(None, self.store.list):
+        loop = asyncio.get_running_loop()
+        expected = await loop.run_in_executor(None, source_manifests, self.source) if self.source else []
+        if self.source or await loop.run_in_executor(None, self.store.list):
             # This peer will host models: start the model host now rather than on the
             # first load, where its start-up (importing torch) would count as loading time.
-            self.replicas.warm_up()
+            self.replicas.warm_up(expected)
         await self.report_store()
         while not self._stopped:
             await self._wake.wait()

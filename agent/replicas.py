@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -22,7 +22,7 @@ import structlog
 from redge.agent.routes import LocalModel
 from redge.runtime.errors import HostClosed, HostCrashed, ModelNotLoaded, RuntimeFailure
 from redge.runtime.host import HostOptions, ModelHost
-from redge.runtime.loader import LoadReport
+from redge.runtime.loader import LoadReport, preparations_for
 from redge.runtime.manifest import Manifest, choose_manifest
 from redge.runtime.store import Store
 
@@ -55,6 +55,8 @@ class ReplicaManager:
         self.on_change: Callable[[], None] = lambda: None
         self._closed = False
         self._warm_up: asyncio.Task[None] | None = None
+        # Artifacts this node may be asked to load besides its own store's (a source's).
+        self.expected: list[Manifest] = []
 
     async def _ensure_host(self) -> ModelHost:
         async with self._host_lock:
@@ -64,10 +66,19 @@ class ReplicaManager:
                 if self.host is not None:
                     log.warning("model_host_restarting", reason=str(self.host.crashed))
                     self.replicas.clear()
-                self.host = ModelHost(self.host_options, on_crash=self._host_crashed, data_plane=True)
+                self.host = ModelHost(self._options_for_host(), on_crash=self._host_crashed, data_plane=True)
                 await self.host.start()
                 self.on_change()
             return self.host
+
+    def _options_for_host(self) -> HostOptions:
+        """The host keeps optimised graphs beside the store, and gets its backends ready for
+        what this node stores or may be sent (`expected`, set by `warm_up`)."""
+        return replace(
+            self.host_options,
+            derived_dir=self.host_options.derived_dir or str(self.store.derived_dir),
+            prepare=self.host_options.prepare or preparations_for([*self.store.list(), *self.expected]),
+        )
 
     def _host_crashed(self, crash: HostCrashed) -> None:
         lost = sorted(self.replicas)
@@ -90,8 +101,10 @@ class ReplicaManager:
             for r in sorted(self.replicas.values(), key=lambda r: r.app)
         ]
 
-    def warm_up(self) -> None:
-        """Start the model host in the background (its start-up imports torch: seconds)."""
+    def warm_up(self, expected: list[Manifest] | None = None) -> None:
+        """Start the model host in the background (its start-up imports torch: seconds),
+        ready for the backends of the store's artifacts and of `expected`."""
+        self.expected = list(expected or [])
         async def start() -> None:
             try:
                 await self._ensure_host()

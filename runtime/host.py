@@ -105,6 +105,12 @@ class HostOptions:
     # (an abstract Unix socket) and the token they must show. Empty: the pipe only.
     data_address: str = ""
     data_token: bytes = field(default=b"", repr=False)
+    # Where the host keeps what it derives from artifacts to load them faster next time
+    # (`loader.derive_onnx`); empty: nothing is derived.
+    derived_dir: str = ""
+    # Backends to import and use once as soon as the host runs (`loader.PREPARATIONS`), so
+    # that its first load, often a recovery, does not pay seconds of imports.
+    prepare: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         assert self.threads >= 1 and self.infer_workers >= 1 and self.requests_pending_max >= 1
@@ -351,7 +357,7 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
     own_scheduling_group(options.nice)
     import torch
 
-    from redge.runtime.loader import load
+    from redge.runtime.loader import derive_onnx, load, prepare_backends
 
     torch.set_num_threads(options.threads)
     try:
@@ -360,7 +366,11 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
         pass
     models: dict[str, Any] = {}
     models_lock = threading.Lock()
-    load_options = LoadOptions(threads=options.threads, verify=options.verify, trusted_modules=options.trusted_modules)
+    load_options = LoadOptions(threads=options.threads, verify=options.verify, trusted_modules=options.trusted_modules,
+                               derived_dir=options.derived_dir)
+    # Deriving (optimising an ONNX graph for this CPU) runs after the load it follows has
+    # answered, on a thread of its own: never in the way of a load or of inference.
+    derive_queue: queue.Queue[Any] = queue.Queue()
     segments = _MappedSegments(keep_max=2 * options.requests_pending_max * (1 + DATA_CLIENTS_MAX))
     segments_lock = threading.Lock()
     load_queue: queue.Queue[Any] = queue.Queue(maxsize=options.requests_pending_max)
@@ -392,6 +402,8 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
             if previous is not None:
                 previous.close()
             answer(request_id, True, report)
+            if report.derivable:
+                derive_queue.put((payload["directory"], manifest))
         except RuntimeFailure as error:
             answer(request_id, False, error)
         except Exception as error:  # noqa: BLE001
@@ -432,6 +444,18 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
             answer(request_id, False, error)
         except Exception as error:  # noqa: BLE001
             answer(request_id, False, InferenceFailed(key, f"{type(error).__name__}: {error}"))
+
+    def derive_worker() -> None:
+        while True:
+            item = derive_queue.get()
+            try:
+                if isinstance(item, tuple):
+                    directory, manifest = item
+                    derive_onnx(directory, manifest, options.device, load_options)
+                else:
+                    item()  # a `derived` command: answered once everything before it is done
+            except Exception as error:  # noqa: BLE001 - a faster next load is an optimisation: the artifact still loads
+                log.warning("derive_failed", error=f"{type(error).__name__}: {error}")
 
     def worker(work: queue.Queue[Any]) -> None:
         while True:
@@ -508,6 +532,12 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
         listener.listen(DATA_CLIENTS_MAX)
         threading.Thread(target=accept_data_clients, args=(listener,), name="host-data-listener", daemon=True).start()
     threading.Thread(target=worker, args=(load_queue,), name="host-load", daemon=True).start()
+    threading.Thread(target=derive_worker, name="host-derive", daemon=True).start()
+    if options.prepare:
+        # Beside the first commands rather than before them: a load that needs a module
+        # still being imported waits for that import, as it would have without this.
+        threading.Thread(target=prepare_backends, args=(options.device, options.prepare), name="host-prepare",
+                         daemon=True).start()
     reply(0, True, (_READY, pid))
     while True:
         try:
@@ -529,6 +559,8 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
             submit_infer(request_id, payload, reply)
         elif operation == "ping":
             reply(request_id, True, None)
+        elif operation == "derived":
+            derive_queue.put(lambda request_id=request_id: reply(request_id, True, None))
         else:
             raise AssertionError(f"unknown host operation {operation!r}")
     # Skip interpreter teardown (seconds with torch loaded): nothing here needs flushing.
@@ -945,6 +977,13 @@ class ModelHost:
         if state is None:
             raise ModelNotLoaded(key)
         state.role = "warm"
+
+    async def derived(self, timeout_s: float | None = None) -> None:
+        """Return once the host has derived what every load so far made derivable (ONNX
+        graphs optimised for this node, `HostOptions.derived_dir`)."""
+        self._check_usable()
+        future = self._channel.submit("derived", {})
+        await self._channel.wait(future, timeout_s or self.options.load_timeout_s, "derived", "")
 
     async def unload(self, key: str, timeout_s: float | None = None) -> None:
         """Drop a model from the host; idempotent."""

@@ -44,6 +44,9 @@ from redge.runtime.manifest import (
 log = structlog.get_logger(__name__)
 
 STAGING_DIRNAME = ".staging"
+# What a node derives from its artifacts to load them faster (optimised ONNX graphs), named
+# by the sha256 of the file each was derived from; removed with that artifact.
+DERIVED_DIRNAME = ".derived"
 COPY_CHUNK_BYTES = 4 * 1024 * 1024
 RANGE_CHUNK_BYTES = 1024 * 1024
 ARTIFACTS_MAX = 10_000
@@ -175,6 +178,10 @@ class Store:
         self._reserved_bytes: dict[ArtifactKey, int] = {}
 
     # -- reading
+
+    @property
+    def derived_dir(self) -> Path:
+        return self.root / DERIVED_DIRNAME
 
     def artifact_dir(self, name: str, version: str) -> Path:
         return self.root / check_name("name", name) / check_name("version", version)
@@ -347,6 +354,13 @@ class Store:
             directory = self.artifact_dir(name, version)
             if not directory.exists():
                 return False
+            try:
+                digests = [entry.sha256 for entry in self.get(name, version).files]
+            except (ArtifactNotFound, ManifestInvalid):
+                digests = []
+            for digest in digests:
+                for derived in self.derived_dir.glob(f"{digest}-*"):
+                    derived.unlink(missing_ok=True)
             # Rename first so a crash half-way never leaves a directory that looks complete.
             trash = self.root / STAGING_DIRNAME / f".removing-{name}@{version}-{os.getpid()}"
             os.replace(directory, trash)
