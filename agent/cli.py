@@ -52,6 +52,16 @@ def _add_peer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dynamic-dimension-max", type=int, help="largest value of a model input's dynamic dimension (default 64)"
     )
+    parser.add_argument(
+        "--held-requests-max", type=int,
+        help="requests each HTTP worker holds at once while their apps recover (default 256; 0: answer 503 at once)"
+    )
+    parser.add_argument(
+        "--cold-serving-format", action=argparse.BooleanOptionalAction, default=None,
+        help="a cold backup also stores the format this device serves best, its optimised graph derived, so a "
+             "recovery loads at about the read of its bytes (default on; off halves a cold backup's disk, and a "
+             "recovery serves from the cold format, then switches)",
+    )
     parser.add_argument("--http-workers", type=int, help="data-plane worker processes serving HTTP (default 1)")
     parser.add_argument("--http-worker-nice", type=int, help="CPU niceness added to the HTTP workers (default 5)")
     parser.add_argument(
@@ -167,8 +177,8 @@ def peer_values(args: argparse.Namespace) -> dict[str, Any]:
         "node_id", "http", "raft", "heartbeat", "peers", "join", "data_dir", "store", "storage_budget_bytes",
         "source", "profile", "secret_file", "admin_token_file", "log_level", "memory_bytes",
         "accelerator_memory_bytes", "device_kind", "model_threads", "model_host_nice", "request_body_bytes_max",
-        "slo_factor", "watch_rotation_s", "request_bytes_held_max", "dynamic_dimension_max", "http_workers",
-        "http_worker_nice", "control_nice",
+        "slo_factor", "watch_rotation_s", "request_bytes_held_max", "dynamic_dimension_max", "held_requests_max", "http_workers",
+        "http_worker_nice", "control_nice", "cold_serving_format",
     ):
         value = getattr(args, key, None)
         if value is not None:

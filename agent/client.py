@@ -4,9 +4,12 @@ It keeps the cluster's routing table (per app: primary, then backups, with the e
 long-polling any peer, sends each request straight to the primary, and on a refused
 connection, a timeout or a 503 tries the next replica at once, asking it to serve from its
 own copy (`X-Redge-Prefer-Local`). So a warm backup answers within milliseconds of a crash,
-before the cluster has confirmed anything. Every call has a deadline and ends with a result
-or a definite error, never a hang; retries are bounded. A 4xx is the caller's mistake and is
-never retried.
+before the cluster has confirmed anything. When no copy is loaded anywhere but one is being
+loaded (a cold backup), the peer tried second holds the request until it can be served
+(`X-Redge-Hold-Ms`), and a 503 that says the app is recovering (`X-Redge-Recovering`) is
+waited out within the deadline instead of counted as a failure. Every call has a deadline
+and ends with a result or a definite error, never a hang; retries are bounded. A 4xx is the
+caller's mistake and is never retried.
 
     client = Client(["http://127.0.0.1:8101"])
     result = client.infer("detector", {"input": array})
@@ -31,6 +34,14 @@ from redge.agent import oip
 
 PREFER_LOCAL_HEADER = "X-Redge-Prefer-Local"
 DEADLINE_HEADER = "X-Redge-Deadline-Ms"
+HOLD_HEADER = "X-Redge-Hold-Ms"
+RECOVERING_HEADER = "X-Redge-Recovering"
+# After a 503 that says "recovering" but came back without being held (the peer held its
+# most already): the pause before asking again, unless the routing table changes first.
+RECOVERING_PAUSE_S = 0.05
+# A hold asked of a peer ends this long before the deadline, so that its "still recovering"
+# answer arrives before the client gives up on the attempt.
+HOLD_MARGIN_S = 0.05
 
 
 class ClientError(Exception):
@@ -53,6 +64,16 @@ class NoReplicaAvailable(ClientError):
         super().__init__(f"no replica of {app} answered: {'; '.join(attempts) or 'nothing to try'}")
         self.app = app
         self.attempts = attempts
+
+
+class AppRecovering(NoReplicaAvailable):
+    """The deadline passed while the app had no ready replica but one was being loaded."""
+
+    def __init__(self, app: str, attempts: list[str], loading_on: str) -> None:
+        super().__init__(app, attempts)
+        self.loading_on = loading_on
+        self.args = (f"{app} is recovering (loading on {loading_on}) and the deadline passed first; "
+                     f"tried: {'; '.join(attempts[-3:])}",)
 
 
 @dataclass(frozen=True)
@@ -78,9 +99,14 @@ class AsyncClient:
         attempts_max: int = 6,
         binary: bool = True,
         watch_routes: bool = True,
+        hold_s: float = 1.0,
     ) -> None:
         assert peers, "give at least one peer URL"
-        assert attempts_max >= 1 and deadline_s > 0 and attempt_timeout_s > 0
+        assert attempts_max >= 1 and deadline_s > 0 and attempt_timeout_s > 0 and hold_s >= 0
+        # How long a peer may hold one attempt while the app recovers; the attempt's timeout
+        # grows by as much. Never asked of the first target (the primary): a hung primary
+        # still costs only `attempt_timeout_s`.
+        self.hold_s = hold_s
         self.peers = [p.rstrip("/") for p in peers]
         self.deadline_s = deadline_s
         self.attempt_timeout_s = attempt_timeout_s
@@ -173,19 +199,26 @@ class AsyncClient:
         body, headers = oip.encode_infer_request(dict(inputs), binary=self.binary, outputs=requested)
         attempts: list[str] = []
         tried_primary_failed = False
-        for attempt in range(self.attempts_max):
+        failures = 0
+        turn = 0
+        recovering = ""
+        while failures < self.attempts_max:
             targets = self.targets(app)
             if not targets:
                 break
-            url, prefer_local = targets[attempt % len(targets)]
+            url, prefer_local = targets[turn % len(targets)]
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
                 break
             send_headers = dict(headers)
             send_headers[DEADLINE_HEADER] = str(int(remaining_s * 1000))
+            hold_s = max(0.0, min(self.hold_s, remaining_s - HOLD_MARGIN_S)) if tried_primary_failed else 0.0
+            send_headers[HOLD_HEADER] = str(int(hold_s * 1000))
             if prefer_local or tried_primary_failed:
                 send_headers[PREFER_LOCAL_HEADER] = "1"
-            timeout = aiohttp.ClientTimeout(total=min(self.attempt_timeout_s, remaining_s), connect=min(0.5, remaining_s))
+            timeout = aiohttp.ClientTimeout(total=min(self.attempt_timeout_s + hold_s, remaining_s),
+                                            connect=min(0.5, remaining_s))
+            sent_s = time.monotonic()
             try:
                 async with self._session.post(f"{url}/v2/models/{app}/infer", data=body, headers=send_headers, timeout=timeout) as response:
                     payload = await response.read()
@@ -197,7 +230,7 @@ class AsyncClient:
                             node_id=parameters.get("node_id"),
                             epoch=parameters.get("epoch"),
                             variant=parameters.get("variant"),
-                            attempts=attempt + 1,
+                            attempts=len(attempts) + 1,
                             latency_ms=(time.monotonic() - started) * 1000,
                             failovers=attempts,
                         )
@@ -206,14 +239,31 @@ class AsyncClient:
                     if 400 <= response.status < 500 and response.status not in (404, 408, 429):
                         raise RequestRejected(response.status, message)
                     attempts.append(f"{url}: {response.status} {message}")
+                    recovering = ""
+                    if response.status == 503 and RECOVERING_HEADER in response.headers:
+                        # Being loaded: not a failure. Ask the same peer again (it holds the
+                        # request while it may), pausing first if it could not hold this one.
+                        recovering = response.headers[RECOVERING_HEADER]
+                        tried_primary_failed = True
+                        if time.monotonic() - sent_s < hold_s / 2 or hold_s == 0:
+                            await self._routes_change_or(min(RECOVERING_PAUSE_S, max(0.0, deadline - time.monotonic())))
+                        continue
             except (TimeoutError, aiohttp.ClientError, OSError) as error:
                 attempts.append(f"{url}: {type(error).__name__}")
+            failures += 1
+            turn += 1
             tried_primary_failed = True
             if self._session is not None and not self.watch_routes:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.refresh_routes(0), max(0.001, min(0.5, deadline - time.monotonic())))
+        if recovering:
+            raise AppRecovering(app, attempts, recovering)
         raise NoReplicaAvailable(app, attempts)
 
+    async def _routes_change_or(self, timeout_s: float) -> None:
+        self._routes_changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._routes_changed.wait(), timeout_s)
 
     # ------------------------------------------------------------------ administration and events
 

@@ -52,6 +52,13 @@ class PeerConfig:
     # A model input's dynamic (-1) dimension may be at most this: it bounds the body a
     # request for that model may have.
     dynamic_dimension_max: int = 64
+    # Requests an HTTP worker holds at once while their apps have no ready replica but one
+    # is being loaded (each until its own deadline); past it, 503 at once.
+    held_requests_max: int = 256
+    # A cold backup also stores the serving format (optimised graph derived): recoveries
+    # load at about the read of the bytes. Off: half the disk, and a recovery serves from
+    # the cold format and switches once the serving one is fetched and loaded.
+    cold_serving_format: bool = True
     # Data-plane worker processes that serve HTTP, and how much nicer than the peer they run.
     http_workers: int = 1
     http_worker_nice: int = 5
@@ -157,6 +164,8 @@ def load(values: dict[str, Any], environ: dict[str, str] | None = None) -> PeerC
         problems.append("request-body-bytes-max must be > 0")
     if config.request_bytes_held_max < config.request_body_bytes_max:
         problems.append("request-bytes-held-max must be at least request-body-bytes-max (one body must fit)")
+    if not 0 <= config.held_requests_max <= 1 << 16:
+        problems.append("held-requests-max must be between 0 and 65536")
     if not 1 <= config.dynamic_dimension_max <= 1 << 20:
         problems.append("dynamic-dimension-max must be between 1 and 1048576")
     if not 1 <= config.http_workers <= 64:

@@ -71,6 +71,10 @@ log = structlog.get_logger("redge.dataplane")
 FORWARDED_HEADER = "X-Redge-Forwarded"
 PREFER_LOCAL_HEADER = "X-Redge-Prefer-Local"
 DEADLINE_HEADER = "X-Redge-Deadline-Ms"
+# The longest a caller lets a peer hold its request while the app recovers (ms; 0: never).
+HOLD_HEADER = "X-Redge-Hold-Ms"
+# On a 503 for an app that is being loaded somewhere: where, so a client knows to wait.
+RECOVERING_HEADER = "X-Redge-Recovering"
 NODE_HEADER = "X-Redge-Node"
 EPOCH_HEADER = "X-Redge-Epoch"
 VARIANT_HEADER = "X-Redge-Variant"
@@ -111,6 +115,8 @@ class WorkerConfig:
     dynamic_dimension_max: int
     request_timeout_s: float
     forward_timeout_s: float
+    # Requests this worker holds at once while their apps recover; more get 503 at once.
+    held_requests_max: int = 256
     log_level: str = "info"
     nice: int = 0  # added to the control process's, for this worker and its scheduling group
 
@@ -123,7 +129,12 @@ class WorkerConfig:
 
 
 class Unavailable(Exception):
-    """No replica can serve now (503)."""
+    """No replica can serve now (503). `unreachable`: a replica planned to serve could not
+    be reached (not a 503 of its own), which a confirmation and a new plan will follow."""
+
+    def __init__(self, message: str, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 class HttpError(Exception):
@@ -193,10 +204,14 @@ class Stats:
     forwards: dict[str, int] = field(default_factory=dict)
     http: dict[tuple[str, str], int] = field(default_factory=dict)
     bodies_refused: dict[str, int] = field(default_factory=dict)
+    # Requests held while their app recovered, by how the hold ended: answered, expired
+    # (the deadline passed first), refused (this worker already held its maximum).
+    held: dict[str, int] = field(default_factory=dict)
+    held_ms: list[float] = field(default_factory=list)
 
     def empty(self) -> bool:
         return not (self.served or self.served_untimed or self.timeouts or self.request_timeouts or self.forwards
-                    or self.http or self.bodies_refused)
+                    or self.http or self.bodies_refused or self.held)
 
     def to_message(self, index: int, held_bytes: int, held_bytes_peak: int) -> dict[str, Any]:
         return {
@@ -209,6 +224,8 @@ class Stats:
             "forwards": self.forwards,
             "http": [[route, status, count] for (route, status), count in self.http.items()],
             "bodies_refused": self.bodies_refused,
+            "held": self.held,
+            "held_ms": self.held_ms[:STATS_SERVED_MAX],
             "body_bytes_held": held_bytes,
             "body_bytes_held_peak": held_bytes_peak,
         }
@@ -232,6 +249,8 @@ class Worker:
         self._runner: web.AppRunner | None = None
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.holding = 0  # requests held now, waiting for their app to recover
+        self.routes_version = 0  # routing tables received
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -278,6 +297,7 @@ class Worker:
         kind = message.get("type")
         if kind == "routes":
             self.routes = message
+            self.routes_version += 1
             changed, self._routes_changed = self._routes_changed, asyncio.Event()
             changed.set()
         elif kind == "flush" and self._channel is not None:
@@ -403,17 +423,106 @@ class Worker:
         specs = _specs(local) if local is not None else None
         body, reserved = await self._admit(request, specs if serve_here else None)
         try:
-            read_s = time.perf_counter()
-            if serve_here:
-                return await self._serve_locally(request, app, local, specs, body, (started_s, read_s), entry["slo_ms"])
+            marks = (started_s, time.perf_counter())
+            deadline_s = self._deadline_s(request)
+            hold_until_s = min(deadline_s, time.monotonic() + self._hold_s(request))
+            held_since_s: float | None = None
             try:
-                return await self._forward(request, app, body, started_s)
-            except Unavailable as error:
-                if local is not None:
-                    return await self._serve_locally(request, app, local, specs, body, (started_s, read_s), entry["slo_ms"])
-                raise HttpError(503, str(error)) from None
+                while True:
+                    seen_version = self.routes_version
+                    try:
+                        response = await self._route(request, app, body, prefer_local, marks, forwarded)
+                        if held_since_s is not None:
+                            self._held("answered", held_since_s)
+                        return response
+                    except Unavailable as error:
+                        entry = self.routes["apps"].get(app)
+                        recovering = entry is not None and not entry["servable"] and (
+                            bool(entry.get("loading_on")) or bool(entry.get("failing_over")))
+                        # Hold while the app is being loaded somewhere, while its primary is
+                        # confirmed failed and the new plan is not committed yet, or while a
+                        # replica planned to serve it cannot be reached (its confirmation is
+                        # milliseconds away): each request within its own deadline.
+                        if forwarded or not (recovering or error.unreachable):
+                            raise HttpError(503, str(error), headers=self._recovering_headers(entry)) from None
+                        if held_since_s is None:
+                            if self.holding >= self.config.held_requests_max:
+                                self._count(self.stats.held, "refused")
+                                raise HttpError(503, f"{app} is recovering and this peer already holds "
+                                                f"{self.holding} requests: try again", headers={
+                                                    **self._recovering_headers(entry), "Retry-After": "1"}) from None
+                            held_since_s = time.monotonic()
+                            self.holding += 1
+                        if not await self._routes_change_before(hold_until_s, seen_version):
+                            self._held("expired", held_since_s)
+                            where = ", ".join(entry.get("loading_on", [])) if entry else ""
+                            raise HttpError(
+                                503, f"{app} is recovering ({'loading on ' + where if where else 'no replica reachable yet'}): "
+                                f"held {(time.monotonic() - held_since_s) * 1000:.0f} ms, its deadline passed first",
+                                headers=self._recovering_headers(entry),
+                            ) from None
+            finally:
+                if held_since_s is not None:
+                    self.holding -= 1
         finally:
             self.budget.release(reserved)
+
+    async def _route(self, request: web.Request, app: str, body: bytearray, prefer_local: bool,
+                     marks: tuple[float, float], forwarded: bool) -> web.Response:
+        """One attempt with the routes as they are now: serve here or forward."""
+        entry = self.routes["apps"].get(app)
+        if entry is None:
+            raise HttpError(404, f"unknown app {app!r}")
+        local = self.routes["local"].get(app)
+        if local is None and forwarded:
+            raise Unavailable(f"{app} is not loaded on {self.config.node_id}")
+        if local is not None and (entry["primary_here"] or prefer_local):
+            return await self._serve_locally(request, app, local, _specs(local), body, marks, entry["slo_ms"])
+        try:
+            return await self._forward(request, app, body, marks[0])
+        except Unavailable:
+            if local is not None:
+                return await self._serve_locally(request, app, local, _specs(local), body, marks, entry["slo_ms"])
+            raise
+
+    def _hold_s(self, request: web.Request) -> float:
+        raw = request.headers.get(HOLD_HEADER)
+        if raw is None:
+            return self.config.request_timeout_s
+        try:
+            return max(0.0, float(raw) / 1000)
+        except ValueError:
+            return 0.0
+
+    async def _routes_change_before(self, until_s: float, seen_version: int) -> bool:
+        """Wait for a routing table newer than `seen_version` (one may have come while the
+        last attempt ran); False when `until_s` (monotonic) comes first."""
+        if self.routes_version != seen_version:
+            return True
+        left_s = until_s - time.monotonic()
+        if left_s <= 0:
+            return False
+        try:
+            async with asyncio.timeout(left_s):
+                await self._routes_changed.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    def _held(self, outcome: str, since_s: float) -> None:
+        self._count(self.stats.held, outcome)
+        if len(self.stats.held_ms) < STATS_SERVED_MAX:
+            self.stats.held_ms.append(round((time.monotonic() - since_s) * 1000, 3))
+
+    @staticmethod
+    def _recovering_headers(entry: dict[str, Any] | None) -> dict[str, str]:
+        """`X-Redge-Recovering: n2` (the nodes loading the app), or `plan` while the new plan
+        after its primary's failure is not committed yet; nothing when it is not recovering."""
+        if entry is None or entry["servable"]:
+            return {}
+        if entry.get("loading_on"):
+            return {RECOVERING_HEADER: ",".join(entry["loading_on"])}
+        return {RECOVERING_HEADER: "plan"} if entry.get("failing_over") else {}
 
     async def _admit(self, request: web.Request, specs: tuple[TensorSpec, ...] | None) -> tuple[bytearray, int]:
         """Read the body if it may be: its length known, within the bounds, and room for it
@@ -505,7 +614,9 @@ class Worker:
             self.stats.timeouts += 1  # the model host's queue is full: as slow as a timeout
             raise HttpError(503, str(error)) from None
         except (ModelNotLoaded, ModelNotServing, HostCrashed, HostClosed) as error:
-            raise HttpError(503, str(error)) from None
+            # Gone between the routing table and the host (a replica swapped or unloaded):
+            # routed again with the next table, if the request may wait for one.
+            raise Unavailable(str(error)) from None
         except RuntimeFailure as error:
             raise HttpError(500, f"inference failed: {error}") from None
         latency_ms = (time.perf_counter() - started) * 1000
@@ -542,6 +653,7 @@ class Worker:
         targets = self.routes["apps"].get(app, {}).get("targets", [])
         if not targets:
             raise Unavailable(f"no replica of {app} can serve now")
+        unreachable = False
         assert self._session is not None
         headers = {name: request.headers[name] for name in ("Content-Type", oip.HEADER_LENGTH) if name in request.headers}
         headers[FORWARDED_HEADER] = self.config.node_id
@@ -573,10 +685,11 @@ class Worker:
                     return web.Response(body=payload, status=response.status, headers=passed)
             except (TimeoutError, aiohttp.ClientError, OSError) as error:
                 failures.append(f"{node_id}: {type(error).__name__}")
+                unreachable = True
                 self._count(self.stats.forwards, "unreachable")
                 if isinstance(error, TimeoutError):
                     self.stats.request_timeouts.append(node_id)  # slow, not gone: evidence of degradation
-        raise Unavailable(f"no replica of {app} answered: {', '.join(failures)}")
+        raise Unavailable(f"no replica of {app} answered: {', '.join(failures)}", unreachable)
 
     # ------------------------------------------------------------------ artifacts
 

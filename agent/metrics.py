@@ -89,6 +89,17 @@ class PeerMetrics:
         self.request_body_bytes_held = Gauge(
             "redge_request_body_bytes_held", "Bytes of request bodies the HTTP workers hold now", **labels
         )
+        self.requests_held = Counter(
+            "redge_requests_held_total",
+            "Inference requests held while their app recovered, by how the hold ended (answered, expired: the "
+            "deadline came first, refused: the worker held its most already)",
+            ["outcome"],
+            **labels,
+        )
+        self.hold_seconds = Histogram(
+            "redge_request_hold_seconds", "How long held requests waited for their app to recover",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), **labels,
+        )
         self.request_bodies_refused = Counter(
             "redge_request_bodies_refused_total",
             "Inference requests refused before their body was read, by status (411 no length, 413 too large, "

@@ -211,7 +211,7 @@ class Peer:
             store_dir=str(config.store_dir), storage_budget_bytes=config.storage_budget_bytes,
             request_body_bytes_max=config.request_body_bytes_max,
             request_bytes_held_max=config.request_bytes_held_max // config.http_workers,
-            dynamic_dimension_max=config.dynamic_dimension_max,
+            dynamic_dimension_max=config.dynamic_dimension_max, held_requests_max=config.held_requests_max,
             request_timeout_s=self.profile.request_timeout_s, forward_timeout_s=self.profile.forward_timeout_s,
             log_level=config.log_level,
         )
@@ -257,6 +257,10 @@ class Peer:
                 metrics.http_requests.labels(route=route, status=status).inc(count)
             for status, count in message.get("bodies_refused", {}).items():
                 metrics.request_bodies_refused.labels(status=status).inc(count)
+            for outcome, count in message.get("held", {}).items():
+                metrics.requests_held.labels(outcome=outcome).inc(count)
+            for held_ms in message.get("held_ms", []):
+                metrics.hold_seconds.observe(held_ms / 1000)
             self._body_bytes_held[int(message.get("index", 0))] = int(message.get("body_bytes_held", 0))
             metrics.request_body_bytes_held.set(sum(self._body_bytes_held.values()))
         except (TypeError, ValueError) as error:  # a worker of another build: its batch is lost, not us

@@ -3,7 +3,10 @@
 Runs on every peer after each committed plan (and store change). It works in the order that
 keeps recovery short: promotions first (a warm backup becomes primary with a flag, no load),
 then loads in priority order (critical apps first), then cold backups' artifacts are
-pre-positioned on disk, then whatever this node no longer needs is unloaded. A newer epoch
+pre-positioned on disk, then whatever this node no longer needs is unloaded, and last the
+copies that serve from a format that loads fast but runs slower (a cold backup's
+safetensors) are switched to the format this device serves best (ONNX Runtime on a CPU),
+fetched if need be: serve at once from what is on disk, run fast soon after. A newer epoch
 interrupts the work between steps: acting on a stale plan only delays the current one.
 Everything it does is reported into the event log (`load_started`, `load_done`,
 `serving`, `load_failed`, `unloaded`), which is where failure timelines are read from.
@@ -21,11 +24,11 @@ from typing import TYPE_CHECKING
 import structlog
 
 from redge.agent.duty import Duty
-from redge.agent.replicas import ReplicaManager
+from redge.agent.replicas import LocalReplica, ReplicaManager
 from redge.consensus import commands as c
 from redge.consensus.errors import ConsensusError
 from redge.consensus.state import ALIVE, SUSPECTED, ClusterState
-from redge.runtime.errors import RuntimeFailure
+from redge.runtime.errors import RuntimeFailure, StoreOverBudget
 from redge.runtime.fetch import fetch_artifact
 from redge.runtime.manifest import FORMAT_PREFERENCE, MANIFEST_FILENAME, Manifest
 from redge.runtime.store import ARTIFACTS_MAX, Store
@@ -199,6 +202,9 @@ class Reconciler(Duty):
                 # One artifact that cannot be fetched now must not stop the rest of the work.
                 log.warning("prefetch_failed", app=app, variant=replica.variant, error=str(error))
                 self._retry_later()
+                continue
+            if self.peer.config.cold_serving_format:
+                await self._prepare_cold(app, replica.variant, epoch)
         # 4. Whatever this node no longer runs, once its successor serves (a copy that is no
         #    longer planned still answers clients that reach it until then).
         for app in sorted(set(self.replicas.replicas) - set(desired)):
@@ -208,8 +214,76 @@ class Reconciler(Duty):
             variant = self.replicas.replicas[app].variant
             await self.replicas.unload(app)
             await self._report("unloaded", app, variant, epoch)
+        # 5. Copies serving from a slower-running format than the best one known: switched.
+        for app, replica in ordered:
+            if self._stale(epoch):
+                self._wake.set()
+                return
+            await self._switch_format(app, replica, epoch)
         self._failed = {key: value for key, value in self._failed.items() if key[2] == epoch}
         await self.report_store()
+
+    async def _switch_format(self, app: str, replica: c.Replica, epoch: int) -> None:
+        """Load the best serving format of what `app` runs here beside it, then swap."""
+        local = self.replicas.serving(app)
+        if local is None or local.variant != replica.variant or replica.role not in ("primary", "warm"):
+            return
+        assert self.peer.raft is not None
+        device_kind = self.replicas.device_kind
+        best = self.peer.raft.read(lambda state: choose_version(state, replica.variant, device_kind, "serving"))
+        if best is None or best == local.manifest.version or not self._better_format(best, local.manifest.format):
+            return
+        failure = self._failed.get((app, best, epoch))
+        if failure is not None and (failure[0] >= LOAD_ATTEMPTS_MAX or time.monotonic() < failure[1]):
+            return
+        started = time.perf_counter()
+        previous = local.manifest.format
+        try:
+            await self._ensure_stored(app, replica.variant, "serving", epoch, version=best)
+            switched = await self.replicas.load(app, replica.variant, local.role, epoch=local.epoch, version=best)
+        except (RuntimeFailure, OSError) as error:
+            attempts = self._failed.get((app, best, epoch), (0, 0.0))[0] + 1
+            self._failed[(app, best, epoch)] = (attempts, time.monotonic() + RETRY_S * 2 ** (attempts - 1))
+            if attempts < LOAD_ATTEMPTS_MAX:
+                asyncio.get_running_loop().call_later(RETRY_S * 2 ** (attempts - 1), self._wake.set)
+            # The copy already serving goes on serving: only the faster one is missing.
+            log.warning("format_switch_failed", app=app, variant=replica.variant, version=best, error=str(error))
+            return
+        log.info("format_switched", app=app, variant=replica.variant, previous=previous,
+                 format=switched.manifest.format)
+        await self._report("load_done", app, replica.variant, epoch,
+                           detail=f"switched from {previous}; {load_phases(switched)}",
+                           duration_ms=(time.perf_counter() - started) * 1000)
+
+    async def _prepare_cold(self, app: str, variant: str, epoch: int) -> None:
+        """Beside a cold backup's own artifact, the format this device serves best, with its
+        optimised form derived: the recovery then loads at about the read of its bytes and
+        serves at full speed at once. Only what fits the store: without it, the recovery
+        serves from the cold artifact and switches later (`_switch_format`)."""
+        assert self.peer.raft is not None
+        device_kind = self.replicas.device_kind
+        best = self.peer.raft.read(lambda state: choose_version(state, variant, device_kind, "serving"))
+        failure = self._failed.get((app, f"cold:{best}", epoch))
+        if best is None or (failure is not None and (failure[0] >= LOAD_ATTEMPTS_MAX or time.monotonic() < failure[1])):
+            return
+        try:
+            await self._ensure_stored(app, variant, "serving", epoch, version=best)
+            await self.replicas.prepare(variant)
+        except StoreOverBudget as error:
+            self._failed[(app, f"cold:{best}", epoch)] = (LOAD_ATTEMPTS_MAX, 0.0)  # no room: not tried again this epoch
+            log.info("cold_serving_format_skipped", app=app, variant=variant, version=best, error=str(error))
+        except (RuntimeFailure, OSError) as error:
+            attempts = (failure[0] if failure else 0) + 1
+            self._failed[(app, f"cold:{best}", epoch)] = (attempts, time.monotonic() + RETRY_S * 2 ** (attempts - 1))
+            log.info("cold_serving_format_not_fetched", app=app, variant=variant, version=best, error=str(error))
+
+    def _better_format(self, version: str, current_format: str) -> bool:
+        """Whether the catalog's `version` is in a format this device prefers for serving."""
+        assert self.peer.raft is not None
+        formats = self.peer.raft.read(lambda state: {s.format for (name, v), s in state.catalog.items() if v == version})
+        order = FORMAT_PREFERENCE.get((self.replicas.device_kind, "serving")) or FORMAT_PREFERENCE[("cpu", "serving")]
+        rank = {name: index for index, name in enumerate(order)}
+        return any(rank.get(f, len(order)) < rank.get(current_format, len(order)) for f in formats)
 
     def _successor_serving(self, app: str) -> bool:
         """Whether `app`'s planned primary elsewhere reports itself loaded (or there is none
@@ -252,24 +326,27 @@ class Reconciler(Duty):
             await self._report("load_failed", app, replica.variant, epoch, detail=str(error)[:300],
                                duration_ms=(time.perf_counter() - started) * 1000)
             return
-        report = local.report
-        phases = f"verify {report.verify_ms:.1f} read {report.read_ms:.1f} deserialize {report.deserialize_ms:.1f} to_device {report.to_device_ms:.1f} warmup {report.warmup_ms:.1f} ms"
-        await self._report("load_done", app, replica.variant, epoch, detail=f"{local.manifest.format}: {phases}",
+        await self._report("load_done", app, replica.variant, epoch, detail=load_phases(local),
                            duration_ms=(time.perf_counter() - started) * 1000)
         if replica.role == "primary":
             await self._report("serving", app, replica.variant, epoch)
 
-    async def _ensure_stored(self, app: str, variant: str, purpose: str, epoch: int) -> None:
+    async def _ensure_stored(self, app: str, variant: str, purpose: str, epoch: int, version: str | None = None) -> None:
+        """Have an artifact of `variant` for `purpose` (or exactly `version`) in the store,
+        fetching it from a peer that holds it or from the source."""
         loop = asyncio.get_running_loop()
-        manifest = await loop.run_in_executor(None, self.replicas.manifests_of, variant, purpose)
-        if manifest is not None:
+        if version is not None:
+            if await loop.run_in_executor(None, self.store.contains, variant, version):
+                return
+        elif await loop.run_in_executor(None, self.replicas.manifests_of, variant, purpose) is not None:
             return
+        wanted = version
         assert self.peer.raft is not None
         device_kind = self.replicas.device_kind
         me = self.peer.node_id
 
         def sources(state: ClusterState) -> tuple[str | None, list[str]]:
-            version = choose_version(state, variant, device_kind, purpose)
+            version = wanted or choose_version(state, variant, device_kind, purpose)
             if version is None:
                 return None, []
             holders = [
@@ -294,6 +371,8 @@ class Reconciler(Duty):
                 log.info("fetch_done", app=app, variant=variant, version=version, source=source)
                 await self.report_store()
                 return
+            except StoreOverBudget:
+                raise  # no source can make room here
             except (RuntimeFailure, OSError) as error:
                 errors.append(f"{source}: {error}")
         raise RuntimeFailure(f"cannot fetch {variant}/{version}: " + "; ".join(errors) if errors else "no source")
@@ -340,6 +419,14 @@ class Reconciler(Duty):
         except ConsensusError as error:
             log.info("store_report_not_committed", error=str(error) or type(error).__name__)
             self._wake.set()
+
+
+def load_phases(local: LocalReplica) -> str:
+    """A load's phases as the `load_done` report's detail says them."""
+    report = local.report
+    return (f"{local.manifest.format}: verify {report.verify_ms:.1f} read {report.read_ms:.1f} "
+            f"deserialize {report.deserialize_ms:.1f} to_device {report.to_device_ms:.1f} warmup {report.warmup_ms:.1f} ms"
+            + (" (derived graph)" if report.derived else ""))
 
 
 def source_manifests(source: str) -> list[Manifest]:

@@ -28,6 +28,10 @@ from redge.runtime.store import Store
 
 log = structlog.get_logger("redge.replicas")
 
+# A copy replaced by another of the same app (a faster format) stays loaded this long after
+# the routing table names its successor: requests already on their way to it still finish.
+RETIRE_AFTER_S = 2.0
+
 
 @dataclass
 class LocalReplica:
@@ -57,6 +61,7 @@ class ReplicaManager:
         self._warm_up: asyncio.Task[None] | None = None
         # Artifacts this node may be asked to load besides its own store's (a source's).
         self.expected: list[Manifest] = []
+        self._retiring: set[asyncio.Task[None]] = set()
 
     async def _ensure_host(self) -> ModelHost:
         async with self._host_lock:
@@ -118,10 +123,15 @@ class ReplicaManager:
         return choose_manifest(self.store.versions(variant), self.device_kind, purpose)
 
     async def load(self, app: str, variant: str, role: str, timeout_s: float | None = None,
-                   epoch: int = 0) -> LocalReplica:
-        """Load `variant` for `app` as `role` (primary or warm); replaces another variant."""
+                   epoch: int = 0, version: str | None = None) -> LocalReplica:
+        """Load `variant` for `app` as `role` (primary or warm): the stored artifact this device
+        serves best, or `version`. Replaces another copy of the app (another variant, or the
+        same one in another format); the one replaced is unloaded `RETIRE_AFTER_S` later."""
         loop = asyncio.get_running_loop()
-        manifest = await loop.run_in_executor(None, self.manifests_of, variant, "serving")
+        if version is not None:
+            manifest = await loop.run_in_executor(None, self.store.get, variant, version)
+        else:
+            manifest = await loop.run_in_executor(None, self.manifests_of, variant, "serving")
         if manifest is None:
             raise ModelNotLoaded(f"{app}: no stored artifact of {variant} for {self.device_kind}")
         key = f"{app}:{variant}:{manifest.version}"
@@ -137,8 +147,30 @@ class ReplicaManager:
         self.replicas[app] = replica
         self.on_change()
         if current is not None and current.key != key:
-            await self._unload_key(current.key)
+            self._retire(current.key)
         return replica
+
+    def _retire(self, key: str) -> None:
+        """Unload `key` once requests routed to it before the table changed have finished."""
+        async def retire() -> None:
+            await asyncio.sleep(RETIRE_AFTER_S)
+            if all(replica.key != key for replica in self.replicas.values()):
+                await self._unload_key(key)
+
+        task = asyncio.get_running_loop().create_task(retire(), name=f"retire {key}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def prepare(self, variant: str) -> bool:
+        """Make a later load of `variant` fast without loading it now: the host derives the
+        stored serving artifact's optimised form. True when there was one to derive."""
+        loop = asyncio.get_running_loop()
+        manifest = await loop.run_in_executor(None, self.manifests_of, variant, "serving")
+        if manifest is None or manifest.format != "onnx":
+            return False
+        host = await self._ensure_host()
+        await host.derive(self.store.path(manifest.name, manifest.version), manifest)
+        return True
 
     async def set_role(self, app: str, role: str, epoch: int | None = None) -> None:
         replica = self.replicas[app]
@@ -187,6 +219,8 @@ class ReplicaManager:
         self._closed = True
         if self._warm_up is not None:
             self._warm_up.cancel()
+        for task in list(self._retiring):
+            task.cancel()
         async with self._host_lock:
             pass  # a host start in progress finishes first, then is closed below
         if self.host is not None:

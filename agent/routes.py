@@ -95,6 +95,24 @@ def servable(state: ClusterState, app: str) -> bool:
     return False
 
 
+def loading_on(state: ClusterState, app: str) -> list[str]:
+    """Live nodes the plan gives a serving role for `app` that have not reported it loaded
+    (nor failed to load it): where it is being loaded, or is about to be. While `app` is not
+    servable and this is not empty, the app is recovering: a request for it is held, not
+    failed (agent/dataplane.py)."""
+    nodes = []
+    for replica in state.plan.get(app, ()):
+        member = state.members.get(replica.node_id)
+        if (
+            replica.role in ("primary", "warm")
+            and member is not None
+            and member.status in (ALIVE, SUSPECTED)
+            and state.replica_reports.get((app, replica.node_id)) not in (*SERVING_REPORTS, "load_failed")
+        ):
+            nodes.append(replica.node_id)
+    return sorted(nodes)
+
+
 def cluster_view(state: ClusterState, self_id: str) -> dict[str, Any]:
     """The part of the worker's table read from the committed state (under its lock)."""
     apps = {}
@@ -107,6 +125,12 @@ def cluster_view(state: ClusterState, self_id: str) -> dict[str, Any]:
             "planned_here": any(r.node_id == self_id and r.role in ("primary", "warm") for r in state.plan.get(name, ())),
             "targets": [list(target) for target in route_targets(state, name, self_id)],
             "servable": servable(state, name),
+            "loading_on": loading_on(state, name),
+            # The plan's primary is on a node confirmed failed: a new plan is on its way.
+            "failing_over": primary is not None and (
+                state.members.get(primary.node_id) is None
+                or state.members[primary.node_id].status not in (ALIVE, SUSPECTED)
+            ),
         }
     return {"epoch": state.epoch, "apps": apps, "client_routes": client_routes(state)}
 

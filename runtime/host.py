@@ -561,6 +561,9 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
             reply(request_id, True, None)
         elif operation == "derived":
             derive_queue.put(lambda request_id=request_id: reply(request_id, True, None))
+        elif operation == "derive":
+            derive_queue.put((payload["directory"], Manifest.from_json(payload["manifest"])))
+            reply(request_id, True, None)
         else:
             raise AssertionError(f"unknown host operation {operation!r}")
     # Skip interpreter teardown (seconds with torch loaded): nothing here needs flushing.
@@ -977,6 +980,14 @@ class ModelHost:
         if state is None:
             raise ModelNotLoaded(key)
         state.role = "warm"
+
+    async def derive(self, artifact_dir: Path | str, manifest: Manifest) -> None:
+        """Have the host derive what makes `manifest` load faster later (an ONNX graph
+        optimised for this node), in the background; returns once it is queued. A cold
+        backup's artifact is derived this way before it is ever loaded."""
+        self._check_usable()
+        future = self._channel.submit("derive", {"directory": str(artifact_dir), "manifest": manifest.to_json()})
+        await self._channel.wait(future, self.options.control_timeout_s, "derive", manifest.name)
 
     async def derived(self, timeout_s: float | None = None) -> None:
         """Return once the host has derived what every load so far made derivable (ONNX

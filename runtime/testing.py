@@ -79,6 +79,13 @@ def tripwire_mlp(**kwargs: Any) -> Any:
     return _tripwire_class()(**kwargs)
 
 
+def slow_building_mlp(build_ms: float = 1000.0, **kwargs: Any) -> Any:
+    """An MLP whose architecture takes `build_ms` to build, as a large model's Python build
+    does: a load of it lasts that long, so tests can act while a replica is loading."""
+    time.sleep(build_ms / 1000)
+    return mlp(**kwargs)
+
+
 def init_raises(**kwargs: Any) -> Any:
     """An architecture whose constructor fails: loading it must give LoadFailed."""
     raise RuntimeError("init_raises: this architecture cannot be built")

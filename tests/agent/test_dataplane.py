@@ -68,7 +68,33 @@ def test_the_view_names_the_primary_and_the_order_to_forward_in():
     state.apply(c.Report("n3", "load_done", 0, app="det", variant="small", epoch=1))
     assert routes.cluster_view(state, "n2")["apps"]["det"] == {
         "slo_ms": 150.0, "primary_here": True, "planned_here": True, "targets": [["n3", "127.0.0.1:8102", "warm", "small"]], "servable": True,
+        "loading_on": ["n2"],  # the primary has not reported its copy loaded
+        "failing_over": False,
     }
+
+
+@pytest.mark.parametrize(
+    ("reports", "down", "loading_on", "servable"),
+    [
+        ({}, (), ["n2", "n3"], False),  # a plan just committed: every serving role still to load
+        ({"n2": "load_started"}, (), ["n2", "n3"], False),
+        ({"n2": "load_started", "n3": "load_failed"}, (), ["n2"], False),  # a failed load is not recovering
+        ({"n2": "serving"}, (), ["n3"], True),
+        ({"n2": "serving", "n3": "load_done"}, (), [], True),
+        ({"n2": "load_started"}, ("n2",), ["n3"], False),  # a node that is down loads nothing
+        ({"n2": "load_failed", "n3": "load_failed"}, (), [], False),  # nothing to wait for: fail at once
+        ({"n1": "load_started"}, (), ["n2", "n3"], False),  # a cold backup does not serve
+    ],
+)
+def test_an_app_is_recovering_while_a_planned_replica_loads(reports, down, loading_on, servable):
+    state = cluster_with_plan()
+    for node, kind in reports.items():
+        state.apply(c.Report(node, kind, 0, app="det", variant="big" if node == "n2" else "small", epoch=1))
+    for node in down:
+        state.members[node].status = "failed"
+    view = routes.cluster_view(state, "n1")["apps"]["det"]
+    assert (view["loading_on"], view["servable"]) == (loading_on, servable)
+    assert view["failing_over"] is ("n2" in down)  # n2 is the plan's primary
 
 
 def test_the_table_carries_what_is_loaded_here_and_where_the_host_listens():
