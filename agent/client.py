@@ -85,6 +85,9 @@ class InferResult:
     attempts: int
     latency_ms: float
     failovers: list[str] = field(default_factory=list)
+    # The copy's role: primary, warm (a backup answering before the plan moved), or interim
+    # (another app's copy of one of this app's variants, while the app's own replica loads).
+    role: str | None = None
 
 
 class AsyncClient:
@@ -233,6 +236,7 @@ class AsyncClient:
                             attempts=len(attempts) + 1,
                             latency_ms=(time.monotonic() - started) * 1000,
                             failovers=attempts,
+                            role=parameters.get("role"),
                         )
                     message = _error_message(payload)
                     # 404 may be a peer whose state lags behind the app's registration: try another.

@@ -75,6 +75,9 @@ DEADLINE_HEADER = "X-Redge-Deadline-Ms"
 HOLD_HEADER = "X-Redge-Hold-Ms"
 # On a 503 for an app that is being loaded somewhere: where, so a client knows to wait.
 RECOVERING_HEADER = "X-Redge-Recovering"
+# On a forward while an app recovers: the app whose loaded copy (of one of this app's
+# variants) the receiving peer may answer with (progressive failover).
+SERVE_FROM_HEADER = "X-Redge-Serve-From"
 NODE_HEADER = "X-Redge-Node"
 EPOCH_HEADER = "X-Redge-Epoch"
 VARIANT_HEADER = "X-Redge-Variant"
@@ -445,6 +448,11 @@ class Worker:
                         # milliseconds away): each request within its own deadline.
                         if forwarded or not (recovering or error.unreachable):
                             raise HttpError(503, str(error), headers=self._recovering_headers(entry)) from None
+                        if recovering and entry.get("interim"):
+                            answer = await self._serve_interim(request, app, entry, body, marks)
+                            if answer is not None:
+                                self._held("interim", held_since_s if held_since_s is not None else time.monotonic())
+                                return answer
                         if held_since_s is None:
                             if self.holding >= self.config.held_requests_max:
                                 self._count(self.stats.held, "refused")
@@ -475,7 +483,10 @@ class Worker:
             raise HttpError(404, f"unknown app {app!r}")
         local = self.routes["local"].get(app)
         if local is None and forwarded:
-            raise Unavailable(f"{app} is not loaded on {self.config.node_id}")
+            interim = self._interim_copy(app, entry, request.headers.get(SERVE_FROM_HEADER))
+            if interim is None:
+                raise Unavailable(f"{app} is not loaded on {self.config.node_id}")
+            return await self._serve_locally(request, app, interim, _specs(interim), body, marks, entry["slo_ms"])
         if local is not None and (entry["primary_here"] or prefer_local):
             return await self._serve_locally(request, app, local, _specs(local), body, marks, entry["slo_ms"])
         try:
@@ -484,6 +495,52 @@ class Worker:
             if local is not None:
                 return await self._serve_locally(request, app, local, _specs(local), body, marks, entry["slo_ms"])
             raise
+
+    def _interim_copy(self, app: str, entry: dict[str, Any], holder: str | None) -> dict[str, Any] | None:
+        """`holder`'s copy loaded here, to answer `app` with while it recovers: only if its
+        variant is one of `app`'s own (the same model its operator registered for it)."""
+        if holder is None or holder == app:
+            return None
+        copy = self.routes["local"].get(holder)
+        if copy is None or copy["variant"] not in entry.get("variants", ()):
+            return None
+        return {**copy, "role": "interim", "epoch": self.routes["epoch"]}
+
+    async def _serve_interim(self, request: web.Request, app: str, entry: dict[str, Any], body: bytearray,
+                             marks: tuple[float, float]) -> web.Response | None:
+        """Answer `app`, which is recovering, from another app's copy of one of its variants
+        (`routes.interim_targets`, best first); None when none of them answers."""
+        assert self._session is not None
+        headers = {name: request.headers[name] for name in ("Content-Type", oip.HEADER_LENGTH) if name in request.headers}
+        headers[FORWARDED_HEADER] = self.config.node_id
+        deadline_s = self._deadline_s(request)
+        for node_id, address, holder, _variant in entry["interim"]:
+            remaining_s = deadline_s - time.monotonic()
+            if remaining_s <= 0:
+                return None
+            if node_id == self.config.node_id:
+                copy = self._interim_copy(app, entry, holder)
+                if copy is None:
+                    continue
+                try:
+                    return await self._serve_locally(request, app, copy, _specs(copy), body, marks, entry["slo_ms"])
+                except Unavailable:
+                    continue
+            headers[SERVE_FROM_HEADER] = holder
+            headers[DEADLINE_HEADER] = str(max(1, int(remaining_s * 1000)))
+            attempt_s = min(self.config.forward_timeout_s, remaining_s)
+            try:
+                async with self._session.post(f"http://{address}{request.rel_url.path}", data=body, headers=headers,
+                                              timeout=aiohttp.ClientTimeout(total=attempt_s, connect=min(1.0, attempt_s))) as response:
+                    payload = await response.read()
+                    if response.status != 200:
+                        continue
+                    passed = {k: response.headers[k] for k in PASSED_HEADERS if k in response.headers}
+                    self._count(self.stats.forwards, "interim")
+                    return web.Response(body=payload, status=200, headers=passed)
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                continue
+        return None
 
     def _hold_s(self, request: web.Request) -> float:
         raw = request.headers.get(HOLD_HEADER)

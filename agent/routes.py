@@ -113,6 +113,42 @@ def loading_on(state: ClusterState, app: str) -> list[str]:
     return sorted(nodes)
 
 
+def interim_targets(state: ClusterState, app: str) -> list[list[str]]:
+    """Where `app` can be answered while it is recovering (progressive failover): copies of
+    its planned variant or of a smaller one (later in its list) that other apps have loaded
+    on live nodes, best first: [node_id, http_address, the app that holds the copy, variant].
+
+    Empty while the app is servable, or when nothing of its family is loaded anywhere. It is
+    a function of the committed state, so every peer picks the same copies; once the app's
+    own replica reports loaded it is servable again and these are no longer used.
+    """
+    registered = state.apps.get(app)
+    if registered is None or servable(state, app):
+        return []
+    variants = list(registered.variants)
+    planned = next((r.variant for r in state.plan.get(app, ()) if r.role == "primary"), None)
+    floor = variants.index(planned) if planned in variants else 0
+    found = []
+    for other, replicas in state.plan.items():
+        if other == app:
+            continue
+        for replica in replicas:
+            member = state.members.get(replica.node_id)
+            if (
+                replica.role in ("primary", "warm")
+                and replica.variant in variants
+                and variants.index(replica.variant) >= floor
+                and member is not None
+                and member.status == ALIVE
+                and state.replica_reports.get((other, replica.node_id)) in SERVING_REPORTS
+            ):
+                found.append((variants.index(replica.variant), replica.role != "warm", replica.node_id,
+                              member.http_address, other, replica.variant))
+    # Largest variant first; among equals a warm copy (idle) before another app's primary.
+    found.sort()
+    return [[node_id, address, holder, variant] for _, _, node_id, address, holder, variant in found]
+
+
 def cluster_view(state: ClusterState, self_id: str) -> dict[str, Any]:
     """The part of the worker's table read from the committed state (under its lock)."""
     apps = {}
@@ -120,12 +156,14 @@ def cluster_view(state: ClusterState, self_id: str) -> dict[str, Any]:
         primary = state.primary_of(name)
         apps[name] = {
             "slo_ms": app.slo_ms,
+            "variants": list(app.variants),
             "primary_here": primary is not None and primary.node_id == self_id,
             # The committed plan gives this node a serving role (primary or warm) for it.
             "planned_here": any(r.node_id == self_id and r.role in ("primary", "warm") for r in state.plan.get(name, ())),
             "targets": [list(target) for target in route_targets(state, name, self_id)],
             "servable": servable(state, name),
             "loading_on": loading_on(state, name),
+            "interim": interim_targets(state, name),
             # The plan's primary is on a node confirmed failed: a new plan is on its way.
             "failing_over": primary is not None and (
                 state.members.get(primary.node_id) is None

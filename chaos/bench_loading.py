@@ -201,7 +201,9 @@ def entries(artifacts: list[tuple[Path, Any]], threads: int, derived_dir: Path) 
 def derived_files(manifest: Any, label: str, options: Any) -> list[Path]:
     from redge.runtime.loader import derived_onnx_path
 
-    return [derived_onnx_path(options.derived_dir, manifest)] if label == DERIVED else []
+    if label != DERIVED:
+        return []
+    return sorted(path for path in derived_onnx_path(options.derived_dir, manifest).iterdir() if path.is_file())
 
 
 
@@ -344,7 +346,9 @@ def evaluate_goals(artifacts: list[dict[str, Any]], gil: dict[str, Any] | None) 
         "serving_total_over_read_per_model": serving_ratios,
         "serving_total_over_read_median": statistics.median(serving_ratios.values()) if serving_ratios else None,
         "serving_ready_over_read_median": statistics.median(serving_ready_ratios.values()) if serving_ready_ratios else None,
-        "serving_load_goal_met": bool(serving_ready_ratios) and statistics.median(serving_ready_ratios.values()) <= 2.0,
+        # With its weights mapped, the derived graph's bytes are read as the warm-up first
+        # touches them: its load is measured with the warm-up, never without.
+        "serving_load_goal_met": bool(serving_ratios) and statistics.median(serving_ratios.values()) <= 2.0,
         "cold_backup_format": cold_format,
         "cold_backup_ready_over_read_per_model": ratios,
         "cold_backup_ready_over_read_median": statistics.median(ratios.values()) if ratios else None,

@@ -58,7 +58,7 @@ def prepared(cluster: LocalCluster, node: str, serving: Manifest) -> Path | None
     """The serving artifact's file on `node`, once its optimised graph is derived there."""
     data_dir = cluster.peers[node].data_dir
     model_file = next(data_dir.rglob(f"{serving.name}/{serving.version}/{serving.files[0].path}"), None)
-    derived = next(data_dir.rglob(f".derived/{serving.files[0].sha256}-*.onnx"), None)
+    derived = next(data_dir.rglob(f".derived/{serving.files[0].sha256}-*/model.onnx"), None)
     return model_file if model_file is not None and derived is not None else None
 
 

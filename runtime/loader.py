@@ -14,9 +14,10 @@ The backends, and why each loads the way it does (measured on the project's CPU)
   why loads run in the host process (`host.py`), never in the peer's own process.
 - onnx: ONNX Runtime, the fastest CPU inference; `threads` sets its intra-op threads.
   Building a session spends half its time optimising the graph (fusions, the CPU's own
-  weight layout): with `derived_dir`, the optimised graph is saved once per node
-  (`derive_onnx`, off the critical path) and later loads take it with optimisation off,
-  which halves session creation for the same inference speed.
+  weight layout) and the rest copying weights: with `derived_dir`, the optimised graph is
+  saved once per node (`derive_onnx`, off the critical path) with its weights in a file of
+  their own, and later loads take it with optimisation off and the weights mapped, not
+  copied: resnet50's session in 14 ms instead of 120-160, for the same inference speed.
 - tensorrt: only when `torch_tensorrt` imports and a GPU is present; engines are built
   ahead of time, never at load.
 - pt2: `torch.export.load` works but is 10-190x slower than its read: accepted, never
@@ -550,8 +551,13 @@ def _onnx_providers(device: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if device_kind(device) == "cuda" else ["CPUExecutionProvider"]
 
 
+DERIVED_MODEL_FILE = "model.onnx"
+DERIVED_WEIGHTS_FILE = "weights.bin"
+
+
 def derived_onnx_path(derived_dir: str | Path, manifest: Manifest, device: str = "cpu") -> Path:
-    """Where this node keeps `manifest`'s ONNX graph optimised for its CPU and runtime.
+    """The directory where this node keeps `manifest`'s ONNX graph optimised for its CPU and
+    runtime: the graph (`model.onnx`) and, beside it, its weights (`weights.bin`).
 
     Named by the model file's sha256, the ONNX Runtime version and the CPU (an optimised
     graph holds weights in the layout of this CPU's vector width): it can never be taken
@@ -559,7 +565,7 @@ def derived_onnx_path(derived_dir: str | Path, manifest: Manifest, device: str =
     """
     import onnxruntime
 
-    return Path(derived_dir) / f"{manifest.files[0].sha256}-ort{onnxruntime.__version__}-{device_kind(device)}-{machine_key()}.onnx"
+    return Path(derived_dir) / f"{manifest.files[0].sha256}-ort{onnxruntime.__version__}-{device_kind(device)}-{machine_key()}"
 
 
 def machine_key() -> str:
@@ -578,51 +584,64 @@ def machine_key() -> str:
 
 def derive_onnx(directory: Path | str, manifest: Manifest, device: str = "cpu", options: LoadOptions | None = None) -> Path | None:
     """Optimise `manifest`'s ONNX graph for this node once and save it where later loads
-    look (`derived_onnx_path`); returns the path, or None for a model that cannot be
-    derived (weights in external files). Written to a temporary name, then renamed: a
-    crash half-way leaves nothing a load would take."""
+    look (`derived_onnx_path`), its weights in a file of their own that loads map instead
+    of copying; returns the directory, or None for a model that cannot be derived (weights
+    already in external files). Written to a temporary directory, then renamed: a crash
+    half-way leaves nothing a load would take."""
+    import shutil
+
     import onnxruntime
 
     options = options or LoadOptions()
     if manifest.format != "onnx" or len(manifest.files) != 1 or not options.derived_dir:
         return None
     target = derived_onnx_path(options.derived_dir, manifest, device)
-    if target.exists():
+    if (target / DERIVED_MODEL_FILE).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
     session_options = _session_options(options, optimize=True)
-    session_options.optimized_model_filepath = str(partial)
+    session_options.optimized_model_filepath = str(partial / DERIVED_MODEL_FILE)
+    session_options.add_session_config_entry("session.optimized_model_external_initializers_file_name", DERIVED_WEIGHTS_FILE)
+    session_options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     try:
         onnxruntime.InferenceSession(_read_bytes(_main_file(Path(directory), manifest), manifest),
                                      sess_options=session_options, providers=_onnx_providers(device))
-        os.replace(partial, target)
+        try:
+            os.rename(partial, target)
+        except OSError:
+            if not (target / DERIVED_MODEL_FILE).exists():  # not another deriver that won the race
+                raise
     finally:
-        partial.unlink(missing_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 
 def _load_onnx(directory: Path, manifest: Manifest, device: str, options: LoadOptions, phases: _Phases) -> LoadedModel:
+    import shutil
+
     import onnxruntime
 
     providers = _onnx_providers(device)
     path = _main_file(directory, manifest)
     if options.derived_dir and len(manifest.files) == 1:
         derived = derived_onnx_path(options.derived_dir, manifest, device)
-        if derived.exists():
+        if (derived / DERIVED_MODEL_FILE).exists():
             try:
-                with phases.measure("read"):
-                    data = derived.read_bytes()
+                # From its path, optimisation off: ONNX Runtime maps the weights file rather
+                # than copying it, so its pages are read as the warm-up first touches them.
                 with phases.measure("deserialize"):
-                    session = onnxruntime.InferenceSession(data, sess_options=_session_options(options, optimize=False),
+                    session = onnxruntime.InferenceSession(str(derived / DERIVED_MODEL_FILE),
+                                                           sess_options=_session_options(options, optimize=False),
                                                            providers=providers)
                 model = OnnxModel(manifest, device, options.input_bytes_max, session)
                 model.derived = True
                 return model
-            except Exception as error:  # noqa: BLE001 - a damaged derived file: drop it, use the artifact
+            except Exception as error:  # noqa: BLE001 - a damaged derived graph: drop it, use the artifact
                 log.warning("derived_model_unusable", path=str(derived), error=f"{type(error).__name__}: {error}")
-                derived.unlink(missing_ok=True)
-                phases.milliseconds.pop("read", None)
+                shutil.rmtree(derived, ignore_errors=True)
                 phases.milliseconds.pop("deserialize", None)
     with phases.measure("read"):
         # Weights in external files are resolved relative to the path, so read only

@@ -360,7 +360,10 @@ class Store:
                 digests = []
             for digest in digests:
                 for derived in self.derived_dir.glob(f"{digest}-*"):
-                    derived.unlink(missing_ok=True)
+                    if derived.is_dir():
+                        shutil.rmtree(derived, ignore_errors=True)
+                    else:
+                        derived.unlink(missing_ok=True)
             # Rename first so a crash half-way never leaves a directory that looks complete.
             trash = self.root / STAGING_DIRNAME / f".removing-{name}@{version}-{os.getpid()}"
             os.replace(directory, trash)

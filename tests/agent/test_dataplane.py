@@ -67,8 +67,10 @@ def test_the_view_names_the_primary_and_the_order_to_forward_in():
     assert here["apps"]["det"]["servable"] is False  # nobody reported loaded yet
     state.apply(c.Report("n3", "load_done", 0, app="det", variant="small", epoch=1))
     assert routes.cluster_view(state, "n2")["apps"]["det"] == {
-        "slo_ms": 150.0, "primary_here": True, "planned_here": True, "targets": [["n3", "127.0.0.1:8102", "warm", "small"]], "servable": True,
+        "slo_ms": 150.0, "variants": ["big", "small"], "primary_here": True, "planned_here": True,
+        "targets": [["n3", "127.0.0.1:8102", "warm", "small"]], "servable": True,
         "loading_on": ["n2"],  # the primary has not reported its copy loaded
+        "interim": [],  # servable: nothing interim
         "failing_over": False,
     }
 
@@ -106,3 +108,54 @@ def test_the_table_carries_what_is_loaded_here_and_where_the_host_listens():
     assert table["local"]["det"]["key"] == "det:big:1" and table["host"] == {"address": "\0h", "token": "0102"}
     assert table["ready"] == [True, "ready"]
     assert routes.route_table(view, [], ready=(False, "starting"), host=None)["host"] is None
+
+
+def cluster_with_family() -> ClusterState:
+    """det (big, small) with a cold backup only; lite runs small on n2 (primary) and n3
+    (warm); vision runs big on n3."""
+    state = ClusterState()
+    for index, node in enumerate(("n1", "n2", "n3")):
+        state.apply(c.Join(node, f"127.0.0.1:810{index}", f"127.0.0.1:910{index}", f"127.0.0.1:710{index}", 1, 0))
+    state.apply(c.RegisterApp("det", ("big", "small"), "standard", 150.0, "cold", 0))
+    state.apply(c.RegisterApp("lite", ("small",), "standard", 150.0, "warm", 0))
+    state.apply(c.RegisterApp("vision", ("huge", "big"), "standard", 150.0, "cold", 0))
+    state.apply(c.CommitPlan(1, (
+        c.AppPlacement("det", (c.Replica("n1", "big", "primary"), c.Replica("n2", "big", "cold"))),
+        c.AppPlacement("lite", (c.Replica("n2", "small", "primary"), c.Replica("n3", "small", "warm"))),
+        c.AppPlacement("vision", (c.Replica("n3", "big", "primary"),)),
+    ), "n1", "test", 0))
+    for app, node, variant in (("lite", "n2", "small"), ("lite", "n3", "small"), ("vision", "n3", "big")):
+        state.apply(c.Report(node, "serving", 0, app=app, variant=variant, epoch=1))
+    return state
+
+
+@pytest.mark.parametrize(
+    ("det_loaded", "down", "expected"),
+    [
+        # det's own primary is not loaded: the same variant elsewhere first, then smaller ones,
+        # among equals a warm copy before another app's primary.
+        (False, (), [["n3", "127.0.0.1:8102", "vision", "big"], ["n3", "127.0.0.1:8102", "lite", "small"],
+                     ["n2", "127.0.0.1:8101", "lite", "small"]]),
+        (True, (), []),  # servable: nothing interim
+        (False, ("n3",), [["n2", "127.0.0.1:8101", "lite", "small"]]),  # only live nodes
+        (False, ("n2", "n3"), []),
+    ],
+)
+def test_interim_copies_are_the_apps_own_variants_loaded_for_other_apps(det_loaded, down, expected):
+    state = cluster_with_family()
+    if det_loaded:
+        state.apply(c.Report("n1", "serving", 0, app="det", variant="big", epoch=1))
+    for node in down:
+        state.members[node].status = "failed"
+    assert routes.interim_targets(state, "det") == expected
+
+
+def test_no_interim_copy_is_larger_than_the_planned_variant():
+    state = cluster_with_family()
+    # det's plan names its smaller variant: vision's copy of big is larger, never used for it.
+    state.apply(c.CommitPlan(2, (
+        c.AppPlacement("det", (c.Replica("n1", "small", "primary"),)),
+        c.AppPlacement("lite", (c.Replica("n2", "small", "primary"), c.Replica("n3", "small", "warm"))),
+        c.AppPlacement("vision", (c.Replica("n3", "big", "primary"),)),
+    ), "n1", "test", 0))
+    assert [target[2:] for target in routes.interim_targets(state, "det")] == [["lite", "small"], ["lite", "small"]]

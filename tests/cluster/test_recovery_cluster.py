@@ -19,7 +19,7 @@ import pytest
 from redge.agent import oip
 from redge.agent.client import AppRecovering, Client, ClientError
 from redge.chaos.cluster import LocalCluster, http_json, wait_until
-from redge.chaos.observe import replicas_loaded
+from redge.chaos.observe import primary_of, replicas_loaded
 from redge.runtime.manifest import Architecture
 from redge.runtime.testing import IN_FEATURES, OUT_FEATURES, mlp, write_artifact, write_family
 
@@ -57,6 +57,12 @@ def loading_now(cluster: LocalCluster, via: str, victim: str) -> str | None:
     if primary in (None, victim) or reports.get(("slow", primary)) in ("serving", "load_done"):
         return None
     return primary
+
+
+def recovered(cluster: LocalCluster, via: str, app: str, victim: str) -> bool:
+    """The plan has moved `app`'s primary off `victim`, and it reports itself loaded."""
+    primary = primary_of(cluster, via, app)
+    return primary is not None and primary != victim and replicas_loaded(cluster, via, [app])
 
 
 def held_total(cluster: LocalCluster) -> float:
@@ -118,7 +124,7 @@ def test_requests_are_held_while_the_cold_backup_loads_and_only_a_passed_deadlin
         assert recovering.value.loading_on == backup and "recovering" in str(recovering.value)
 
         # Everyone else waits within a deadline longer than the recovery, and is answered.
-        wait_until(lambda: replicas_loaded(cluster, survivor, ["slow"]), 60, interval_s=0.05, what="the cold backup serving")
+        wait_until(lambda: recovered(cluster, survivor, "slow", victim), 60, interval_s=0.05, what="the cold backup serving")
         count = len(outcomes)
         wait_until(lambda: len(outcomes) >= count + 4 or None, 30, what="answers after the recovery")
         stop.set()
@@ -183,7 +189,7 @@ def recover(cluster: LocalCluster, prepared: Callable[[Path], bool]) -> Recovery
     wait_until(lambda: len(outcomes) >= 3 or None, 30, what="answers before the fault")
     fault_ms = time.time() * 1000
     cluster.peers[victim].kill()
-    wait_until(lambda: replicas_loaded(cluster, survivor, ["tag"]), 60, interval_s=0.05, what="the cold backup serving")
+    wait_until(lambda: recovered(cluster, survivor, "tag", victim), 60, interval_s=0.05, what="the cold backup serving")
     return Recovery(fault_ms, outcomes, stop, caller, survivor, backup)
 
 
@@ -199,7 +205,7 @@ def stored_formats(data_dir: Path) -> set[str]:
 
 def derived(data_dir: Path) -> bool:
     """The serving format stored and its optimised graph derived."""
-    return "onnx" in stored_formats(data_dir) and any(data_dir.rglob(".derived/*.onnx"))
+    return "onnx" in stored_formats(data_dir) and any(data_dir.rglob(".derived/*/model.onnx"))
 
 
 def _tag_loads(cluster: LocalCluster, via: str, node: str, since_ms: float) -> list[str]:
@@ -232,3 +238,55 @@ def test_without_the_serving_format_a_recovery_serves_the_cold_format_then_switc
     assert loads[1].startswith("switched from safetensors; onnx:"), loads
     assert [o for o in run.outcomes if o[0] == "fail"] == []  # not one request dropped by the switch
     assert run.outcomes[-1] == ("ok", run.backup)
+
+
+@pytest.fixture(scope="module")
+def slow_family(tmp_path_factory):
+    """slow-mlp (a slow load, safetensors only) and the MLP family, inputs alike."""
+    directory = tmp_path_factory.mktemp("slow-family")
+    write_family(directory, formats=("onnx",), sizes={"mlp-small": (32, 2)})
+    kwargs = {"in_features": IN_FEATURES, "hidden": 16, "depth": 1, "out_features": OUT_FEATURES, "build_ms": BUILD_MS}
+    write_artifact(mlp(**{k: v for k, v in kwargs.items() if k != "build_ms"}), directory, name="slow-mlp",
+                   version="1-safetensors", architecture=Architecture("redge.runtime.testing:slow_building_mlp", kwargs))
+    return directory
+
+
+def test_while_its_cold_backup_loads_an_app_is_answered_from_a_smaller_variant_another_app_runs(slow_family):
+    app = {"name": "cam", "variants": ["slow-mlp", "mlp-small"], "priority": "standard", "slo_ms": 1000, "backup": "cold"}
+    lite = {"name": "lite", "variants": ["mlp-small"], "priority": "critical", "slo_ms": 1000, "backup": "warm"}
+    with LocalCluster(size=3, extra_args=["--source", str(slow_family)]) as cluster:
+        leader = cluster.wait_leader()
+        for registered in (lite, app):
+            status, body = cluster.register_app(leader, registered)
+            assert status == 200, body
+        wait_until(lambda: replicas_loaded(cluster, leader, ["cam", "lite"], backups_min=1), 120, interval_s=0.1,
+                   what="both apps served with their backups")
+        snapshot = cluster.peers[leader].snapshot()
+        cam = {r["role"]: r["node_id"] for r in snapshot["plan"]["cam"]}
+        victim, backup = cam["primary"], cam["cold"]
+        survivor = next(n for n in cluster.peers if n not in (victim, backup))
+        outcomes: list[tuple[str, str | None, str | None]] = []
+        stop = threading.Event()
+
+        def call() -> None:
+            with Client([cluster.peers[survivor].url, cluster.peers[backup].url], deadline_s=20.0) as client:
+                while not stop.is_set():
+                    try:
+                        result = client.infer("cam", X)
+                        outcomes.append(("ok", result.variant, result.role))
+                    except ClientError as error:
+                        outcomes.append(("fail", str(error), None))
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        wait_until(lambda: len(outcomes) >= 3 or None, 30, what="answers before the fault")
+        cluster.peers[victim].kill()
+        wait_until(lambda: recovered(cluster, survivor, "cam", victim), 60, interval_s=0.05, what="the cold backup serving")
+        count = len(outcomes)
+        wait_until(lambda: len(outcomes) >= count + 3 or None, 30, what="answers after the recovery")
+        stop.set()
+        caller.join(timeout=30)
+    assert [o for o in outcomes if o[0] == "fail"] == []
+    interim = [o for o in outcomes if o[2] == "interim"]
+    assert interim and all(o[1] == "mlp-small" for o in interim)  # the recovery's seconds, at the smaller variant
+    assert outcomes[-1] == ("ok", "slow-mlp", "primary")  # and back once the app's own replica serves

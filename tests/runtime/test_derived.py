@@ -38,7 +38,8 @@ def test_a_derived_graph_loads_unoptimised_and_answers_the_same(family_source, t
     first, first_report = load(directory, manifest, options=options)
     assert (first_report.derived, first_report.derivable) == (False, True)
     path = derive_onnx(directory, manifest, options=options)
-    assert path == derived_onnx_path(options.derived_dir, manifest) and path.is_file()
+    assert path == derived_onnx_path(options.derived_dir, manifest)
+    assert sorted(p.name for p in path.iterdir()) == ["model.onnx", "weights.bin"]  # weights apart: mapped at load
     assert manifest.files[0].sha256 in path.name
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".partial")]
     second, second_report = load(directory, manifest, options=options)
@@ -59,8 +60,8 @@ def test_a_damaged_derived_graph_is_dropped_and_the_artifact_loads(family_source
     directory, manifest = onnx_artifact(family_source)
     options = LoadOptions(threads=1, derived_dir=str(tmp_path / "derived"))
     path = derived_onnx_path(options.derived_dir, manifest)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(damage)
+    path.mkdir(parents=True)
+    (path / "model.onnx").write_bytes(damage)
     model, report = load(directory, manifest, options=options)
     assert not report.derived and report.derivable
     assert not path.exists()
@@ -123,3 +124,14 @@ def test_the_host_derives_after_a_load_without_delaying_it(family_source, tmp_pa
             await host.aclose()
 
     assert asyncio.run(scenario()) == (False, True, True)
+
+
+def test_derived_weights_cut_short_are_dropped_and_the_artifact_loads(family_source, tmp_path: Path) -> None:
+    directory, manifest = onnx_artifact(family_source)
+    options = LoadOptions(threads=1, derived_dir=str(tmp_path / "derived"))
+    path = derive_onnx(directory, manifest, options=options)
+    weights = path / "weights.bin"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    model, report = load(directory, manifest, options=options)
+    assert not report.derived and not path.exists()
+    assert model.infer(INPUT)["output"].shape == (5, 4)
