@@ -60,6 +60,7 @@ class Operation:
     epoch: int | None = None
     variant: str | None = None
     error: str = ""
+    role: str | None = None
 
 
 def zoo_directory() -> Path:
@@ -113,7 +114,7 @@ class ClosedLoopClient(threading.Thread):
                 try:
                     result = client.infer(self.app, self.inputs)
                     self.history.append(Operation(self.client_name, self.app, start, time.time(), "ok",
-                                                  result.node_id, result.epoch, result.variant))
+                                                  result.node_id, result.epoch, result.variant, role=result.role))
                 except ClientError as error:
                     self.history.append(Operation(self.client_name, self.app, start, time.time(), "fail", error=str(error)[:200]))
                 self.stopping.wait(THINK_TIME_S)
@@ -170,9 +171,12 @@ def fault_timeline(fault: dict[str, Any], events: list[dict[str, Any]], history:
         served_by_victim_before = any(o.node_id == victim for o in ops if o.end * 1000 < at_ms and o.outcome == "ok")
         loads = [e for e in later if e.get("app") == name and e["kind"] in ("load_started", "load_done")]
         load_ms = None
-        done = [e for e in loads if e["kind"] == "load_done"]
+        load_phases = ""
+        done = [e for e in loads if e["kind"] == "load_done" and not e.get("detail", "").startswith("switched")]
         if done:
-            load_ms = max(e.get("duration_ms", 0.0) for e in done)
+            longest = max(done, key=lambda e: e.get("duration_ms", 0.0))
+            load_ms = longest.get("duration_ms", 0.0)
+            load_phases = short_phases(longest.get("detail", ""))
         after_ok = [o for o in ops if o.start * 1000 >= at_ms and o.outcome == "ok" and o.node_id != victim]
         first_error = min((o.end for o in ops if o.outcome != "ok" and o.end * 1000 >= at_ms), default=None)
         mttr_ms = (min(o.end for o in after_ok) * 1000 - at_ms) if after_ok and served_by_victim_before else None
@@ -184,6 +188,7 @@ def fault_timeline(fault: dict[str, Any], events: list[dict[str, Any]], history:
         row["apps"][name] = {
             "served_by_failed_node": served_by_victim_before,
             "loading_ms": load_ms,
+            "load_phases": load_phases,
             "reconfiguration_ms": reconfiguration_ms,
             "mttr_ms": mttr_ms,
             "failed_requests": sum(1 for o in ops if o.outcome == "fail" and o.start * 1000 >= at_ms),
@@ -193,6 +198,17 @@ def fault_timeline(fault: dict[str, Any], events: list[dict[str, Any]], history:
             "variant_after": after_ok[-1].variant if after_ok else None,
         }
     return row
+
+
+def short_phases(detail: str) -> str:
+    """`onnx: verify 0.0 read 4.2 deserialize 22.9 ... warmup 6.6 ms (derived graph)` ->
+    `onnx* r4 d23 w7` (read, deserialize, warm-up in ms; * from the derived graph)."""
+    format_name, _, rest = detail.partition(":")
+    words = rest.replace("(derived graph)", "").split()
+    values = dict(zip(words[::2], words[1::2], strict=False))
+    parts = [f"{letter}{float(values[name]):.0f}" for name, letter in (("read", "r"), ("deserialize", "d"), ("warmup", "w"))
+             if name in values and values[name].replace(".", "", 1).isdigit()]
+    return f"{format_name.strip()}{'*' if 'derived graph' in detail else ''} {' '.join(parts)}".strip()
 
 
 def run_demo(out_dir: Path, peer_count: int = 3) -> int:
@@ -263,6 +279,7 @@ def run_demo(out_dir: Path, peer_count: int = 3) -> int:
             "ok": sum(1 for o in history if o.outcome == "ok"),
             "failed": sum(1 for o in history if o.outcome == "fail"),
             "unknown": sum(1 for o in history if o.outcome == "info"),
+            "interim": sum(1 for o in history if o.role == "interim"),
         },
         "events": events,
         "history": [asdict(o) for o in history],
@@ -294,6 +311,7 @@ def print_tables(report: dict[str, Any]) -> None:
         table.add_row("decision: confirmed -> plan (ms)", *[_ms(timeline["decision_ms"])] * len(APPS))
         table.add_row("hit by the fault", *["yes" if apps[a["name"]]["served_by_failed_node"] else "no" for a in APPS])
         table.add_row("loading (ms)", *[_ms(apps[a["name"]]["loading_ms"]) for a in APPS])
+        table.add_row("  phases: read, deserialize, warm-up", *[apps[a["name"]].get("load_phases") or "-" for a in APPS])
         table.add_row("reconfiguration (ms)", *[_ms(apps[a["name"]]["reconfiguration_ms"]) for a in APPS])
         table.add_row("MTTR: fault -> first answer (ms)", *[_ms(apps[a["name"]]["mttr_ms"]) for a in APPS])
         table.add_row("failed / unknown requests", *[f"{apps[a['name']]['failed_requests']} / {apps[a['name']]['unknown_requests']}" for a in APPS])
@@ -302,7 +320,21 @@ def print_tables(report: dict[str, Any]) -> None:
         table.add_row("variant after", *[str(apps[a["name"]]["variant_after"] or "-") for a in APPS])
         console.print(table)
     requests = report["requests"]
-    console.print(f"requests: {requests['total']} total, {requests['ok']} ok, {requests['failed']} failed, {requests['unknown']} unknown")
+    console.print(f"requests: {requests['total']} total, {requests['ok']} ok, {requests['failed']} failed, {requests['unknown']} unknown"
+                  + (f", {requests['interim']} answered by another app's copy while recovering" if requests.get("interim") else ""))
+    console.print("phases: r read, d deserialize, w warm-up (ms); * the node's derived graph, weights mapped")
+
+
+def load_spans(events: list[dict[str, Any]], app: str, start_s: float) -> list[dict[str, Any]]:
+    """Each load of `app` after `start_s` as (from, to) seconds since then, with its phases."""
+    spans = []
+    for event in events:
+        if event["kind"] != "load_done" or event.get("app") != app or event["at_ms"] / 1000 < start_s:
+            continue
+        to_s = event["at_ms"] / 1000 - start_s
+        spans.append({"from_s": to_s - event.get("duration_ms", 0.0) / 1000, "to_s": to_s,
+                      "label": f"{event.get('node')}: {short_phases(event.get('detail', ''))}"})
+    return spans
 
 
 def plot_timeline(history: list[Operation], faults: list[dict[str, Any]], events: list[dict[str, Any]], path: Path) -> None:
@@ -330,10 +362,14 @@ def plot_timeline(history: list[Operation], faults: list[dict[str, Any]], events
         for event in events:
             if event["kind"] == "plan_committed" and event["at_ms"] / 1000 >= start:
                 axis.axvline(event["at_ms"] / 1000 - start, color="green", linestyle=":", linewidth=0.8)
+        for load in load_spans(events, app["name"], start):
+            axis.axvspan(load["from_s"], load["to_s"], color="orange", alpha=0.25, linewidth=0)
+            axis.text(load["to_s"], axis.get_ylim()[0] if axis.lines else 1, f" {load['label']}", fontsize=6,
+                      va="bottom", color="darkorange")
         axis.set_ylabel(f"{app['name']}\nresponse (ms)")
         axis.set_yscale("log")
         axis.legend(loc="upper right", fontsize=7)
-    axes[-1].set_xlabel("time (s); dashed: faults, dotted green: committed plans")
+    axes[-1].set_xlabel("time (s); dashed: faults, dotted green: committed plans, orange: loads (r read, d deserialize, w warm-up, ms)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
