@@ -133,7 +133,7 @@ def _require_admin(request: web.Request) -> None:
         raise HttpError(403, "admin calls are disabled: start the peer with REDGE_ADMIN_TOKEN or admin_token_file")
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token.encode()):
         raise HttpError(401, "admin calls need the header Authorization: Bearer TOKEN")
 
 
@@ -214,7 +214,7 @@ async def cluster_join(request: web.Request) -> web.Response:
     peer = _peer(request)
     body = await request.read()
     signature = request.headers.get(JOIN_SIGNATURE_HEADER, "")
-    if not hmac.compare_digest(signature.encode(), sign_join(peer.config.secret, body).encode()):
+    if not hmac.compare_digest(signature.encode("utf-8", "surrogateescape"), sign_join(peer.config.secret, body).encode()):
         raise HttpError(403, "join refused: the signature does not match this cluster's secret")
     try:
         command = c.decode(body)

@@ -249,7 +249,8 @@ class AsyncClient:
                         # request while it may), pausing first if it could not hold this one.
                         recovering = response.headers[RECOVERING_HEADER]
                         tried_primary_failed = True
-                        if time.monotonic() - sent_s < hold_s / 2 or hold_s == 0:
+                        # (An attempt that asked for no hold is followed at once by one that does.)
+                        if hold_s > 0 and time.monotonic() - sent_s < hold_s / 2:
                             await self._routes_change_or(min(RECOVERING_PAUSE_S, max(0.0, deadline - time.monotonic())))
                         continue
             except (TimeoutError, aiohttp.ClientError, OSError) as error:

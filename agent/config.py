@@ -21,9 +21,8 @@ from redge.consensus.state import NAME_PATTERN
 
 SECRET_ENV = "REDGE_SECRET"
 ADMIN_TOKEN_ENV = "REDGE_ADMIN_TOKEN"
-# Used only when every address is on loopback and no secret was given: traffic still goes
-# through the encrypted transport, but anyone on this machine can read the key.
-LOOPBACK_SECRET = "redge-loopback-only"
+# Where a peer on loopback without a given secret keeps the one it generated (mode 0600).
+GENERATED_SECRET_FILENAME = "secret"
 
 
 @dataclass
@@ -181,7 +180,9 @@ def load(values: dict[str, Any], environ: dict[str, str] | None = None) -> PeerC
     config.admin_token = _read_secret(config.admin_token_file, environ.get(ADMIN_TOKEN_ENV), "admin token", problems)
     if not config.secret:
         if all(_is_loopback(h) for h in hosts):
-            config.secret = LOOPBACK_SECRET
+            # Never a fixed key (any local user could speak Raft, pickles, to the peer):
+            # a random one, kept in the data dir for this peer's restarts.
+            config.secret = _generated_secret(config.data_dir / GENERATED_SECRET_FILENAME, problems)
         else:
             problems.append(
                 f"refusing to start: Raft on a non-loopback address needs the cluster secret "
@@ -190,6 +191,31 @@ def load(values: dict[str, Any], environ: dict[str, str] | None = None) -> PeerC
     if problems:
         raise ConfigError("; ".join(problems))
     return config
+
+
+def _generated_secret(path: Path, problems: list[str]) -> str:
+    """The secret in `path`, written there first (random, mode 0600) when there is none."""
+    import secrets
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(secrets.token_hex(32) + "\n")
+        if path.stat().st_mode & 0o077:
+            problems.append(f"the generated secret {path} is readable by other users: chmod 600 it, or remove it")
+            return ""
+        value = path.read_text().strip()
+    except OSError as error:
+        problems.append(f"cannot keep a generated secret in {path}: {error.strerror or error}")
+        return ""
+    if not value:
+        problems.append(f"the generated secret file {path} is empty: remove it to generate another")
+    return value
 
 
 def _read_secret(path: Path | None, from_environment: str | None, what: str, problems: list[str]) -> str:

@@ -802,8 +802,13 @@ class Worker:
         length = request.content_length
         if length is not None and length > CONTROL_BODY_BYTES_MAX:
             raise HttpError(413, f"a control call carries at most {CONTROL_BODY_BYTES_MAX} bytes")
-        body = await request.read() if request.can_read_body else b""
         headers = {name: request.headers[name] for name in CONTROL_HEADERS if name in request.headers}
+        for name, value in headers.items():
+            # A token or signature is printable ASCII; anything else is refused here, as a
+            # wrong credential is, rather than failing on its way to the control process.
+            if not (value.isascii() and value.isprintable()):
+                raise HttpError(401 if name != "Content-Type" else 400, f"the {name} header must be printable ASCII")
+        body = await request.read() if request.can_read_body else b""
         headers[CONTROL_TOKEN_HEADER] = self.config.control_token
         assert self._control is not None
         wait_s = 0.0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -29,7 +30,6 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-SECRET = "redge-local-cluster-secret"
 ADMIN_TOKEN = "redge-local-admin-token"
 NETNS_HTTP_PORT = 8100
 NETNS_RAFT_PORT = 9100
@@ -181,6 +181,9 @@ class LocalCluster:
     network: Any = None
     _portals: list[Any] = field(default_factory=list)
     _temporary: Any = None
+    # The cluster secret its peers share, random for each cluster: a fixed one would let
+    # any local user speak Raft (pickles) to it.
+    secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("loopback", "netns"):
@@ -210,7 +213,7 @@ class LocalCluster:
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
-            REDGE_SECRET=SECRET,
+            REDGE_SECRET=self.secret,
             REDGE_ADMIN_TOKEN=ADMIN_TOKEN,
             OMP_NUM_THREADS=str(self.torch_threads),
             MKL_NUM_THREADS=str(self.torch_threads),

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import urllib.request
 
 import pytest
 
-from redge.chaos.cluster import ADMIN_TOKEN, SECRET, LocalCluster, free_ports, http_json, wait_until
+from redge.chaos.cluster import ADMIN_TOKEN, LocalCluster, free_ports, http_json, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -154,7 +155,7 @@ def test_join_with_a_wrong_secret_is_refused_and_cluster_unharmed(cluster, tmp_p
 def test_taken_address_and_bad_config_fail_with_a_clear_message(cluster, tmp_path):
     taken = cluster.peers["n1"]
     http_port, raft_port, heartbeat_port = free_ports(3)
-    env = dict(os.environ, REDGE_SECRET=SECRET)
+    env = dict(os.environ, REDGE_SECRET=cluster.secret)
     base = [sys.executable, "-m", "redge", "peer", "--node-id", "n9", "--data-dir", str(tmp_path / "n9"),
             "--heartbeat", f"127.0.0.1:{heartbeat_port}", "--peers", cluster.peers["n2"].raft_address]
     result = subprocess.run(
@@ -307,3 +308,23 @@ def test_a_peer_stopped_with_sigterm_comes_back_when_started_again(cluster):
     assert member["status"] == "alive" and member["incarnation"] > before
     register_once_the_cluster_commits(cluster, "n2", app_spec("after-rejoin"))
     wait_app_everywhere(cluster, "after-rejoin", list(cluster.peers))
+
+
+@pytest.mark.parametrize(("path", "header"), [
+    ("/cluster/apps", b"Authorization: Bearer \xff\xfe\xc3\x28"),
+    ("/cluster/apps", b"Authorization: Bearer caf\xc3\xa9"),
+    ("/cluster/join", b"X-Redge-Join-Signature: \xff\x00\x01"),
+])
+def test_malformed_credentials_get_401_and_the_peer_stays_up(cluster, path, header):
+    cluster.wait_leader()
+    peer = cluster.peers["n1"]
+    body = b'{"name": "x", "variants": ["mlp-small"]}'
+    with socket.create_connection(("127.0.0.1", peer.http_port), timeout=10) as sock:
+        sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + header
+                     + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.split(b" ", 2)[1] == b"401", answer[:300]
+    assert http_json("GET", peer.url + "/v2/health/live")[0] == 200
+    assert cluster.register_app("n1", app_spec("after-bad-credentials"))[0] == 200
