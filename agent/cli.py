@@ -44,6 +44,9 @@ def _add_peer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-kind", help="cpu or gpu")
     parser.add_argument("--model-threads", type=int, help="threads for model inference (default 1)")
     parser.add_argument("--model-host-nice", type=int, help="CPU niceness added to the model host (default 10)")
+    parser.add_argument("--model-host-load-nice", type=int,
+                        help="the model host's niceness while it loads, where the peer may lower it (root or "
+                             "CAP_SYS_NICE; default 0): a recovery's load is the critical path")
     parser.add_argument("--request-body-bytes-max", type=int, help="largest inference request accepted (default 64 MiB)")
     parser.add_argument(
         "--request-bytes-held-max", type=int,
@@ -176,7 +179,7 @@ def peer_values(args: argparse.Namespace) -> dict[str, Any]:
     for key in (
         "node_id", "http", "raft", "heartbeat", "peers", "join", "data_dir", "store", "storage_budget_bytes",
         "source", "profile", "secret_file", "admin_token_file", "log_level", "memory_bytes",
-        "accelerator_memory_bytes", "device_kind", "model_threads", "model_host_nice", "request_body_bytes_max",
+        "accelerator_memory_bytes", "device_kind", "model_threads", "model_host_nice", "model_host_load_nice", "request_body_bytes_max",
         "slo_factor", "watch_rotation_s", "request_bytes_held_max", "dynamic_dimension_max", "held_requests_max", "http_workers",
         "http_worker_nice", "control_nice", "cold_serving_format",
     ):

@@ -67,6 +67,9 @@ class PeerConfig:
     control_nice: int = -5
     model_threads: int = 1
     model_host_nice: int = 10
+    # The model host's niceness while it loads a model, where the peer may lower it (root,
+    # or CAP_SYS_NICE): a recovery's load is the critical path.
+    model_host_load_nice: int = 0
     # Degraded when an app's median latency here stays above this factor x its SLO (agent/slo.py).
     slo_factor: float = 1.5
     # Above 8 members each peer watches a bounded set of others (agent/detector.py
@@ -149,6 +152,8 @@ def load(values: dict[str, Any], environ: dict[str, str] | None = None) -> PeerC
         problems.append(f"profile {config.profile!r} is not one of {', '.join(sorted(PROFILES))}")
     if config.storage_budget_bytes <= 0:
         problems.append("storage-budget-bytes must be > 0")
+    if not -20 <= config.model_host_load_nice <= 19:
+        problems.append("model-host-load-nice must be between -20 and 19")
     if not 0 <= config.model_host_nice <= 19:
         problems.append("model-host-nice must be between 0 and 19")
     if not isinstance(config.slo_factor, (int, float)) or not 1.0 <= config.slo_factor <= 100.0:

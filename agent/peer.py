@@ -154,7 +154,8 @@ class Peer:
             self.replicas = ReplicaManager(
                 self.store,
                 config.device_kind,
-                HostOptions(device=config.device_kind, threads=config.model_threads, nice=config.model_host_nice),
+                HostOptions(device=config.device_kind, threads=config.model_threads, nice=config.model_host_nice,
+                            load_nice=config.model_host_load_nice),
             )
             self.replicas.on_change = self.routes_changed
             self.reconciler = Reconciler(self, self.replicas, self.store, config.source)

@@ -86,6 +86,7 @@ def evict(paths: list[Path], method: str) -> None:
         for path in paths:
             descriptor = os.open(path, os.O_RDONLY)
             try:
+                os.fsync(descriptor)  # dirty pages (a file just fetched) are not dropped: write them first
                 os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(descriptor)

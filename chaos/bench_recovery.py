@@ -65,9 +65,10 @@ def prepared(cluster: LocalCluster, node: str, serving: Manifest) -> Path | None
     return model_file if model_file is not None and derived is not None else None
 
 
-def trial(cluster: LocalCluster, clients: list[ClosedLoopClient], serving: Manifest, cold_method: str) -> dict[str, Any]:
+def trial(cluster: LocalCluster, clients: list[ClosedLoopClient], serving: Manifest, cold_method: str,
+          apps: list[str]) -> dict[str, Any]:
     via = next(n for n, p in cluster.peers.items() if p.running())
-    wait_until(lambda: replicas_loaded(cluster, via, ["detector", "target"], backups_min=1, members_alive=True),
+    wait_until(lambda: replicas_loaded(cluster, via, apps, backups_min=1, members_alive=True),
                180, interval_s=0.2, what="both apps served with their backups")
     backup = wait_until(lambda: cold_node(cluster, via), 60, interval_s=0.1, what="a cold backup planned")
     model_file = wait_until(lambda: prepared(cluster, backup, serving), 120, interval_s=0.1, what="the cold backup prepared")
@@ -132,25 +133,28 @@ def trial(cluster: LocalCluster, clients: list[ClosedLoopClient], serving: Manif
     }
 
 
-def measure(model: str, trials: int, zoo: Path, cold_method: str, threads: int, peer_args: list[str]) -> dict[str, Any]:
+def measure(model: str, trials: int, zoo: Path, cold_method: str, threads: int, peer_args: list[str],
+            background: bool = True) -> dict[str, Any]:
     serving = Manifest.read(zoo / model / "1-onnx")
+    registered = [DETECTOR, target_app(model)] if background else [target_app(model)]
+    apps = [app["name"] for app in registered]
     clients: list[ClosedLoopClient] = []
     rows = []
     with LocalCluster(size=3, extra_args=["--source", str(zoo), "--model-threads", str(threads), *peer_args]) as cluster:
         leader = cluster.wait_leader()
-        for app in (DETECTOR, target_app(model)):
+        for app in registered:
             status, body = cluster.register_app(leader, app)
             if status != 200:
                 raise RuntimeError(f"registering {app['name']} failed: {body}")
-        wait_until(lambda: replicas_loaded(cluster, leader, ["detector", "target"], backups_min=1), 300,
+        wait_until(lambda: replicas_loaded(cluster, leader, apps, backups_min=1), 300,
                    interval_s=0.2, what="every replica loaded")
-        for app in ("detector", "target"):
+        for app in apps:
             clients.append(ClosedLoopClient(f"redge-client/{app}", app, cluster))
         for client in clients:
             client.start()
         try:
             for index in range(trials):
-                row = trial(cluster, clients, serving, cold_method)
+                row = trial(cluster, clients, serving, cold_method, apps)
                 rows.append(row)
                 print(f"  {model} trial {index + 1}/{trials}: MTTR {row['mttr_cold_ms']} ms (first answer {row['mttr_ms']}), raw read {row['raw_read_ms']:.0f} ms, "
                       f"failed {row['failed_requests']}, load {row['load_detail']}", flush=True)
@@ -166,6 +170,7 @@ def measure(model: str, trials: int, zoo: Path, cold_method: str, threads: int, 
     floor_ms = summary(reads).get("p50", 0.0) + summary(responses).get("p50", 0.0)
     return {
         "model": model,
+        "background": "the demo's detector (resnet50) and its client" if background else "none",
         "bytes": serving.size_bytes,
         "trials": rows,
         "mttr_ms": summary(mttr),  # to the cold backup's own first answer
@@ -189,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="model threads per peer")
     parser.add_argument("--peer-args", default="", help="more `redge peer` flags, space-separated")
+    parser.add_argument("--quiet", action="store_true", help="without the demo's detector and its load beside")
     parser.add_argument("--cold-method", choices=("fadvise", "drop_caches", "none"), default="fadvise",
                         help="how the artifact's pages leave the page cache before each read and the fault "
                              "(drop_caches: the whole cache, as root)")
@@ -200,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     results = []
     for model in [m for m in args.models.split(",") if m]:
-        print(f"{model}: {args.trials} cold recoveries under the demo's load ...", flush=True)
-        results.append(measure(model, args.trials, zoo, cold_method, args.threads, args.peer_args.split()))
+        beside = "" if args.quiet else " under the demo's load"
+        print(f"{model}: {args.trials} cold recoveries{beside} ...", flush=True)
+        results.append(measure(model, args.trials, zoo, cold_method, args.threads, args.peer_args.split(),
+                               background=not args.quiet))
     report = {
         "command": "python -m redge.chaos.bench_recovery " + " ".join(argv if argv is not None else []),
         "machine": {"platform": platform.platform(), "python": platform.python_version()},

@@ -65,7 +65,7 @@ from redge.runtime.errors import (
 )
 from redge.runtime.loader import TRUSTED_MODULES_DEFAULT, LoadOptions, LoadReport
 from redge.runtime.manifest import Manifest
-from redge.runtime.priority import own_scheduling_group
+from redge.runtime.priority import boosted, own_scheduling_group
 
 log = structlog.get_logger(__name__)
 
@@ -100,6 +100,9 @@ class HostOptions:
     # inference, but measured on a contended machine a nice 5 host loaded 3x slower against
     # other processes: 0 unless the node is ours.
     nice: int = 0
+    # The niceness loads run at, where the host may lower it (CAP_SYS_NICE): a recovery's
+    # load is the critical path (`priority.boosted`). None: loads run at `nice`.
+    load_nice: int | None = None
     trusted_modules: tuple[str, ...] = TRUSTED_MODULES_DEFAULT
     # Set by `ModelHost(data_plane=True)` for its child: where data-plane workers connect
     # (an abstract Unix socket) and the token they must show. Empty: the pipe only.
@@ -395,7 +398,11 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
     def run_load(request_id: int, payload: dict[str, Any], answer: Callable[..., None]) -> None:
         try:
             manifest = Manifest.from_json(payload["manifest"])
-            model, report = load(payload["directory"], manifest, options.device, load_options)
+            if options.load_nice is not None and options.load_nice < options.nice:
+                with boosted(options.load_nice):
+                    model, report = load(payload["directory"], manifest, options.device, load_options)
+            else:
+                model, report = load(payload["directory"], manifest, options.device, load_options)
             with models_lock:
                 previous = models.get(payload["key"])
                 models[payload["key"]] = model

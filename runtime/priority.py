@@ -15,6 +15,9 @@ whenever it wakes.
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -41,3 +44,45 @@ def own_scheduling_group(nice: int) -> None:
             os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
         except OSError:
             pass
+
+
+def autogroup_nice(pid: int | str = "self") -> int | None:
+    """The niceness of `pid`'s autogroup (`/autogroup-42 nice 10`), or None without one."""
+    try:
+        return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@contextmanager
+def boosted(nice: int) -> Iterator[bool]:
+    """Run the body with this process's scheduling group, and the calling thread, at `nice`
+    when that is lower than now (it needs CAP_SYS_NICE: root, or a unit that grants it),
+    then put both back. Yields whether the boost took. For the model host's loads: on a busy
+    node a recovery's load is the critical path, and the host's usual niceness would give
+    it a tenth of a core against a client at nice 0 (measured: resnet18's cold MTTR p50
+    296 -> 241 ms at nice 0 instead of 10, on 2 cores under the demo's load)."""
+    group = autogroup_nice()
+    thread = threading.get_native_id()
+    try:
+        own = os.getpriority(os.PRIO_PROCESS, thread)
+    except OSError:
+        own = None
+    group_boosted = group is not None and nice < group and set_autogroup_nice(nice)
+    thread_boosted = False
+    if own is not None and nice < own:
+        try:
+            os.setpriority(os.PRIO_PROCESS, thread, nice)
+            thread_boosted = True
+        except OSError:
+            pass
+    try:
+        yield group_boosted or thread_boosted
+    finally:
+        if group_boosted:
+            set_autogroup_nice(group)
+        if thread_boosted:
+            try:
+                os.setpriority(os.PRIO_PROCESS, thread, own)
+            except OSError:
+                pass
