@@ -43,6 +43,8 @@ PRIORITY_ORDER = {"critical": 0, "standard": 1, "best-effort": 2}
 REPORT_TIMEOUT_S = 2.0
 LOAD_ATTEMPTS_MAX = 5
 RETRY_S = 1.0
+# Cold-backup prefetches wait this long after another node's recovery was last seen.
+COLD_AFTER_RECOVERY_S = 2.0
 # How long a copy the plan no longer wants is kept while its successor elsewhere loads.
 KEEP_FOR_SUCCESSOR_S = 30.0
 
@@ -88,6 +90,7 @@ class Reconciler(Duty):
         self._kept_since: dict[str, float] = {}
         self._retry: asyncio.TimerHandle | None = None
         self._last_store_report: tuple | None = None
+        self._recovering_seen_s = -COLD_AFTER_RECOVERY_S  # monotonic: when a recovery elsewhere was last seen
 
     def start(self) -> None:
         self.replicas.on_host_crash = self._on_host_crash
@@ -191,6 +194,9 @@ class Reconciler(Duty):
         #    loading an app that nothing serves: fetching, hashing and deriving here would
         #    take CPU and disk from that recovery (measured on 2 cores: its load 3-9x slower).
         if self._recovery_elsewhere():
+            self._recovering_seen_s = time.monotonic()
+        if time.monotonic() - self._recovering_seen_s < COLD_AFTER_RECOVERY_S:
+            # ... nor in the seconds after: its first answers run on a cold model too.
             self._retry_later()
             ordered_cold: list[tuple[str, c.Replica]] = []
         else:

@@ -58,11 +58,12 @@ def cold_node(cluster: LocalCluster, via: str) -> str | None:
 
 
 def prepared(cluster: LocalCluster, node: str, serving: Manifest) -> Path | None:
-    """The serving artifact's file on `node`, once its optimised graph is derived there."""
-    data_dir = cluster.peers[node].data_dir
-    model_file = next(data_dir.rglob(f"{serving.name}/{serving.version}/{serving.files[0].path}"), None)
-    derived = next(data_dir.rglob(f".derived/{serving.files[0].sha256}-*/model.onnx"), None)
-    return model_file if model_file is not None and derived is not None else None
+    """The serving artifact's file on `node`, once its optimised graph is derived there.
+    (Two stats and one small glob: this polls, in the process whose threads are the clients.)"""
+    store = cluster.peers[node].data_dir / "store"
+    model_file = store / serving.name / serving.version / serving.files[0].path
+    derived = next((store / ".derived").glob(f"{serving.files[0].sha256}-*/model.onnx"), None)
+    return model_file if model_file.is_file() and derived is not None else None
 
 
 def trial(cluster: LocalCluster, clients: list[ClosedLoopClient], serving: Manifest, cold_method: str,
@@ -75,7 +76,7 @@ def trial(cluster: LocalCluster, clients: list[ClosedLoopClient], serving: Manif
     victim = primary_of(cluster, via, "target")
     assert victim is not None and victim != backup
     files = sorted(path for path in model_file.parent.iterdir() if path.is_file())
-    derived = sorted(p for p in cluster.peers[backup].data_dir.rglob(f".derived/{serving.files[0].sha256}-*/*") if p.is_file())
+    derived = sorted(p for p in (model_file.parents[2] / ".derived").glob(f"{serving.files[0].sha256}-*/*") if p.is_file())
     reads = []
     for _ in range(3):
         if cold_method != "none":
