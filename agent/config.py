@@ -204,23 +204,21 @@ def _generated_secret(path: Path, problems: list[str]) -> str:
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(descriptor, "w") as handle:
-                handle.write(secrets.token_hex(32) + "\n")
-        if path.stat().st_mode & 0o077:
-            problems.append(f"the generated secret {path} is readable by other users: chmod 600 it, or remove it")
-            return ""
-        value = path.read_text().strip()
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_hex(32) + "\n")
+    except FileExistsError:
+        pass
     except OSError as error:
         problems.append(f"cannot keep a generated secret in {path}: {error.strerror or error}")
         return ""
-    if not value:
-        problems.append(f"the generated secret file {path} is empty: remove it to generate another")
-    return value
+    try:
+        if path.stat().st_mode & 0o077:
+            problems.append(f"the generated secret {path} is readable by other users: chmod 600 it, or remove it")
+            return ""
+    except OSError:
+        pass  # reported by the read below
+    return _read_secret(path, None, "generated secret", problems)
 
 
 def _read_secret(path: Path | None, from_environment: str | None, what: str, problems: list[str]) -> str:

@@ -81,18 +81,19 @@ def client_routes(state: ClusterState) -> dict[str, Any]:
     return {"epoch": state.epoch, "apps": apps}
 
 
-def servable(state: ClusterState, app: str) -> bool:
-    """Whether some live primary or warm replica of `app` reports itself loaded."""
+def _live_serving_roles(state: ClusterState, app: str) -> list[tuple[str, str | None]]:
+    """(node_id, its last report for `app`) of each primary or warm replica on a live node."""
+    found = []
     for replica in state.plan.get(app, ()):
         member = state.members.get(replica.node_id)
-        if (
-            replica.role in ("primary", "warm")
-            and member is not None
-            and member.status in (ALIVE, SUSPECTED)
-            and state.replica_reports.get((app, replica.node_id)) in SERVING_REPORTS
-        ):
-            return True
-    return False
+        if replica.role in ("primary", "warm") and member is not None and member.status in (ALIVE, SUSPECTED):
+            found.append((replica.node_id, state.replica_reports.get((app, replica.node_id))))
+    return found
+
+
+def servable(state: ClusterState, app: str) -> bool:
+    """Whether some live primary or warm replica of `app` reports itself loaded."""
+    return any(report in SERVING_REPORTS for _, report in _live_serving_roles(state, app))
 
 
 def loading_on(state: ClusterState, app: str) -> list[str]:
@@ -100,17 +101,8 @@ def loading_on(state: ClusterState, app: str) -> list[str]:
     (nor failed to load it): where it is being loaded, or is about to be. While `app` is not
     servable and this is not empty, the app is recovering: a request for it is held, not
     failed (agent/dataplane.py)."""
-    nodes = []
-    for replica in state.plan.get(app, ()):
-        member = state.members.get(replica.node_id)
-        if (
-            replica.role in ("primary", "warm")
-            and member is not None
-            and member.status in (ALIVE, SUSPECTED)
-            and state.replica_reports.get((app, replica.node_id)) not in (*SERVING_REPORTS, "load_failed")
-        ):
-            nodes.append(replica.node_id)
-    return sorted(nodes)
+    return sorted(node for node, report in _live_serving_roles(state, app)
+                  if report not in (*SERVING_REPORTS, "load_failed"))
 
 
 def interim_targets(state: ClusterState, app: str) -> list[list[str]]:
