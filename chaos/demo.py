@@ -364,8 +364,9 @@ def plot_timeline(history: list[Operation], faults: list[dict[str, Any]], events
                 axis.axvline(event["at_ms"] / 1000 - start, color="green", linestyle=":", linewidth=0.8)
         for load in load_spans(events, app["name"], start):
             axis.axvspan(load["from_s"], load["to_s"], color="orange", alpha=0.25, linewidth=0)
-            axis.text(load["to_s"], axis.get_ylim()[0] if axis.lines else 1, f" {load['label']}", fontsize=6,
-                      va="bottom", color="darkorange")
+            # x in seconds, y as a fraction of the axis: inside it whatever the data's range.
+            axis.text(load["to_s"], 0.8, f" {load['label']}", fontsize=6, va="bottom", color="darkorange",
+                      transform=axis.get_xaxis_transform())
         axis.set_ylabel(f"{app['name']}\nresponse (ms)")
         axis.set_yscale("log")
         axis.legend(loc="upper right", fontsize=7)
