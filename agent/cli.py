@@ -122,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--store", required=True, type=Path, help="the model store directory")
     fetch.add_argument("--storage-budget-bytes", type=int, default=10 * 1024**3)
 
+    store = commands.add_parser("store", help="a node's model store: quarantined artifacts, and clearing them")
+    store_commands = store.add_subparsers(dest="store_command", required=True)
+    quarantined = store_commands.add_parser("quarantine", help="list artifacts that failed their check or load here")
+    clear = store_commands.add_parser("clear", help="let the node fetch a quarantined artifact again")
+    clear.add_argument("artifact", nargs="?", help="NAME/VERSION (default: every one)")
+    for sub in (quarantined, clear):
+        sub.add_argument("--store", type=Path, help="the model store directory (default: DATA_DIR/store)")
+        sub.add_argument("--data-dir", type=Path, help="the peer's data directory")
+
     zoo = commands.add_parser("zoo", help="export torchvision model families as redge artifacts")
     zoo.add_argument("zoo_command", choices=["export"], help="export: see `redge zoo export --help`")
     zoo.add_argument("zoo_args", nargs=argparse.REMAINDER)
@@ -158,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
             _apps(args)
         elif args.command == "fetch":
             _fetch(args)
+        elif args.command == "store":
+            _store(args)
         elif args.command == "demo":
             from redge.chaos.demo import run_demo
 
@@ -167,6 +178,30 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _store(args: argparse.Namespace) -> None:
+    from redge.runtime.store import Store
+
+    if args.store is None and args.data_dir is None:
+        raise ConfigError("give --store DIR or --data-dir DIR")
+    root = args.store if args.store is not None else args.data_dir / "store"
+    if not root.is_dir():
+        raise ConfigError(f"no model store at {root}")
+    store = Store(root, budget_bytes=0)
+    if args.store_command == "quarantine":
+        failures = store.quarantined()
+        for key, entry in sorted(failures.items()):
+            print(f"{key}: {entry['count']} bad copies{' (excluded)' if store.excluded(*key.split('/', 1)) else ''}: "
+                  f"{entry.get('reason', '')}")
+        if not failures:
+            print("nothing quarantined")
+        return
+    name, _, version = (args.artifact or "").partition("/")
+    if args.artifact and not version:
+        raise ConfigError("name the artifact as NAME/VERSION")
+    cleared = store.clear_quarantine(name or None, version or None)
+    print(f"cleared {', '.join(cleared)}" if cleared else "nothing to clear")
 
 
 # ---------------------------------------------------------------------- peer

@@ -29,10 +29,10 @@ from redge.agent.routes import loading_on, servable
 from redge.consensus import commands as c
 from redge.consensus.errors import ConsensusError
 from redge.consensus.state import ALIVE, SUSPECTED, ClusterState
-from redge.runtime.errors import RuntimeFailure, StoreOverBudget
+from redge.runtime.errors import ArtifactCorrupt, LoadFailed, RuntimeFailure, StoreOverBudget
 from redge.runtime.fetch import fetch_artifact
 from redge.runtime.manifest import FORMAT_PREFERENCE, MANIFEST_FILENAME, Manifest
-from redge.runtime.store import ARTIFACTS_MAX, Store
+from redge.runtime.store import ARTIFACTS_MAX, QUARANTINE_FAILURES_MAX, Store
 
 if TYPE_CHECKING:
     from redge.agent.peer import Peer
@@ -342,6 +342,7 @@ class Reconciler(Duty):
             await self._ensure_stored(app, replica.variant, "serving", epoch)
             local = await self.replicas.load(app, replica.variant, replica.role, epoch=epoch)
         except (RuntimeFailure, OSError) as error:
+            await self._quarantine_if_bad(error)
             attempts = self._failed.get((app, replica.variant, epoch), (0, 0.0))[0] + 1
             # Retried within the epoch with a growing pause: a fetch source may be back soon.
             self._failed[(app, replica.variant, epoch)] = (attempts, time.monotonic() + RETRY_S * 2 ** (attempts - 1))
@@ -355,6 +356,21 @@ class Reconciler(Duty):
                            duration_ms=(time.perf_counter() - started) * 1000)
         if replica.role == "primary":
             await self._report("serving", app, replica.variant, epoch)
+
+    async def _quarantine_if_bad(self, error: BaseException) -> None:
+        """A stored artifact whose bytes do not match its manifest, or that its backend could
+        not load, is moved out of the store: the retry fetches a good copy from a peer or the
+        source, and after `QUARANTINE_FAILURES_MAX` bad copies this node stops trying it."""
+        bad_bytes = isinstance(error, ArtifactCorrupt)
+        bad_artifact = isinstance(error, LoadFailed) and error.phase in ("read", "deserialize", "warmup")
+        if not (bad_bytes or bad_artifact) or not await asyncio.get_running_loop().run_in_executor(
+                None, self.store.contains, error.name, error.version):
+            return
+        count = await asyncio.get_running_loop().run_in_executor(
+            None, self.store.quarantine, error.name, error.version, str(error))
+        log.warning("artifact_quarantined", name=error.name, version=error.version, failures=count,
+                    fetch_again=count < QUARANTINE_FAILURES_MAX)
+        await self.report_store()
 
     async def _ensure_stored(self, app: str, variant: str, purpose: str, epoch: int, version: str | None = None) -> None:
         """Have an artifact of `variant` for `purpose` (or exactly `version`) in the store,
@@ -385,6 +401,10 @@ class Reconciler(Duty):
         version, holders = self.peer.raft.read(sources)
         if version is None:
             raise RuntimeFailure(f"no artifact of {variant} is known to the cluster")
+        excluded = await loop.run_in_executor(None, self.store.excluded, variant, version)
+        if excluded is not None:
+            raise RuntimeFailure(f"{variant}/{version} is excluded on this node: {excluded}; "
+                                 f"`redge store clear --data-dir DIR {variant}/{version}` lets it fetch again")
         candidates = [f"http://{address}" for address in holders]
         if self.source:
             candidates.append(self.source)

@@ -111,6 +111,8 @@ class HostOptions:
     # Where the host keeps what it derives from artifacts to load them faster next time
     # (`loader.derive_onnx`); empty: nothing is derived.
     derived_dir: str = ""
+    # Stamps of files already hashed, for `verify="stamped"` (`store.verify_stamped`).
+    stamps_dir: str = ""
     # Backends to import and use once as soon as the host runs (`loader.PREPARATIONS`), so
     # that its first load, often a recovery, does not pay seconds of imports.
     prepare: tuple[str, ...] = ()
@@ -370,7 +372,7 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
     models: dict[str, Any] = {}
     models_lock = threading.Lock()
     load_options = LoadOptions(threads=options.threads, verify=options.verify, trusted_modules=options.trusted_modules,
-                               derived_dir=options.derived_dir)
+                               derived_dir=options.derived_dir, stamps_dir=options.stamps_dir)
     # Deriving (optimising an ONNX graph for this CPU) runs after the load it follows has
     # answered, on a thread of its own: never in the way of a load or of inference.
     derive_queue: queue.Queue[Any] = queue.Queue()

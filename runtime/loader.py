@@ -56,13 +56,13 @@ from redge.runtime.errors import (
     RuntimeFailure,
 )
 from redge.runtime.manifest import Architecture, Manifest, check_format
-from redge.runtime.store import verify_directory
+from redge.runtime.store import verify_directory, verify_stamped
 from redge.runtime.tensor import INPUT_BYTES_MAX_DEFAULT, check_inputs
 
 log = structlog.get_logger(__name__)
 
 TRUSTED_MODULES_DEFAULT: tuple[str, ...] = ("torchvision", "redge.runtime")
-VERIFY_MODES = ("none", "size", "sha256")
+VERIFY_MODES = ("none", "size", "sha256", "stamped")
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,11 @@ class LoadOptions:
     # Intra-op threads for ONNX Runtime sessions; torch's are process-wide (host sets them).
     threads: int | None = None
     warmup: bool = True
-    # "size" catches truncation for free; "sha256" re-hashes (the store hashed on add).
+    # "size" catches truncation for free; "sha256" re-hashes every time; "stamped" hashes a
+    # file only when it has no stamp in `stamps_dir` (from the store's own hash when it
+    # stored it, or an earlier load) or its inode, size or mtime changed since.
     verify: str = "size"
+    stamps_dir: str = ""
     # Architecture references (safetensors) may import only these module prefixes.
     trusted_modules: tuple[str, ...] = TRUSTED_MODULES_DEFAULT
     input_bytes_max: int = INPUT_BYTES_MAX_DEFAULT
@@ -81,6 +84,7 @@ class LoadOptions:
 
     def __post_init__(self) -> None:
         assert self.verify in VERIFY_MODES, self.verify
+        assert self.verify != "stamped" or self.stamps_dir, "verify='stamped' needs stamps_dir"
         assert self.threads is None or self.threads >= 1
 
 
@@ -222,7 +226,10 @@ def load(
     _check_device(manifest.format, device)
     phases = _Phases()
     started = time.perf_counter()
-    if options.verify != "none":
+    if options.verify == "stamped":
+        with phases.measure("verify"):
+            verify_stamped(directory, manifest, Path(options.stamps_dir))
+    elif options.verify != "none":
         with phases.measure("verify"):
             verify_directory(directory, manifest, hashes=options.verify == "sha256")
     try:

@@ -21,8 +21,9 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
+import orjson
 import structlog
 
 from redge.runtime.errors import (
@@ -47,6 +48,15 @@ STAGING_DIRNAME = ".staging"
 # What a node derives from its artifacts to load them faster (optimised ONNX graphs), named
 # by the sha256 of the file each was derived from; removed with that artifact.
 DERIVED_DIRNAME = ".derived"
+# Proof that a file was hashed: its sha256 with the (inode, size, mtime) it had then. A load
+# re-hashes a file whose stamp is missing or whose inode, size or mtime changed since.
+STAMPS_DIRNAME = ".verified"
+# Artifacts that failed their check or their load, moved out of the way, and how often.
+QUARANTINE_DIRNAME = ".quarantine"
+FAILURES_FILENAME = "failures.json"
+# After this many bad copies of one artifact, a node stops fetching it until an operator
+# clears it (`redge store clear`).
+QUARANTINE_FAILURES_MAX = 3
 COPY_CHUNK_BYTES = 4 * 1024 * 1024
 RANGE_CHUNK_BYTES = 1024 * 1024
 ARTIFACTS_MAX = 10_000
@@ -182,6 +192,14 @@ class Store:
     @property
     def derived_dir(self) -> Path:
         return self.root / DERIVED_DIRNAME
+
+    @property
+    def stamps_dir(self) -> Path:
+        return self.root / STAMPS_DIRNAME
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.root / QUARANTINE_DIRNAME
 
     def artifact_dir(self, name: str, version: str) -> Path:
         return self.root / check_name("name", name) / check_name("version", version)
@@ -321,6 +339,7 @@ class Store:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging.directory, target)
             self._reserved_bytes.pop(manifest.key, None)
+            write_stamps(self.stamps_dir, target, manifest)  # hashed just above: the first load need not again
             log.info("artifact_stored", name=manifest.name, version=manifest.version, size_bytes=manifest.size_bytes)
             return manifest
 
@@ -348,22 +367,87 @@ class Store:
                     shutil.copyfileobj(reader, writer, COPY_CHUNK_BYTES)
             return staging.commit(replace_existing)
 
+    def quarantine(self, name: str, version: str, reason: str) -> int:
+        """Move a stored artifact that failed its check or its load out of the store (kept
+        under `.quarantine/` for an operator to look at) and count the failure; returns how
+        many bad copies of it this node has had. Fetching it again is then allowed until
+        `QUARANTINE_FAILURES_MAX`."""
+        with self._lock:
+            directory = self.artifact_dir(name, version)
+            failures = self._failures()
+            key = f"{name}/{version}"
+            count = int(failures.get(key, {}).get("count", 0)) + 1
+            failures[key] = {"count": count, "reason": reason[:300]}
+            self.quarantine_dir.mkdir(exist_ok=True)
+            if directory.exists():
+                self._drop_derived(name, version)
+                os.replace(directory, self.quarantine_dir / f"{name}@{version}.{count}")
+                try:
+                    directory.parent.rmdir()
+                except OSError:
+                    pass
+            self._write_failures(failures)
+            log.warning("artifact_quarantined", name=name, version=version, failures=count, reason=reason[:300])
+            return count
+
+    def excluded(self, name: str, version: str) -> str | None:
+        """Why this node no longer fetches the artifact (too many bad copies), or None."""
+        entry = self._failures().get(f"{name}/{version}")
+        if entry is None or int(entry.get("count", 0)) < QUARANTINE_FAILURES_MAX:
+            return None
+        return f"{entry['count']} bad copies here (last: {entry.get('reason', '?')})"
+
+    def quarantined(self) -> dict[str, Any]:
+        """`NAME/VERSION` -> {count, reason} for each artifact that failed here."""
+        return self._failures()
+
+    def clear_quarantine(self, name: str | None = None, version: str | None = None) -> list[str]:
+        """Forget the failures of one artifact (or of all) and delete their quarantined
+        copies; returns the artifacts cleared."""
+        with self._lock:
+            failures = self._failures()
+            cleared = [key for key in failures if name is None or key == f"{name}/{version}"]
+            for key in cleared:
+                del failures[key]
+                artifact, artifact_version = key.split("/", 1)
+                for copy in self.quarantine_dir.glob(f"{artifact}@{artifact_version}.*"):
+                    shutil.rmtree(copy, ignore_errors=True)
+            self._write_failures(failures)
+            return cleared
+
+    def _failures(self) -> dict[str, Any]:
+        try:
+            data = orjson.loads((self.quarantine_dir / FAILURES_FILENAME).read_bytes())
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _write_failures(self, failures: dict[str, Any]) -> None:
+        self.quarantine_dir.mkdir(exist_ok=True)
+        temporary = self.quarantine_dir / f".{FAILURES_FILENAME}.{os.getpid()}"
+        temporary.write_bytes(orjson.dumps(failures, option=orjson.OPT_SORT_KEYS))
+        os.replace(temporary, self.quarantine_dir / FAILURES_FILENAME)
+
+    def _drop_derived(self, name: str, version: str) -> None:
+        try:
+            digests = [entry.sha256 for entry in self.get(name, version).files]
+        except (ArtifactNotFound, ManifestInvalid):
+            digests = []
+        for digest in digests:
+            (self.stamps_dir / digest).unlink(missing_ok=True)
+            for derived in self.derived_dir.glob(f"{digest}-*"):
+                if derived.is_dir():
+                    shutil.rmtree(derived, ignore_errors=True)
+                else:
+                    derived.unlink(missing_ok=True)
+
     def remove(self, name: str, version: str) -> bool:
         """Remove one artifact; True if it was there. Idempotent."""
         with self._lock:
             directory = self.artifact_dir(name, version)
             if not directory.exists():
                 return False
-            try:
-                digests = [entry.sha256 for entry in self.get(name, version).files]
-            except (ArtifactNotFound, ManifestInvalid):
-                digests = []
-            for digest in digests:
-                for derived in self.derived_dir.glob(f"{digest}-*"):
-                    if derived.is_dir():
-                        shutil.rmtree(derived, ignore_errors=True)
-                    else:
-                        derived.unlink(missing_ok=True)
+            self._drop_derived(name, version)
             # Rename first so a crash half-way never leaves a directory that looks complete.
             trash = self.root / STAGING_DIRNAME / f".removing-{name}@{version}-{os.getpid()}"
             os.replace(directory, trash)
@@ -396,6 +480,45 @@ def verify_directory(directory: Path, manifest: Manifest, hashes: bool = True) -
                 manifest.name, manifest.version, entry.path,
                 f"sha256 {digest[:16]}..., manifest says {entry.sha256[:16]}...",
             )
+
+
+def _file_identity(path: Path) -> list[int]:
+    status = path.stat()
+    return [status.st_ino, status.st_size, status.st_mtime_ns]
+
+
+def write_stamps(stamps_dir: Path, directory: Path, manifest: Manifest) -> None:
+    """Record that `directory`'s files, as they are now, have the manifest's sha256."""
+    stamps_dir.mkdir(parents=True, exist_ok=True)
+    for entry in manifest.files:
+        stamp = stamps_dir / entry.sha256
+        temporary = stamps_dir / f".{entry.sha256}.{os.getpid()}.{threading.get_ident()}"
+        temporary.write_bytes(orjson.dumps({"path": str(Path(directory) / entry.path),
+                                            "identity": _file_identity(Path(directory) / entry.path)}))
+        os.replace(temporary, stamp)
+
+
+def verify_stamped(directory: Path, manifest: Manifest, stamps_dir: Path) -> bool:
+    """Check `directory` against the manifest: sha256 of every file whose stamp is missing
+    or whose inode, size or mtime changed since it was hashed; the cheap stat otherwise.
+    Raises `ArtifactCorrupt` on a mismatch; returns whether any file was hashed."""
+    stale = []
+    for entry in manifest.files:
+        path = Path(directory) / entry.path
+        try:
+            stamp = orjson.loads((stamps_dir / entry.sha256).read_bytes())
+            current = _file_identity(path)
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            stale.append(entry)
+            continue
+        if not isinstance(stamp, dict) or stamp.get("path") != str(path) or stamp.get("identity") != current:
+            stale.append(entry)
+    if not stale:
+        verify_directory(directory, manifest, hashes=False)  # sizes: a file cut short since
+        return False
+    verify_directory(directory, manifest, hashes=True)
+    write_stamps(stamps_dir, directory, manifest)
+    return True
 
 
 def _staging_key(directory_name: str) -> ArtifactKey | None:
