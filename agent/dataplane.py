@@ -554,11 +554,11 @@ class Worker:
     async def _routes_change_before(self, until_s: float, seen_version: int) -> bool:
         """Wait for a routing table newer than `seen_version` (one may have come while the
         last attempt ran); False when `until_s` (monotonic) comes first."""
-        if self.routes_version != seen_version:
-            return True
         left_s = until_s - time.monotonic()
         if left_s <= 0:
             return False
+        if self.routes_version != seen_version:
+            return True
         try:
             async with asyncio.timeout(left_s):
                 await self._routes_changed.wait()
