@@ -41,7 +41,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import orjson
@@ -129,6 +129,15 @@ class WorkerConfig:
     @classmethod
     def from_json(cls, data: bytes) -> WorkerConfig:
         return cls(**orjson.loads(data))
+
+
+class Marks(NamedTuple):
+    """One inference request's times: when its handler started and when it had read the body
+    (perf_counter s, for `Server-Timing`), and its deadline (monotonic s), set once."""
+
+    started_s: float
+    read_s: float
+    deadline_s: float
 
 
 class Unavailable(Exception):
@@ -228,7 +237,7 @@ class Stats:
             "http": [[route, status, count] for (route, status), count in self.http.items()],
             "bodies_refused": self.bodies_refused,
             "held": self.held,
-            "held_ms": self.held_ms[:STATS_SERVED_MAX],
+            "held_ms": self.held_ms,
             "body_bytes_held": held_bytes,
             "body_bytes_held_peak": held_bytes_peak,
         }
@@ -426,57 +435,62 @@ class Worker:
         specs = _specs(local) if local is not None else None
         body, reserved = await self._admit(request, specs if serve_here else None)
         try:
-            marks = (started_s, time.perf_counter())
-            deadline_s = self._deadline_s(request)
-            hold_until_s = min(deadline_s, time.monotonic() + self._hold_s(request))
-            held_since_s: float | None = None
-            try:
-                while True:
-                    seen_version = self.routes_version
-                    try:
-                        response = await self._route(request, app, body, prefer_local, marks, forwarded)
-                        if held_since_s is not None:
-                            self._held("answered", held_since_s)
-                        return response
-                    except Unavailable as error:
-                        entry = self.routes["apps"].get(app)
-                        recovering = entry is not None and not entry["servable"] and (
-                            bool(entry.get("loading_on")) or bool(entry.get("failing_over")))
-                        # Hold while the app is being loaded somewhere, while its primary is
-                        # confirmed failed and the new plan is not committed yet, or while a
-                        # replica planned to serve it cannot be reached (its confirmation is
-                        # milliseconds away): each request within its own deadline.
-                        if forwarded or not (recovering or error.unreachable):
-                            raise HttpError(503, str(error), headers=self._recovering_headers(entry)) from None
-                        if recovering and entry.get("interim"):
-                            answer = await self._serve_interim(request, app, entry, body, marks)
-                            if answer is not None:
-                                self._held("interim", held_since_s if held_since_s is not None else time.monotonic())
-                                return answer
-                        if held_since_s is None:
-                            if self.holding >= self.config.held_requests_max:
-                                self._count(self.stats.held, "refused")
-                                raise HttpError(503, f"{app} is recovering and this peer already holds "
-                                                f"{self.holding} requests: try again", headers={
-                                                    **self._recovering_headers(entry), "Retry-After": "1"}) from None
-                            held_since_s = time.monotonic()
-                            self.holding += 1
-                        if not await self._routes_change_before(hold_until_s, seen_version):
-                            self._held("expired", held_since_s)
-                            where = ", ".join(entry.get("loading_on", [])) if entry else ""
-                            raise HttpError(
-                                503, f"{app} is recovering ({'loading on ' + where if where else 'no replica reachable yet'}): "
-                                f"held {(time.monotonic() - held_since_s) * 1000:.0f} ms, its deadline passed first",
-                                headers=self._recovering_headers(entry),
-                            ) from None
-            finally:
-                if held_since_s is not None:
-                    self.holding -= 1
+            marks = Marks(started_s, time.perf_counter(), self._deadline_s(request))
+            return await self._serve_or_hold(request, app, body, prefer_local, marks, forwarded)
         finally:
             self.budget.release(reserved)
 
+    async def _serve_or_hold(self, request: web.Request, app: str, body: bytearray, prefer_local: bool,
+                             marks: Marks, forwarded: bool) -> web.Response:
+        """Route the request; while its app recovers, hold it and route it again with each new
+        routing table, until its deadline (or its caller's `X-Redge-Hold-Ms`)."""
+        hold_until_s = min(marks.deadline_s, time.monotonic() + self._hold_s(request))
+        held_since_s: float | None = None
+        try:
+            while True:
+                seen_version = self.routes_version
+                try:
+                    response = await self._route(request, app, body, prefer_local, marks, forwarded)
+                except Unavailable as error:
+                    entry = self.routes["apps"].get(app)
+                    recovering = _recovering(entry)
+                    # Hold while the app is being loaded somewhere, while its primary is
+                    # confirmed failed and the new plan is not committed yet, or while a
+                    # replica planned to serve it cannot be reached (its confirmation is
+                    # milliseconds away). A forwarded request is held where it came from.
+                    if forwarded or not (recovering or error.unreachable):
+                        raise HttpError(503, str(error), headers=_recovering_headers(entry)) from None
+                    if recovering and entry.get("interim"):
+                        answer = await self._serve_interim(request, app, entry, body, marks)
+                        if answer is not None:
+                            self._held("interim", held_since_s if held_since_s is not None else time.monotonic())
+                            return answer
+                    if held_since_s is None:
+                        if self.holding >= self.config.held_requests_max:
+                            self._count(self.stats.held, "refused")
+                            raise HttpError(503, f"{app} is recovering and this peer already holds {self.holding} "
+                                            "requests: try again",
+                                            headers={**_recovering_headers(entry), "Retry-After": "1"}) from None
+                        held_since_s = time.monotonic()
+                        self.holding += 1
+                    if not await self._routes_change_before(hold_until_s, seen_version):
+                        self._held("expired", held_since_s)
+                        where = ", ".join(entry.get("loading_on", [])) if entry else ""
+                        raise HttpError(
+                            503, f"{app} is recovering ({'loading on ' + where if where else 'no replica reachable yet'}): "
+                            f"held {(time.monotonic() - held_since_s) * 1000:.0f} ms, its deadline passed first",
+                            headers=_recovering_headers(entry),
+                        ) from None
+                    continue
+                if held_since_s is not None:
+                    self._held("answered", held_since_s)
+                return response
+        finally:
+            if held_since_s is not None:
+                self.holding -= 1
+
     async def _route(self, request: web.Request, app: str, body: bytearray, prefer_local: bool,
-                     marks: tuple[float, float], forwarded: bool) -> web.Response:
+                     marks: Marks, forwarded: bool) -> web.Response:
         """One attempt with the routes as they are now: serve here or forward."""
         entry = self.routes["apps"].get(app)
         if entry is None:
@@ -490,7 +504,7 @@ class Worker:
         if local is not None and (entry["primary_here"] or prefer_local):
             return await self._serve_locally(request, app, local, _specs(local), body, marks, entry["slo_ms"])
         try:
-            return await self._forward(request, app, body, marks[0])
+            return await self._forward(request, app, body, marks.started_s, marks.deadline_s)
         except Unavailable:
             if local is not None:
                 return await self._serve_locally(request, app, local, _specs(local), body, marks, entry["slo_ms"])
@@ -507,38 +521,18 @@ class Worker:
         return {**copy, "role": "interim", "epoch": self.routes["epoch"]}
 
     async def _serve_interim(self, request: web.Request, app: str, entry: dict[str, Any], body: bytearray,
-                             marks: tuple[float, float]) -> web.Response | None:
+                             marks: Marks) -> web.Response | None:
         """Answer `app`, which is recovering, from another app's copy of one of its variants
         (`routes.interim_targets`, best first); None when none of them answers."""
-        assert self._session is not None
-        headers = {name: request.headers[name] for name in ("Content-Type", oip.HEADER_LENGTH) if name in request.headers}
-        headers[FORWARDED_HEADER] = self.config.node_id
-        deadline_s = self._deadline_s(request)
         for node_id, address, holder, _variant in entry["interim"]:
-            remaining_s = deadline_s - time.monotonic()
-            if remaining_s <= 0:
-                return None
-            if node_id == self.config.node_id:
-                copy = self._interim_copy(app, entry, holder)
-                if copy is None:
-                    continue
-                try:
-                    return await self._serve_locally(request, app, copy, _specs(copy), body, marks, entry["slo_ms"])
-                except Unavailable:
-                    continue
-            headers[SERVE_FROM_HEADER] = holder
-            headers[DEADLINE_HEADER] = str(max(1, int(remaining_s * 1000)))
-            attempt_s = min(self.config.forward_timeout_s, remaining_s)
             try:
-                async with self._session.post(f"http://{address}{request.rel_url.path}", data=body, headers=headers,
-                                              timeout=aiohttp.ClientTimeout(total=attempt_s, connect=min(1.0, attempt_s))) as response:
-                    payload = await response.read()
-                    if response.status != 200:
-                        continue
-                    passed = {k: response.headers[k] for k in PASSED_HEADERS if k in response.headers}
-                    self._count(self.stats.forwards, "interim")
-                    return web.Response(body=payload, status=200, headers=passed)
-            except (TimeoutError, aiohttp.ClientError, OSError):
+                if node_id != self.config.node_id:
+                    return await self._forward(request, app, body, marks.started_s, marks.deadline_s,
+                                               targets=[(node_id, address, holder)])
+                copy = self._interim_copy(app, entry, holder)
+                if copy is not None:
+                    return await self._serve_locally(request, app, copy, _specs(copy), body, marks, entry["slo_ms"])
+            except Unavailable:
                 continue
         return None
 
@@ -570,16 +564,6 @@ class Worker:
         self._count(self.stats.held, outcome)
         if len(self.stats.held_ms) < STATS_SERVED_MAX:
             self.stats.held_ms.append(round((time.monotonic() - since_s) * 1000, 3))
-
-    @staticmethod
-    def _recovering_headers(entry: dict[str, Any] | None) -> dict[str, str]:
-        """`X-Redge-Recovering: n2` (the nodes loading the app), or `plan` while the new plan
-        after its primary's failure is not committed yet; nothing when it is not recovering."""
-        if entry is None or entry["servable"]:
-            return {}
-        if entry.get("loading_on"):
-            return {RECOVERING_HEADER: ",".join(entry["loading_on"])}
-        return {RECOVERING_HEADER: "plan"} if entry.get("failing_over") else {}
 
     async def _admit(self, request: web.Request, specs: tuple[TensorSpec, ...] | None) -> tuple[bytearray, int]:
         """Read the body if it may be: its length known, within the bounds, and room for it
@@ -647,10 +631,9 @@ class Worker:
 
     async def _serve_locally(
         self, request: web.Request, app: str, local: dict[str, Any], specs: tuple[TensorSpec, ...],
-        body: bytearray, marks: tuple[float, float], slo_ms: float,
+        body: bytearray, marks: Marks, slo_ms: float,
     ) -> web.Response:
-        """Run `app` on this node's replica. `marks`: when the handler started, and when it
-        had read the body (perf_counter seconds), for the `Server-Timing` header."""
+        """Run `app` on this node's replica, within the request's deadline (`marks`)."""
         try:
             parsed = oip.parse_infer_request(
                 body, request.headers.get(oip.HEADER_LENGTH), self.config.request_body_bytes_max,
@@ -661,7 +644,7 @@ class Worker:
         started = time.perf_counter()
         try:
             host = await self._host_client()
-            outputs, timing = await host.infer(local["key"], parsed.inputs, self._deadline_s(request))
+            outputs, timing = await host.infer(local["key"], parsed.inputs, marks.deadline_s)
         except InvalidInput as error:
             raise HttpError(400, str(error)) from None
         except DeadlineExceeded as error:
@@ -689,7 +672,7 @@ class Worker:
         except oip.BadRequest as error:
             raise HttpError(400, str(error)) from None
         headers.update({NODE_HEADER: self.config.node_id, EPOCH_HEADER: str(epoch), VARIANT_HEADER: local["variant"]})
-        handler_started_s, read_s = marks
+        handler_started_s, read_s = marks.started_s, marks.read_s
         total_ms = (time.perf_counter() - handler_started_s) * 1000
         headers[TIMING_HEADER] = server_timing(
             read=(read_s - handler_started_s) * 1000,
@@ -706,17 +689,27 @@ class Worker:
         return web.Response(body=response_body, headers=headers)
 
     async def _forward(self, request: web.Request, app: str, body: bytes | bytearray,
-                       started_s: float | None = None) -> web.Response:
-        targets = self.routes["apps"].get(app, {}).get("targets", [])
+                       started_s: float | None = None, deadline_s: float | None = None,
+                       targets: list[tuple[str, str, str | None]] | None = None) -> web.Response:
+        """Pass the request to `targets` in turn, (node_id, address, the app whose copy may
+        answer it there: `X-Redge-Serve-From`, or None), by default the app's replicas from
+        the routing table, primary first; the first answer that is not a 503 is returned."""
+        if targets is None:
+            targets = [(node_id, address, None) for node_id, address, _role, _variant
+                       in self.routes["apps"].get(app, {}).get("targets", [])]
         if not targets:
             raise Unavailable(f"no replica of {app} can serve now")
         unreachable = False
         assert self._session is not None
         headers = {name: request.headers[name] for name in ("Content-Type", oip.HEADER_LENGTH) if name in request.headers}
         headers[FORWARDED_HEADER] = self.config.node_id
-        deadline = self._deadline_s(request)  # one deadline for every target tried
+        deadline = deadline_s if deadline_s is not None else self._deadline_s(request)  # one for every target
         failures = []
-        for node_id, address, _role, _variant in targets:
+        for node_id, address, serve_from in targets:
+            if serve_from is not None:
+                headers[SERVE_FROM_HEADER] = serve_from
+            else:
+                headers.pop(SERVE_FROM_HEADER, None)
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
                 failures.append("deadline passed")
@@ -738,7 +731,7 @@ class Worker:
                         upstream = response.headers.get(TIMING_HEADER)
                         forward = server_timing(forward=(time.perf_counter() - started_s) * 1000)
                         passed[TIMING_HEADER] = f"{upstream}, {forward}" if upstream else forward
-                    self._count(self.stats.forwards, "ok" if response.status < 500 else "error")
+                    self._count(self.stats.forwards, "interim" if serve_from else "ok" if response.status < 500 else "error")
                     return web.Response(body=payload, status=response.status, headers=passed)
             except (TimeoutError, aiohttp.ClientError, OSError) as error:
                 failures.append(f"{node_id}: {type(error).__name__}")
@@ -823,6 +816,21 @@ class Worker:
                 return web.Response(body=payload, status=response.status, headers=passed)
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
             raise HttpError(503, f"the peer's control process did not answer: {type(error).__name__}") from None
+
+
+def _recovering(entry: dict[str, Any] | None) -> bool:
+    """Whether the app (its routing entry) has no ready replica but is getting one: loading
+    somewhere, or its failed primary's successor about to be planned."""
+    return entry is not None and not entry["servable"] and bool(entry.get("loading_on") or entry.get("failing_over"))
+
+
+def _recovering_headers(entry: dict[str, Any] | None) -> dict[str, str]:
+    """`X-Redge-Recovering: n2` (the nodes loading the app), or `plan` while the new plan
+    after its primary's failure is not committed yet; nothing when it is not recovering."""
+    if not _recovering(entry):
+        return {}
+    assert entry is not None
+    return {RECOVERING_HEADER: ",".join(entry["loading_on"]) if entry.get("loading_on") else "plan"}
 
 
 def _specs(local: dict[str, Any]) -> tuple[TensorSpec, ...]:

@@ -154,8 +154,10 @@ class Peer:
             self.replicas = ReplicaManager(
                 self.store,
                 config.device_kind,
+                # Every artifact's sha256 is checked before its first load here and after any
+                # change to its files (`store.verify_stamped`).
                 HostOptions(device=config.device_kind, threads=config.model_threads, nice=config.model_host_nice,
-                            load_nice=config.model_host_load_nice),
+                            load_nice=config.model_host_load_nice, verify="stamped"),
             )
             self.replicas.on_change = self.routes_changed
             self.reconciler = Reconciler(self, self.replicas, self.store, config.source)

@@ -70,14 +70,25 @@ def summarize(manifest: Manifest) -> c.ArtifactSummary:
     )
 
 
-def choose_version(state: ClusterState, variant: str, device_kind: str, purpose: str) -> str | None:
-    """The version (format) of `variant` to fetch for `purpose`, from what the cluster knows."""
-    order = FORMAT_PREFERENCE.get((device_kind, purpose)) or FORMAT_PREFERENCE[("cpu", purpose)]
+def format_order(device_kind: str, purpose: str) -> tuple[str, ...]:
+    """The formats this device takes for `purpose`, preferred first."""
+    return FORMAT_PREFERENCE.get((device_kind, purpose)) or FORMAT_PREFERENCE[("cpu", purpose)]
+
+
+def choose_artifact(state: ClusterState, variant: str, device_kind: str, purpose: str) -> c.ArtifactSummary | None:
+    """The artifact of `variant` to fetch for `purpose`, from what the cluster knows."""
+    order = format_order(device_kind, purpose)
     known = [s for (name, _), s in state.catalog.items() if name == variant and s.format in order]
     if not known:
         return None
     newest_first = sorted(known, key=lambda s: s.version, reverse=True)
-    return min(newest_first, key=lambda s: order.index(s.format)).version
+    return min(newest_first, key=lambda s: order.index(s.format))
+
+
+def choose_version(state: ClusterState, variant: str, device_kind: str, purpose: str) -> str | None:
+    """The version (format) of `variant` to fetch for `purpose`, from what the cluster knows."""
+    chosen = choose_artifact(state, variant, device_kind, purpose)
+    return chosen.version if chosen is not None else None
 
 
 class Reconciler(Duty):
@@ -94,6 +105,7 @@ class Reconciler(Duty):
         self._last_store_report: tuple | None = None
         self._recovering_seen_s = -COLD_AFTER_RECOVERY_S  # monotonic: when a recovery elsewhere was last seen
         self._recovering_since_s: float | None = None  # and since when it has been going on
+        self._prepared: set[tuple[str, str]] = set()  # (variant, version) prepared for a cold backup here
 
     def start(self) -> None:
         self.replicas.on_host_crash = self._on_host_crash
@@ -189,30 +201,14 @@ class Reconciler(Duty):
             local = self.replicas.serving(app)
             if local is not None and local.variant == replica.variant:
                 continue
-            failure = self._failed.get((app, replica.variant, epoch))
-            if failure is not None and (failure[0] >= LOAD_ATTEMPTS_MAX or time.monotonic() < failure[1]):
+            if not self._may_try((app, replica.variant, epoch)):
                 continue
             await self._load(app, replica, epoch)
-        # 3. Cold backups: the artifact on disk, not in memory. Not while another node is
-        #    loading an app that nothing serves: fetching, hashing and deriving here would
-        #    take CPU and disk from that recovery (measured on 2 cores under the demo's load:
-        #    mobilenet_v3_large's cold MTTR p50 222-240 ms with the prefetch beside it, 177 without).
-        now_s = time.monotonic()
-        if self._recovery_elsewhere():
-            if self._recovering_since_s is None:
-                self._recovering_since_s = now_s
-            # A load that never reports (a wedged node) must not hold prefetches back forever.
-            if now_s - self._recovering_since_s < RECOVERY_FIRST_MAX_S:
-                self._recovering_seen_s = now_s
-        else:
-            self._recovering_since_s = None
-        if now_s - self._recovering_seen_s < COLD_AFTER_RECOVERY_S:
-            # ... nor in the seconds after: its first answers run on a cold model too.
+        # 3. Cold backups: the artifact on disk, not in memory; recoveries elsewhere first.
+        prefetch = self._cold_prefetch_allowed()
+        if not prefetch:
             self._retry_later()
-            ordered_cold: list[tuple[str, c.Replica]] = []
-        else:
-            ordered_cold = ordered
-        for app, replica in ordered_cold:
+        for app, replica in ordered if prefetch else []:
             if self._stale(epoch):
                 self._wake.set()
                 return
@@ -255,11 +251,13 @@ class Reconciler(Duty):
             return
         assert self.peer.raft is not None
         device_kind = self.replicas.device_kind
-        best = self.peer.raft.read(lambda state: choose_version(state, replica.variant, device_kind, "serving"))
-        if best is None or best == local.manifest.version or not self._better_format(best, local.manifest.format):
-            return
-        failure = self._failed.get((app, best, epoch))
-        if failure is not None and (failure[0] >= LOAD_ATTEMPTS_MAX or time.monotonic() < failure[1]):
+        chosen = self.peer.raft.read(lambda state: choose_artifact(state, replica.variant, device_kind, "serving"))
+        order = format_order(device_kind, "serving")
+        current = order.index(local.manifest.format) if local.manifest.format in order else len(order)
+        if chosen is None or order.index(chosen.format) >= current:
+            return  # serving from the best format known already
+        best = chosen.version
+        if not self._may_try((app, best, epoch)):
             return
         started = time.perf_counter()
         previous = local.manifest.format
@@ -267,10 +265,7 @@ class Reconciler(Duty):
             await self._ensure_stored(app, replica.variant, "serving", epoch, version=best)
             switched = await self.replicas.load(app, replica.variant, local.role, epoch=local.epoch, version=best)
         except (RuntimeFailure, OSError) as error:
-            attempts = self._failed.get((app, best, epoch), (0, 0.0))[0] + 1
-            self._failed[(app, best, epoch)] = (attempts, time.monotonic() + RETRY_S * 2 ** (attempts - 1))
-            if attempts < LOAD_ATTEMPTS_MAX:
-                asyncio.get_running_loop().call_later(RETRY_S * 2 ** (attempts - 1), self._wake.set)
+            self._note_failure((app, best, epoch))
             # The copy already serving goes on serving: only the faster one is missing.
             log.warning("format_switch_failed", app=app, variant=replica.variant, version=best, error=str(error))
             return
@@ -288,27 +283,54 @@ class Reconciler(Duty):
         assert self.peer.raft is not None
         device_kind = self.replicas.device_kind
         best = self.peer.raft.read(lambda state: choose_version(state, variant, device_kind, "serving"))
-        failure = self._failed.get((app, f"cold:{best}", epoch))
-        if best is None or (failure is not None and (failure[0] >= LOAD_ATTEMPTS_MAX or time.monotonic() < failure[1])):
+        key = (app, f"cold:{best}", epoch)
+        if best is None or not self._may_try(key):
             return
+        loop = asyncio.get_running_loop()
+        if (variant, best) in self._prepared and await loop.run_in_executor(None, self.store.contains, variant, best):
+            return  # done on an earlier pass: nothing to fetch, nothing to derive
         try:
             await self._ensure_stored(app, variant, "serving", epoch, version=best)
             await self.replicas.prepare(variant)
+            self._prepared.add((variant, best))
         except StoreOverBudget as error:
-            self._failed[(app, f"cold:{best}", epoch)] = (LOAD_ATTEMPTS_MAX, 0.0)  # no room: not tried again this epoch
+            self._note_failure(key, final=True)  # no room: not tried again this epoch
             log.info("cold_serving_format_skipped", app=app, variant=variant, version=best, error=str(error))
         except (RuntimeFailure, OSError) as error:
-            attempts = (failure[0] if failure else 0) + 1
-            self._failed[(app, f"cold:{best}", epoch)] = (attempts, time.monotonic() + RETRY_S * 2 ** (attempts - 1))
+            self._note_failure(key)
             log.info("cold_serving_format_not_fetched", app=app, variant=variant, version=best, error=str(error))
 
-    def _better_format(self, version: str, current_format: str) -> bool:
-        """Whether the catalog's `version` is in a format this device prefers for serving."""
-        assert self.peer.raft is not None
-        formats = self.peer.raft.read(lambda state: {s.format for (name, v), s in state.catalog.items() if v == version})
-        order = FORMAT_PREFERENCE.get((self.replicas.device_kind, "serving")) or FORMAT_PREFERENCE[("cpu", "serving")]
-        rank = {name: index for index, name in enumerate(order)}
-        return any(rank.get(f, len(order)) < rank.get(current_format, len(order)) for f in formats)
+    def _may_try(self, key: tuple[str, str, int]) -> bool:
+        """Whether the work `key` names may be tried now: not failed too often this epoch,
+        and its pause after the last failure over."""
+        failure = self._failed.get(key)
+        return failure is None or (failure[0] < LOAD_ATTEMPTS_MAX and time.monotonic() >= failure[1])
+
+    def _note_failure(self, key: tuple[str, str, int], final: bool = False) -> int:
+        """Count a failure of `key` (`final`: no more tries this epoch) and wake for the next
+        try after a pause that doubles: a fetch source may be back soon. Returns the count."""
+        attempts = LOAD_ATTEMPTS_MAX if final else self._failed.get(key, (0, 0.0))[0] + 1
+        pause_s = RETRY_S * 2 ** (attempts - 1)
+        self._failed[key] = (attempts, time.monotonic() + pause_s)
+        if attempts < LOAD_ATTEMPTS_MAX:
+            asyncio.get_running_loop().call_later(pause_s, self._wake.set)
+        return attempts
+
+    def _cold_prefetch_allowed(self) -> bool:
+        """Not while another node is loading an app that nothing serves, nor in the 2 s after:
+        fetching, hashing and deriving here take CPU and disk from that recovery and from its
+        first answers (measured on 2 cores under the demo's load: mobilenet_v3_large's cold
+        MTTR p50 222-240 ms with the prefetch beside it, 177 ms without). A recovery that
+        never reports (a wedged node) holds prefetches back for 30 s at most."""
+        now_s = time.monotonic()
+        if not self._recovery_elsewhere():
+            self._recovering_since_s = None
+        else:
+            if self._recovering_since_s is None:
+                self._recovering_since_s = now_s
+            if now_s - self._recovering_since_s < RECOVERY_FIRST_MAX_S:
+                self._recovering_seen_s = now_s
+        return now_s - self._recovering_seen_s >= COLD_AFTER_RECOVERY_S
 
     def _recovery_elsewhere(self) -> bool:
         """Whether another node is loading an app that no replica serves now."""
@@ -354,11 +376,7 @@ class Reconciler(Duty):
             local = await self.replicas.load(app, replica.variant, replica.role, epoch=epoch)
         except (RuntimeFailure, OSError) as error:
             await self._quarantine_if_bad(error)
-            attempts = self._failed.get((app, replica.variant, epoch), (0, 0.0))[0] + 1
-            # Retried within the epoch with a growing pause: a fetch source may be back soon.
-            self._failed[(app, replica.variant, epoch)] = (attempts, time.monotonic() + RETRY_S * 2 ** (attempts - 1))
-            if attempts < LOAD_ATTEMPTS_MAX:
-                asyncio.get_running_loop().call_later(RETRY_S * 2 ** (attempts - 1), self._wake.set)
+            attempts = self._note_failure((app, replica.variant, epoch))
             log.warning("load_failed", app=app, variant=replica.variant, attempts=attempts, error=str(error))
             await self._report("load_failed", app, replica.variant, epoch, detail=str(error)[:300],
                                duration_ms=(time.perf_counter() - started) * 1000)

@@ -77,16 +77,14 @@ class ReplicaManager:
             return self.host
 
     def _options_for_host(self) -> HostOptions:
-        """The host keeps optimised graphs beside the store, gets its backends ready for what
-        this node stores or may be sent (`expected`, set by `warm_up`), and checks every
-        artifact's sha256 before its first load here and after any change to its files."""
-        stamped = self.host_options.verify == "size"  # the default: check every artifact's sha256 once here
+        """The host keeps optimised graphs and the stamps of hashed files beside the store, and
+        gets its backends ready for what this node stores or may be sent (`expected`, set by
+        `warm_up`)."""
         return replace(
             self.host_options,
             derived_dir=self.host_options.derived_dir or str(self.store.derived_dir),
+            stamps_dir=self.host_options.stamps_dir or str(self.store.stamps_dir),
             prepare=self.host_options.prepare or preparations_for([*self.store.list(), *self.expected]),
-            verify="stamped" if stamped else self.host_options.verify,
-            stamps_dir=str(self.store.stamps_dir) if stamped else self.host_options.stamps_dir,
         )
 
     def _host_crashed(self, crash: HostCrashed) -> None:

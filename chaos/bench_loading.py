@@ -186,14 +186,14 @@ def measure_loading(artifacts: list[tuple[Path, Any]], trials_warm: int, trials_
 def entries(artifacts: list[tuple[Path, Any]], threads: int, derived_dir: Path) -> list[tuple[Path, Any, str, Any]]:
     """(directory, manifest, label, load options) per artifact, and for an ONNX artifact one
     more: `onnx+derived`, loaded from the graph optimised once (derived here first)."""
-    from redge.runtime.loader import LoadOptions, derive_onnx
+    from redge.runtime.loader import LoadOptions, can_derive, derive_onnx
 
     plain = LoadOptions(threads=threads, verify="size")
+    derived = LoadOptions(threads=threads, verify="size", derived_dir=str(derived_dir))
     result = []
     for directory, manifest in artifacts:
         result.append((directory, manifest, manifest.format, plain))
-        if manifest.format == "onnx" and len(manifest.files) == 1:
-            derived = LoadOptions(threads=threads, verify="size", derived_dir=str(derived_dir))
+        if can_derive(manifest, derived):
             derive_onnx(directory, manifest, "cpu", derived)
             result.append((directory, manifest, DERIVED, derived))
     return result

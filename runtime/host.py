@@ -400,10 +400,7 @@ def _host_main(connection: Connection, options: HostOptions) -> None:
     def run_load(request_id: int, payload: dict[str, Any], answer: Callable[..., None]) -> None:
         try:
             manifest = Manifest.from_json(payload["manifest"])
-            if options.load_nice is not None and options.load_nice < options.nice:
-                with boosted(options.load_nice):
-                    model, report = load(payload["directory"], manifest, options.device, load_options)
-            else:
+            with boosted(options.load_nice) if options.load_nice is not None else contextlib.nullcontext():
                 model, report = load(payload["directory"], manifest, options.device, load_options)
             with models_lock:
                 previous = models.get(payload["key"])

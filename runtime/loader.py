@@ -29,11 +29,13 @@ Every expected failure is typed: `ArtifactCorrupt` (size or sha256), `UnknownFor
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import io
 import os
 import platform
+import shutil
 import threading
 import time
 import warnings
@@ -186,11 +188,10 @@ class TorchModel(LoadedModel):
 
 
 class OnnxModel(LoadedModel):
-    derived = False  # built from a graph this node optimised earlier
-
-    def __init__(self, manifest: Manifest, device: str, input_bytes_max: int, session: Any) -> None:
+    def __init__(self, manifest: Manifest, device: str, input_bytes_max: int, session: Any, derived: bool = False) -> None:
         super().__init__(manifest, device, input_bytes_max)
         self.session = session
+        self.derived = derived  # built from a graph this node optimised earlier (`derive_onnx`)
         self.input_names = [spec.name for spec in manifest.inputs]
 
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
@@ -247,6 +248,7 @@ def load(
             except (InferenceFailed, InvalidInput) as error:
                 raise LoadFailed(manifest.name, manifest.version, manifest.format, "warmup", str(error)) from error
     total_ms = (time.perf_counter() - started) * 1000
+    derived = isinstance(model, OnnxModel) and model.derived
     ms = phases.milliseconds
     report = LoadReport(
         name=manifest.name,
@@ -261,9 +263,8 @@ def load(
         warmup_ms=ms.get("warmup", 0.0),
         total_ms=total_ms,
         read_overlaps_deserialize=manifest.format == "safetensors",
-        derived=getattr(model, "derived", False),
-        derivable=manifest.format == "onnx" and bool(options.derived_dir) and not getattr(model, "derived", False)
-        and len(manifest.files) == 1,
+        derived=derived,
+        derivable=not derived and can_derive(manifest, options),
     )
     return model, report
 
@@ -575,6 +576,13 @@ def derived_onnx_path(derived_dir: str | Path, manifest: Manifest, device: str =
     return Path(derived_dir) / f"{manifest.files[0].sha256}-ort{onnxruntime.__version__}-{device_kind(device)}-{machine_key()}"
 
 
+def can_derive(manifest: Manifest, options: LoadOptions) -> bool:
+    """Whether `derive_onnx` can make a faster-loading form of this artifact: an ONNX model in
+    one file (weights in external files stay where they are), with somewhere to keep it."""
+    return manifest.format == "onnx" and len(manifest.files) == 1 and bool(options.derived_dir)
+
+
+@functools.cache
 def machine_key() -> str:
     """A short name for this CPU: its architecture and instruction-set flags."""
     flags = ""
@@ -595,12 +603,10 @@ def derive_onnx(directory: Path | str, manifest: Manifest, device: str = "cpu", 
     of copying; returns the directory, or None for a model that cannot be derived (weights
     already in external files). Written to a temporary directory, then renamed: a crash
     half-way leaves nothing a load would take."""
-    import shutil
-
     import onnxruntime
 
     options = options or LoadOptions()
-    if manifest.format != "onnx" or len(manifest.files) != 1 or not options.derived_dir:
+    if not can_derive(manifest, options):
         return None
     target = derived_onnx_path(options.derived_dir, manifest, device)
     if (target / DERIVED_MODEL_FILE).exists():
@@ -627,13 +633,11 @@ def derive_onnx(directory: Path | str, manifest: Manifest, device: str = "cpu", 
 
 
 def _load_onnx(directory: Path, manifest: Manifest, device: str, options: LoadOptions, phases: _Phases) -> LoadedModel:
-    import shutil
-
     import onnxruntime
 
     providers = _onnx_providers(device)
     path = _main_file(directory, manifest)
-    if options.derived_dir and len(manifest.files) == 1:
+    if can_derive(manifest, options):
         derived = derived_onnx_path(options.derived_dir, manifest, device)
         if (derived / DERIVED_MODEL_FILE).exists():
             try:
@@ -643,9 +647,7 @@ def _load_onnx(directory: Path, manifest: Manifest, device: str, options: LoadOp
                     session = onnxruntime.InferenceSession(str(derived / DERIVED_MODEL_FILE),
                                                            sess_options=_session_options(options, optimize=False),
                                                            providers=providers)
-                model = OnnxModel(manifest, device, options.input_bytes_max, session)
-                model.derived = True
-                return model
+                return OnnxModel(manifest, device, options.input_bytes_max, session, derived=True)
             except Exception as error:  # noqa: BLE001 - a damaged derived graph: drop it, use the artifact
                 log.warning("derived_model_unusable", path=str(derived), error=f"{type(error).__name__}: {error}")
                 shutil.rmtree(derived, ignore_errors=True)

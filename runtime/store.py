@@ -429,6 +429,8 @@ class Store:
         os.replace(temporary, self.quarantine_dir / FAILURES_FILENAME)
 
     def _drop_derived(self, name: str, version: str) -> None:
+        """Delete what this node made from the artifact's files: their stamps and their
+        derived graphs (named by the files' sha256)."""
         try:
             digests = [entry.sha256 for entry in self.get(name, version).files]
         except (ArtifactNotFound, ManifestInvalid):
