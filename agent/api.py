@@ -18,8 +18,8 @@ import orjson
 import structlog
 from aiohttp import web
 
-from redge import __version__
 from redge.agent import metrics as metrics_module
+from redge.agent import oip
 from redge.agent.dataplane import CONTROL_TOKEN_HEADER
 from redge.consensus import commands as c
 from redge.consensus.errors import ConsensusError, MalformedCommand, ProposalTimeout
@@ -141,7 +141,7 @@ def _require_admin(request: web.Request) -> None:
 
 
 async def server_metadata(request: web.Request) -> web.Response:
-    return json_response({"name": "redge", "version": __version__, "extensions": ["binary_tensor_data"]})
+    return json_response(oip.server_metadata())
 
 
 async def health_live(request: web.Request) -> web.Response:
@@ -209,7 +209,7 @@ async def cluster_events(request: web.Request) -> web.Response:
 
 async def cluster_join(request: web.Request) -> web.Response:
     """Add a new peer to the Raft group. The body is signed with the cluster secret."""
-    from redge.agent.peer import JOIN_CLOCK_SKEW_S, JOIN_SIGNATURE_HEADER, sign_join
+    from redge.agent.peer import JOIN_SIGNATURE_HEADER, sign_join
 
     peer = _peer(request)
     body = await request.read()
@@ -222,14 +222,18 @@ async def cluster_join(request: web.Request) -> web.Response:
         raise HttpError(400, f"join body must be an encoded Join command: {error}") from None
     if not isinstance(command, c.Join):
         raise HttpError(400, "join body must be an encoded Join command")
-    if abs(time.time() * 1000 - command.at_ms) > JOIN_CLOCK_SKEW_S * 1000:
-        raise HttpError(403, "join refused: the request is too old (or the clocks disagree)")
+    # No clock is compared here: a replayed body is harmless because the state machine takes
+    # a Join only with a higher incarnation than the member's, and a voter is added only for
+    # the Raft address the cluster state holds for that member now.
     raft_address = command.raft_address
     assert peer.raft is not None
     # Record the member first, then make it a voter (see Peer._request_join).
     outcome = await peer.propose(command)
     if not outcome.accepted:
         raise HttpError(409, f"join refused: {outcome.reason}")
+    member = peer.raft.read(lambda state: state.members.get(command.node_id))
+    if member is None or member.raft_address != raft_address or member.incarnation != command.incarnation:
+        raise HttpError(409, "join refused: the cluster state holds another address or incarnation for this node")
     if raft_address == peer.config.raft or raft_address in peer.raft.status().partners:
         return json_response({"joined": True, "detail": "already a member of the Raft group"})
     await peer.raft.add_member(raft_address, timeout_s=peer.profile.proposal_timeout_s)
@@ -308,7 +312,7 @@ async def cluster_probe(request: web.Request) -> web.Response:
 APP_FIELDS = {"name", "variants", "priority", "slo_ms", "backup", "request_rate_per_s"}
 
 
-def parse_app(data: dict[str, Any], at_ms: int) -> c.RegisterApp:
+def parse_app(data: dict[str, Any], at_ms: int, proposer_id: str = "") -> c.RegisterApp:
     unknown = sorted(set(data) - APP_FIELDS)
     if unknown:
         raise HttpError(400, f"unknown app fields: {', '.join(unknown)}")
@@ -329,6 +333,7 @@ def parse_app(data: dict[str, Any], at_ms: int) -> c.RegisterApp:
             backup=str(data.get("backup", "auto")),
             at_ms=at_ms,
             request_rate_per_s=float(data.get("request_rate_per_s", 0.0)),
+            proposer_id=proposer_id,
         )
     except (TypeError, ValueError) as error:
         raise HttpError(400, f"bad app field: {error}") from None
@@ -345,7 +350,7 @@ async def apps_register(request: web.Request) -> web.Response:
 
     _require_admin(request)
     peer = _peer(request)
-    command = parse_app(await _json_body(request), now_ms())
+    command = parse_app(await _json_body(request), now_ms(), proposer_id=peer.node_id)
     outcome = await peer.propose(command)
     if not outcome.accepted:
         raise HttpError(400, f"app refused: {outcome.reason}")
@@ -360,7 +365,7 @@ async def apps_remove(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name):
         raise HttpError(400, f"invalid app name {name!r}")
-    outcome = await peer.propose(c.RemoveApp(name, now_ms()))
+    outcome = await peer.propose(c.RemoveApp(name, now_ms(), proposer_id=peer.node_id))
     if outcome.duplicate:
         raise HttpError(404, f"no app named {name}")
     return json_response({"app": name, "removed": True})

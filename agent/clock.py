@@ -8,12 +8,35 @@ public so other packages' tests can drive time the same way).
 
 Times are float milliseconds on an arbitrary origin: only differences mean
 anything, and two processes' clocks are never compared.
+
+`wall_ms` is the one wall clock a peer reads, for the times it stamps on commands and logs
+(never to time anything: see agent/sightings.py). `REDGE_FAULT_WALL_CLOCK_OFFSET_S` shifts
+it, to try a peer whose clock is wrong (chaos and tests; docs/chaos.md).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Protocol
+
+WALL_CLOCK_OFFSET_ENV = "REDGE_FAULT_WALL_CLOCK_OFFSET_S"
+
+
+def _wall_clock_offset_ms() -> float:
+    raw = os.environ.get(WALL_CLOCK_OFFSET_ENV, "")
+    try:
+        return float(raw) * 1000 if raw else 0.0
+    except ValueError:
+        raise SystemExit(f"{WALL_CLOCK_OFFSET_ENV} must be a number of seconds, not {raw!r}") from None
+
+
+_OFFSET_MS = _wall_clock_offset_ms()
+
+
+def wall_ms() -> int:
+    """This machine's wall clock in integer milliseconds since the epoch."""
+    return int(time.time() * 1000 + _OFFSET_MS)
 
 
 class Clock(Protocol):

@@ -368,9 +368,7 @@ class Worker:
         return response
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        from redge import __version__
-
-        return json_response({"name": "redge", "version": __version__, "extensions": ["binary_tensor_data"]})
+        return json_response(oip.server_metadata())
 
     def _app(self, request: web.Request) -> tuple[str, dict[str, Any]]:
         name = request.match_info["app"]

@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 from typing import TYPE_CHECKING
 
 import structlog
 
+from redge.agent.clock import wall_ms
 from redge.agent.detector import (
     Degraded,
     Quiet,
@@ -51,7 +51,7 @@ ROTATION_MARGIN_S = 0.01
 
 
 def now_ms() -> int:
-    return int(time.time() * 1000)
+    return wall_ms()
 
 
 class FailureDetection:
@@ -114,7 +114,7 @@ class FailureDetection:
         """Move to the next watch set at each turn of the wall clock (only clusters above
         8 members have a bounded one; smaller ones watch everyone whatever the round)."""
         while True:
-            now_s = time.time()
+            now_s = wall_ms() / 1000
             await asyncio.sleep((watch_round(now_s, rotation_s) + 1) * rotation_s - now_s + ROTATION_MARGIN_S)
             try:
                 self.refresh_targets()
@@ -174,7 +174,7 @@ class FailureDetection:
         members = self.peer.raft.read(_live_members)
         self._raft_address_by_node = {node_id: raft_address for node_id, _, _, raft_address in members}
         self._node_by_raft_address = {raft_address: node_id for node_id, _, _, raft_address in members}
-        round_number = watch_round(time.time(), self.peer.config.watch_rotation_s)
+        round_number = watch_round(wall_ms() / 1000, self.peer.config.watch_rotation_s)
         watched_ids = set(monitoring_targets(self.peer.node_id, [m[0] for m in members], round_number=round_number))
         targets = []
         book = []

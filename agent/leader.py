@@ -20,7 +20,10 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from redge.agent import upgrade
+from redge.agent.clock import Clock, MonotonicClock, wall_ms
 from redge.agent.duty import Duty
+from redge.agent.sightings import Sightings
 from redge.consensus import commands as c
 from redge.consensus.errors import ConsensusError
 from redge.consensus.state import FAILED, LEFT, SUSPECTED, ClusterState
@@ -49,6 +52,8 @@ TRIGGERS = (c.Join, c.Leave, c.Suspect, c.Unsuspect, c.RegisterApp, c.RemoveApp,
 PLAN_ATTEMPTS_MAX = 5
 REPLAN_S = 5.0
 DEPARTED_VOTER_GRACE_MS = 30_000
+# While members may read a newer command format than the cluster's, ask them this often.
+FORMAT_CHECK_S = 2.0
 # After a confirmed failure, keep running primaries at their variants this long instead of
 # growing them back: a cluster that was just hurt is not reshuffled.
 RESTORE_HOLD_DOWN_MS = 10_000
@@ -59,8 +64,10 @@ INLINE_PLANNING_SIZE_MAX = 200
 ESTIMATED_MS_PER_MILLION_PARAMETERS = 1.0
 
 
-def build_problem(state: ClusterState, now_ms: int, device_kinds: dict[str, str] | None = None) -> Problem:
-    """The placement problem that the committed state poses. Pure."""
+def build_problem(state: ClusterState, sightings: Sightings) -> Problem:
+    """The placement problem that the committed state poses, with the hold-downs and the
+    restore pause timed by this peer's `sightings` (agent/sightings.py). Reads no clock of
+    its own."""
     nodes = []
     for member in state.members.values():
         if member.status == LEFT:
@@ -81,7 +88,7 @@ def build_problem(state: ClusterState, now_ms: int, device_kinds: dict[str, str]
                 accelerator_memory_bytes=member.accelerator_memory_bytes,
                 storage_bytes=member.storage_bytes,
                 health=health,
-                hold_down=member.hold_down_until_ms > now_ms,
+                hold_down=sightings.hold_down_left_ms(state, member) > 0,
             )
         )
     device_kinds_present = sorted({n.device_kind for n in nodes}) or ["cpu"]
@@ -117,15 +124,13 @@ def build_problem(state: ClusterState, now_ms: int, device_kinds: dict[str, str]
     for node_id, held in state.stores.items():
         if node_id in live:
             artifacts[node_id] = frozenset(name for name, _ in held)
-    last_failure_ms = max(
-        (m.status_changed_at_ms for m in state.members.values() if m.status == FAILED), default=0
-    )
+    since_failure_ms = sightings.since_last_failure_ms(state)
     return Problem(
         nodes=tuple(nodes),
         apps=tuple(apps),
         current=Plan(epoch=state.epoch, replicas=tuple(replicas)),
         artifacts=artifacts,
-        restore_allowed=now_ms - last_failure_ms > RESTORE_HOLD_DOWN_MS,
+        restore_allowed=since_failure_ms is None or since_failure_ms > RESTORE_HOLD_DOWN_MS,
     )
 
 
@@ -206,27 +211,36 @@ def describe(result: PlanResult) -> str:
     return actions + (f" ({reasons})" if reasons else "") + ("" if result.complete else " [more to follow]")
 
 
-def _problem_and_epoch(state: ClusterState, now_ms: int) -> tuple[Problem, int]:
-    return build_problem(state, now_ms), state.epoch
+def _problem_and_epoch(state: ClusterState, sightings: Sightings) -> tuple[Problem, int]:
+    sightings.observe(state)
+    return build_problem(state, sightings), state.epoch
 
 
 class LeaderDuty(Duty):
-    def __init__(self, peer: Peer) -> None:
+    def __init__(self, peer: Peer, clock: Clock | None = None) -> None:
         super().__init__("leader_duty")
         self.peer = peer
         self.plans_committed = 0
-        # The commit that woke this duty: (wall ms when applied here, its proposer's at_ms,
-        # its kind), so that the plan's log line says where a decision's time went.
+        # Every peer keeps these, leader or not, so that a new leader times hold-downs from
+        # when it saw the change, not from when it was elected.
+        self.sightings = Sightings(clock or MonotonicClock())
+        self._format_checked_ms = -FORMAT_CHECK_S * 1000
+        # The commit that woke this duty: (wall ms when applied here, its at_ms if this peer
+        # proposed it, its kind), so that the plan's log line says where a decision's time went.
         self._trigger: tuple[float, float | None, str] | None = None
 
     def on_commit(self, command: c.Command | None, outcome) -> None:
+        if self.peer.raft is not None and isinstance(command, (type(None), c.Join, c.Leave, c.Suspect, c.Unsuspect)):
+            self.peer.raft.read(self.sightings.observe)
         if command is None and outcome.accepted:  # a snapshot replaced the state
             self._wake.set()
         elif outcome.accepted and not outcome.duplicate and isinstance(command, TRIGGERS):
             if isinstance(command, c.Report) and command.kind not in ("load_failed", "degraded", "recovered"):
                 return
             if self._trigger is None:
-                self._trigger = (time.time() * 1000, getattr(command, "at_ms", None), type(command).__name__)
+                # The proposer's at_ms is on this peer's clock only when this peer proposed it.
+                own = c.proposer_of(command) == self.peer.node_id
+                self._trigger = (wall_ms(), getattr(command, "at_ms", None) if own else None, type(command).__name__)
             self._wake.set()
 
     def on_leader_change(self) -> None:
@@ -249,6 +263,7 @@ class LeaderDuty(Duty):
             try:
                 result = await self.plan_and_commit()
                 await self.remove_departed_voters()
+                await self.raise_format()
                 backoff_s = 0.05
                 if result is None:  # refused every time: someone else keeps committing; try again
                     self._wake.set()
@@ -266,19 +281,47 @@ class LeaderDuty(Duty):
         raft = self.peer.raft
         if raft is None:
             return REPLAN_S
-        now_ms = int(time.time() * 1000)
+        sightings = self.sightings
 
-        def deadlines(state: ClusterState) -> list[int]:
-            ends = [m.hold_down_until_ms for m in state.members.values() if m.hold_down_until_ms > now_ms]
-            failures = [m.status_changed_at_ms for m in state.members.values() if m.status == FAILED]
-            if failures:
-                ends.append(max(failures) + RESTORE_HOLD_DOWN_MS)
-            return [end for end in ends if end > now_ms]
+        def deadlines(state: ClusterState) -> list[float]:
+            sightings.observe(state)
+            ends = [sightings.hold_down_left_ms(state, m) for m in state.members.values()]
+            since_failure_ms = sightings.since_last_failure_ms(state)
+            if since_failure_ms is not None:
+                ends.append(RESTORE_HOLD_DOWN_MS - since_failure_ms)
+            return [end for end in ends if end > 0]
 
-        soonest = min(raft.read(deadlines), default=None)
-        if soonest is None:
+        soonest_ms = min(raft.read(deadlines), default=None)
+        if soonest_ms is None:
             return REPLAN_S
-        return min(REPLAN_S, max(0.01, (soonest - now_ms) / 1000 + 0.01))
+        return min(REPLAN_S, max(0.01, soonest_ms / 1000 + 0.01))
+
+    async def raise_format(self) -> None:
+        """Raise the cluster's command format when every member reads a newer one
+        (agent/upgrade.py). Asks at most every FORMAT_CHECK_S while there is one to raise."""
+        raft = self.peer.raft
+        assert raft is not None
+        now_ms = self.sightings.clock.now_ms()
+        if now_ms - self._format_checked_ms < FORMAT_CHECK_S * 1000:
+            return
+        me = self.peer.node_id
+
+        def others(state: ClusterState) -> tuple[int, dict[str, str]]:
+            return state.format_version, {
+                m.node_id: m.http_address for m in state.members.values() if m.status != LEFT and m.node_id != me
+            }
+
+        current, addresses = raft.read(others)
+        if current >= c.FORMAT_VERSION:
+            return
+        self._format_checked_ms = now_ms
+        answers = await upgrade.ask_formats(addresses)
+        target = upgrade.format_to_raise(current, answers, c.FORMAT_VERSION)
+        if target is None:
+            log.debug("format_held", current=current, answers=answers)
+            return
+        outcome = await self.peer.propose(c.RaiseFormat(target, me, wall_ms()))
+        log.info("format_raised", version=target, previous=current, accepted=outcome.accepted, reason=outcome.reason)
 
     async def remove_departed_voters(self) -> None:
         """Members that left stay Raft voters if their own removal did not finish: remove them
@@ -287,12 +330,12 @@ class LeaderDuty(Duty):
         assert raft is not None
         partners = raft.status().partners
         # A leaving peer removes itself right after its Leave commits; only one that did not
-        # finish within the grace is removed from here.
-        cutoff_ms = int(time.time() * 1000) - DEPARTED_VOTER_GRACE_MS
+        # finish within the grace (since this peer saw it leave) is removed from here.
+        sightings = self.sightings
         departed = raft.read(
             lambda s: sorted(
                 m.raft_address for m in s.members.values()
-                if m.status == LEFT and m.raft_address in partners and m.status_changed_at_ms < cutoff_ms
+                if m.status == LEFT and m.raft_address in partners and sightings.left_for_ms(m) > DEPARTED_VOTER_GRACE_MS
             )
         )
         for address in departed[:1]:  # Raft changes membership one at a time
@@ -305,7 +348,7 @@ class LeaderDuty(Duty):
         assert raft is not None
         trigger, self._trigger = self._trigger, None
         for _ in range(PLAN_ATTEMPTS_MAX):
-            problem, epoch = raft.read(partial(_problem_and_epoch, now_ms=int(time.time() * 1000)))
+            problem, epoch = raft.read(partial(_problem_and_epoch, sightings=self.sightings))
             started = time.perf_counter()
             if len(problem.apps) * len(problem.nodes) <= INLINE_PLANNING_SIZE_MAX:
                 result = plan_with_fallback(problem)  # well under a millisecond: a thread hop costs more
@@ -319,13 +362,13 @@ class LeaderDuty(Duty):
                 placements=placements_of(result),
                 proposer_id=self.peer.node_id,
                 reason=describe(result),
-                at_ms=int(time.time() * 1000),
+                at_ms=wall_ms(),
             )
-            proposed_ms = time.time() * 1000
+            proposed_ms = wall_ms()
             outcome = await self.peer.propose(command)
             if outcome.accepted:
                 self.plans_committed += 1
-                timings = {"planning_ms": round(planning_ms, 2), "commit_ms": round(time.time() * 1000 - proposed_ms, 2)}
+                timings = {"planning_ms": round(planning_ms, 2), "commit_ms": round(wall_ms() - proposed_ms, 2)}
                 if trigger is not None:
                     applied_ms, trigger_at_ms, kind = trigger
                     timings.update(trigger=kind, since_trigger_ms=round(proposed_ms - applied_ms, 2))

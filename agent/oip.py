@@ -49,6 +49,16 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
+def server_metadata() -> dict[str, Any]:
+    """`GET /v2`: the protocol's server metadata, plus the newest cluster command format
+    this build reads (`command_format`, which the leader asks before raising the cluster's)."""
+    from redge import __version__
+    from redge.consensus.commands import FORMAT_VERSION
+
+    return {"name": "redge", "version": __version__, "extensions": ["binary_tensor_data"],
+            "command_format": FORMAT_VERSION}
+
+
 def _shape(value: Any, where: str) -> tuple[int, ...]:
     if not isinstance(value, list) or len(value) > DIMENSIONS_MAX:
         raise BadRequest(f"{where}.shape must be a list of at most {DIMENSIONS_MAX} integers")

@@ -37,6 +37,7 @@ import structlog
 from aiohttp import web
 
 from redge.agent import routes as routing
+from redge.agent.clock import wall_ms
 from redge.agent.config import PeerConfig
 from redge.agent.dataplane import WorkerConfig
 from redge.agent.detection import FailureDetection
@@ -61,7 +62,6 @@ from redge.runtime.store import Store
 log = structlog.get_logger("redge.peer")
 
 JOIN_SIGNATURE_HEADER = "X-Redge-Join-Signature"
-JOIN_CLOCK_SKEW_S = 300
 
 
 # A node judged too slow with no requests for this long is restored: the planner moved its
@@ -77,7 +77,7 @@ CONTROL_TOKEN_BYTES = 32
 
 
 def now_ms() -> int:
-    return int(time.time() * 1000)
+    return wall_ms()
 
 
 def sign_join(secret: str, body: bytes) -> str:
@@ -141,6 +141,7 @@ class Peer:
             secret=config.secret,
             timing=self.profile.raft,
             data_dir=config.data_dir / "raft",
+            wall_ms=wall_ms,
         )
         self.raft.on_commit(self._on_commit)
         self.raft.on_leader_change(self._on_leader_change)
@@ -560,6 +561,8 @@ class Peer:
         status = self.raft.status()
         if status.leader_address is None:
             return False, "no Raft leader known"
+        if unreadable := self.raft.unreadable():
+            return False, unreadable
         view = self.raft.read(self._membership_view)
         if view is None or view[0] < self.incarnation or view[1] not in (ALIVE, "suspected"):
             return False, "this incarnation is not yet registered in the cluster state"
@@ -568,7 +571,18 @@ class Peer:
     def snapshot(self, events_max: int = 0) -> dict[str, Any]:
         assert self.raft is not None
         status = self.raft.status()
-        data = self.raft.read(lambda s: s.to_dict(events_max=events_max))
+        sightings = self.leader.sightings
+
+        def read(state: ClusterState) -> dict[str, Any]:
+            sightings.observe(state)
+            data = state.to_dict(events_max=events_max)
+            # Not replicated: how much longer each member is held down, timed on this peer's
+            # own clock (agent/sightings.py), so peers may differ by their commit delays.
+            for member in data["members"]:
+                member["hold_down_left_ms"] = round(sightings.hold_down_left_ms(state, state.members[member["node_id"]]))
+            return data
+
+        data = self.raft.read(read)
         leader = None
         if status.leader_address is not None:
             leader = next(

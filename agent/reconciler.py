@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from redge.agent.clock import wall_ms
 from redge.agent.duty import Duty
 from redge.agent.replicas import LocalReplica, ReplicaManager
 from redge.agent.routes import loading_on, servable
@@ -52,7 +53,7 @@ KEEP_FOR_SUCCESSOR_S = 30.0
 
 
 def now_ms() -> int:
-    return int(time.time() * 1000)
+    return wall_ms()
 
 
 def summarize(manifest: Manifest) -> c.ArtifactSummary:

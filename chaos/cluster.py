@@ -304,14 +304,16 @@ class LocalCluster:
             self._temporary.cleanup()
             self._temporary = None
 
-    def add_peer(self, join_via: str) -> PeerProcess:
-        """Start one more peer that joins the running cluster through `join_via`'s HTTP URL."""
+    def add_peer(self, join_via: str, env: dict[str, str] | None = None) -> PeerProcess:
+        """Start one more peer that joins the running cluster through `join_via`'s HTTP URL
+        (`env`: variables to set for it alone, such as a fault's)."""
         if self.network is not None:
             raise ClusterError("add_peer is not supported in netns mode: the network is fixed at start")
         node_id = f"n{len(self.peers) + 1}"
         http_port, raft_port, heartbeat_port = free_ports(3)
         peer = self._make_peer(node_id, http_port, raft_port, heartbeat_port)
         peer.args += ["--join", self.peers[join_via].url]
+        peer.env.update(env or {})
         self.peers[node_id] = peer
         peer.start()
         return peer

@@ -5,6 +5,17 @@ and applied in the same order on every peer. Commands carry their own timestamp 
 the proposer's wall clock) because the state machine may not read a clock: replaying the
 journal must give the same state. They are encoded with orjson, not pickle, so that the
 replicated log holds plain data that any version of the code can read and reject cleanly.
+
+Formats. Every encoded command carries the format version it was written in (`"v"`; absent
+means 1, the format before versions existed). The rules that keep replicas of different
+builds identical (docs/operations.md#upgrades):
+- A field or command type added in format N has a default meaning "as before", and a writer
+  includes it only once the cluster's committed format (`ClusterState.format_version`) is at
+  least N, which the leader raises only when every member runs a build that reads N.
+- A format-1 command is decoded exactly as the builds before versions did: an unknown field
+  is an error. A command of format 2 or later has its unknown fields ignored.
+- The state machine refuses a command whose format is above the committed one, on every
+  replica alike (`ClusterState.apply`): how a command is treated never depends on the build.
 """
 
 from __future__ import annotations
@@ -20,6 +31,8 @@ import orjson
 
 from redge.consensus.errors import MalformedCommand
 
+# The newest format this build reads and writes; see the module docstring.
+FORMAT_VERSION = 2
 PRIORITIES = ("critical", "standard", "best-effort")
 BACKUP_POLICIES = ("warm", "cold", "none", "auto")
 ROLES = ("primary", "warm", "cold")
@@ -84,12 +97,14 @@ class RegisterApp:
     backup: str
     at_ms: int
     request_rate_per_s: float = 0.0
+    proposer_id: str = ""  # format 2: whose clock `at_ms` is
 
 
 @dataclass(frozen=True)
 class RemoveApp:
     name: str
     at_ms: int
+    proposer_id: str = ""  # format 2: whose clock `at_ms` is
 
 
 @dataclass(frozen=True)
@@ -174,7 +189,19 @@ class Probe:
     at_ms: int
 
 
-Command = Union[Join, Leave, Suspect, Unsuspect, RegisterApp, RemoveApp, CommitPlan, Report, StoreReport, Probe]
+@dataclass(frozen=True)
+class RaiseFormat:
+    """Format 2: from now on every replica accepts commands of format `version`. The leader
+    proposes it once every member has said that its build reads that format."""
+
+    version: int
+    proposer_id: str
+    at_ms: int
+
+
+Command = Union[
+    Join, Leave, Suspect, Unsuspect, RegisterApp, RemoveApp, CommitPlan, Report, StoreReport, Probe, RaiseFormat
+]
 
 COMMAND_TYPES: dict[str, type] = {
     "join": Join,
@@ -187,20 +214,49 @@ COMMAND_TYPES: dict[str, type] = {
     "report": Report,
     "store_report": StoreReport,
     "probe": Probe,
+    "raise_format": RaiseFormat,
 }
+# The format each field first appeared in; anything not listed is format 1. (RaiseFormat is
+# new in format 2 but written as format 1: it is what lets a format-1 cluster accept format
+# 2, and it is only proposed once every member has said that it reads it.)
+FIELDS_INTRODUCED_IN: dict[tuple[type, str], int] = {(RegisterApp, "proposer_id"): 2, (RemoveApp, "proposer_id"): 2}
 TYPE_NAMES: dict[type, str] = {cls: name for name, cls in COMMAND_TYPES.items()}
 
 MAX_COMMAND_BYTES = 1 << 20
+_PROPOSER_FIELDS = ("proposer_id", "observer_id", "node_id")
 
 
-def encode(command: Command) -> bytes:
+def proposer_of(command: Command) -> str:
+    """The node that proposed `command`, whose wall clock its `at_ms` is ("" if unknown)."""
+    for name in _PROPOSER_FIELDS:
+        value = getattr(command, name, None)
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
+def encode(command: Command, format_version: int = 1) -> bytes:
+    """Encode in the highest format up to `format_version` (the cluster's committed one):
+    fields of a later format are left out, which the readers take as their default."""
+    version = min(format_version, FORMAT_VERSION)
+    cls = type(command)
     payload = dataclasses.asdict(command)
-    payload["type"] = TYPE_NAMES[type(command)]
+    for (kind, name), introduced in FIELDS_INTRODUCED_IN.items():
+        if kind is cls and introduced > version:
+            del payload[name]
+    payload["type"] = TYPE_NAMES[cls]
+    if version > 1:
+        payload["v"] = version
     return orjson.dumps(payload)
 
 
 def decode(data: bytes) -> Command:
     """Decode and type-check a command. Raises MalformedCommand, never anything else."""
+    return decode_versioned(data)[0]
+
+
+def decode_versioned(data: bytes) -> tuple[Command, int]:
+    """A command and the format it was written in. Raises MalformedCommand, never anything else."""
     if not isinstance(data, (bytes, bytearray)) or len(data) > MAX_COMMAND_BYTES:
         raise MalformedCommand("command must be bytes of at most 1 MiB")
     try:
@@ -210,10 +266,13 @@ def decode(data: bytes) -> Command:
     if not isinstance(payload, dict):
         raise MalformedCommand("command must be a JSON object")
     type_name = payload.pop("type", None)
+    version = payload.pop("v", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise MalformedCommand(f"format version must be an integer >= 1, not {version!r}")
     cls = COMMAND_TYPES.get(type_name) if isinstance(type_name, str) else None
     if cls is None:
         raise MalformedCommand(f"unknown command type {type_name!r}")
-    return _build(cls, payload, type_name)
+    return _build(cls, payload, type_name, strict=version == 1), version
 
 
 @functools.cache
@@ -222,12 +281,12 @@ def _schema(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field]]:
     return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
 
 
-def _build(cls: type, payload: Any, where: str) -> Any:
+def _build(cls: type, payload: Any, where: str, strict: bool) -> Any:
     if not isinstance(payload, dict):
         raise MalformedCommand(f"{where}: expected an object")
     hints, known = _schema(cls)
     unknown = set(payload) - set(known)
-    if unknown:
+    if unknown and strict:
         raise MalformedCommand(f"{where}: unknown fields {sorted(unknown)}")
     values = {}
     for name, spec in known.items():
@@ -235,23 +294,23 @@ def _build(cls: type, payload: Any, where: str) -> Any:
             if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
                 raise MalformedCommand(f"{where}: missing field {name!r}")
             continue
-        values[name] = _convert(hints[name], payload[name], f"{where}.{name}")
+        values[name] = _convert(hints[name], payload[name], f"{where}.{name}", strict)
     return cls(**values)
 
 
-def _convert(hint: Any, value: Any, where: str) -> Any:
+def _convert(hint: Any, value: Any, where: str, strict: bool) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
+        return _build(hint, value, where, strict)
     if origin is tuple:
         item_hint = typing.get_args(hint)[0]
         if not isinstance(value, list):
             raise MalformedCommand(f"{where}: expected a list")
-        return tuple(_convert(item_hint, item, f"{where}[{index}]") for index, item in enumerate(value))
+        return tuple(_convert(item_hint, item, f"{where}[{index}]", strict) for index, item in enumerate(value))
     if origin in (Union, types.UnionType):
         for option in typing.get_args(hint):
             try:
-                return _convert(option, value, where)
+                return _convert(option, value, where, strict)
             except MalformedCommand:
                 continue
         raise MalformedCommand(f"{where}: no alternative matched")
@@ -281,6 +340,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
 __all__ = [
     "BACKUP_POLICIES",
     "COMMAND_TYPES",
+    "FORMAT_VERSION",
     "PRIORITIES",
     "REPORT_KINDS",
     "ROLES",
@@ -292,6 +352,7 @@ __all__ = [
     "Join",
     "Leave",
     "Probe",
+    "RaiseFormat",
     "RegisterApp",
     "RemoveApp",
     "Replica",
@@ -300,5 +361,7 @@ __all__ = [
     "Suspect",
     "Unsuspect",
     "decode",
+    "decode_versioned",
     "encode",
+    "proposer_of",
 ]

@@ -31,7 +31,6 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replic
 
 from redge.consensus import commands, shim
 from redge.consensus.errors import (
-    MalformedCommand,
     MembershipChangeRefused,
     NoLeader,
     NoQuorum,
@@ -150,8 +149,14 @@ def should_stand_early(
 class _StateMachine(SyncObjConsumer):
     """Holds the ClusterState inside pysyncobj. Runs on pysyncobj's tick thread."""
 
-    def __init__(self, settings: Settings, on_applied: Callable[[commands.Command | None, Outcome], None]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        on_applied: Callable[[commands.Command | None, Outcome], None],
+        wall_ms: Callable[[], float],
+    ) -> None:
         super().__init__()
+        self.wall_ms = wall_ms
         self.lock = threading.Lock()
         self.on_applied = on_applied
         self.state = ClusterState(settings=settings)
@@ -162,21 +167,16 @@ class _StateMachine(SyncObjConsumer):
         # False while this peer replays its journal or catches up at start: those entries
         # were committed long before they are applied here, so their apply time means nothing.
         self.live = False
+        # Why the last snapshot could not be read ("" when it could): see `_deserialize`.
+        self.unreadable = ""
 
     @replicated
     def apply_command(self, data: bytes) -> dict[str, Any]:
         # Never raise here: pysyncobj would retry the entry forever.
-        try:
-            command = commands.decode(data)
-        except MalformedCommand as error:
-            command = None
-            with self.lock:
-                outcome = self.state._reject("malformed", 0, str(error))
-        else:
-            with self.lock:
-                seq_before = self.state.event_seq
-                outcome = self.state.apply(command)
-                self._stamp(seq_before)
+        with self.lock:
+            seq_before = self.state.event_seq
+            command, outcome = self.state.apply_entry(data)
+            self._stamp(seq_before)
         _call_listener(self.on_applied, command, outcome)
         return {"accepted": outcome.accepted, "reason": outcome.reason, "duplicate": outcome.duplicate}
 
@@ -184,7 +184,7 @@ class _StateMachine(SyncObjConsumer):
         """Remember when this peer applied the events the last entry recorded (lock held)."""
         if self.state.event_seq == seq_before or not self.live:
             return
-        now_ms = time.time() * 1000
+        now_ms = self.wall_ms()
         for seq in range(seq_before + 1, self.state.event_seq + 1):
             self.applied_ms[seq] = now_ms
         while len(self.applied_ms) > APPLIED_TIMES_MAX:
@@ -196,12 +196,25 @@ class _StateMachine(SyncObjConsumer):
             return {"state": self.state.to_bytes()}
 
     def _deserialize(self, data: dict[str, bytes]) -> None:
+        try:
+            state = ClusterState.from_bytes(data["state"])
+        except Exception as error:  # noqa: BLE001 - never raise into pysyncobj's thread
+            # Keep what this replica had: it is behind, not wrong, and the peer reports itself
+            # not ready with the reason (a build older than the cluster's format, or a bug).
+            self.unreadable = f"the cluster state from a snapshot cannot be read by this build: {error!r}"
+            log.error("snapshot_unreadable", error=repr(error))
+            return
         with self.lock:
-            self.state = ClusterState.from_bytes(data["state"])
+            self.state = state
+            self.unreadable = ""
             self.applied_ms = {}  # when the replaced events were applied is not known here
         # The whole state changed at once (a snapshot from the leader, or the dump at start):
         # listeners are told with `command=None` and an accepted outcome.
         _call_listener(self.on_applied, None, Outcome(True, STATE_REPLACED))
+
+
+def _format_version(state: ClusterState) -> int:
+    return state.format_version
 
 
 def _call_listener(listener: Callable[..., None], *args: Any) -> None:
@@ -256,6 +269,7 @@ class RaftNode:
         data_dir: Path | None,
         settings: Settings | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        wall_ms: Callable[[], float] = lambda: time.time() * 1000,
     ) -> None:
         assert secret, "Raft traffic is always encrypted: a secret is required"
         self.self_address = self_address
@@ -263,7 +277,7 @@ class RaftNode:
         self._commit_listeners: list[CommitListener] = []
         self._leader_listeners: list[LeaderListener] = []
         self._disconnect_listeners: list[tuple[asyncio.AbstractEventLoop, Callable[[str], None]]] = []
-        self._machine = _StateMachine(settings or Settings(), self._on_applied_thread)
+        self._machine = _StateMachine(settings or Settings(), self._on_applied_thread, wall_ms)
         self._last_leader: tuple[str | None, int] | None = None
         # The last leader this node followed, kept while no leader is known (tick thread writes).
         self._last_leader_address: str | None = None
@@ -384,7 +398,7 @@ class RaftNode:
         Raises ProposalTimeout when the deadline passes (the command may still commit),
         NoLeader / NoQuorum / NotLeader when pysyncobj reports a failure.
         """
-        data = commands.encode(command)
+        data = commands.encode(command, self.read(_format_version))
         future: asyncio.Future[Outcome] = self._loop.create_future()
 
         def settle(result: Any, error: int) -> None:  # tick thread
@@ -478,6 +492,17 @@ class RaftNode:
         """Run `reader` on the current state under the apply lock. Keep it short."""
         with self._machine.lock:
             return reader(self._machine.state)
+
+    def unreadable(self) -> str:
+        """Why this replica cannot follow the cluster's state ("" when it can): a snapshot it
+        could not read, or a committed format newer than this build reads."""
+        if self._machine.unreadable:
+            return self._machine.unreadable
+        version = self.read(_format_version)
+        if version > commands.FORMAT_VERSION:
+            return (f"the cluster's command format is {version} and this build reads up to "
+                    f"{commands.FORMAT_VERSION}: upgrade this peer")
+        return ""
 
     def applied_times(self, seqs: list[int]) -> dict[int, float]:
         """When this peer applied the entries that recorded these events (seq -> wall ms),

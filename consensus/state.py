@@ -117,20 +117,39 @@ class ClusterState:
     event_seq: int = 0
     applied_count: int = 0
     rejected_count: int = 0
+    # The newest command format every replica accepts (consensus/commands.py): raised only
+    # by a committed RaiseFormat, so that it is the same on every replica whatever its build.
+    format_version: int = 1
+    # The node whose clock the command being applied was stamped with (not replicated).
+    _clock: str = field(default="", repr=False, compare=False)
 
     # ------------------------------------------------------------------ applying
 
     def apply_encoded(self, data: bytes) -> Outcome:
-        try:
-            command = c.decode(data)
-        except MalformedCommand as error:
-            return self._reject("malformed", 0, str(error))
-        return self.apply(command)
+        return self.apply_entry(data)[1]
 
-    def apply(self, command: c.Command) -> Outcome:
+    def apply_entry(self, data: bytes) -> tuple[c.Command | None, Outcome]:
+        """Decode and apply one replicated entry; the command is None when it did not decode."""
+        try:
+            command, version = c.decode_versioned(data)
+        except MalformedCommand as error:
+            self._clock = ""
+            return None, self._reject("malformed", 0, str(error))
+        return command, self.apply(command, version)
+
+    def apply(self, command: c.Command, version: int | None = None) -> Outcome:
+        """Apply one command. `version` is the format it arrived in (None: built in this
+        process, trusted to fit); one above the committed format is refused on every replica."""
         handler = _HANDLERS.get(type(command))
+        self._clock = c.proposer_of(command)
         if handler is None:
             return self._reject(type(command).__name__, 0, "unknown command")
+        if version is not None and version > self.format_version:
+            self.applied_count += 1
+            return self._reject(
+                c.TYPE_NAMES[type(command)], getattr(command, "at_ms", 0),
+                f"format {version} is above the cluster's format {self.format_version}",
+            )
         try:
             outcome = handler(self, command)
         except Exception as error:  # a bug must not wedge the Raft log: record it and go on
@@ -144,6 +163,8 @@ class ClusterState:
         return Outcome(False, reason)
 
     def _record(self, at_ms: int, kind: str, **fields: Any) -> None:
+        if self.format_version >= 2 and self._clock:
+            fields["clock"] = self._clock  # `at_ms` is this node's wall clock
         self.event_seq += 1
         self.events.append(Event(self.event_seq, at_ms, kind, fields))
         while len(self.events) > self.settings.events_max:
@@ -525,6 +546,14 @@ class ClusterState:
     def _on_probe(self, command: c.Probe) -> Outcome:
         return ACCEPTED
 
+    def _on_raise_format(self, command: c.RaiseFormat) -> Outcome:
+        if command.version <= self.format_version:
+            return Outcome(True, f"format already {self.format_version}", duplicate=True)
+        previous, self.format_version = self.format_version, command.version
+        self._record(command.at_ms, "format_raised", version=command.version, previous=previous,
+                     proposer=command.proposer_id)
+        return ACCEPTED
+
     # ------------------------------------------------------------------ views
 
     def primary_of(self, app: str) -> c.Replica | None:
@@ -564,20 +593,23 @@ class ClusterState:
             "event_seq": self.event_seq,
             "applied_count": self.applied_count,
             "rejected_count": self.rejected_count,
-        }
+        } | ({"format_version": self.format_version} if self.format_version > 1 else {})
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClusterState:
-        settings = Settings(**data["settings"])
+        settings = Settings(**_known(Settings, data["settings"]))
         state = cls(settings=settings)
+        state.format_version = data.get("format_version", 1)
         state.epoch = data["epoch"]
         state.plan_committed_at_ms = data["plan_committed_at_ms"]
-        state.members = {m["node_id"]: Member(**m) for m in data["members"]}
-        state.apps = {a["name"]: App(**{**a, "variants": tuple(a["variants"])}) for a in data["apps"]}
-        state.plan = {app: tuple(c.Replica(**r) for r in replicas) for app, replicas in data["plan"].items()}
+        state.members = {m["node_id"]: Member(**_known(Member, m)) for m in data["members"]}
+        state.apps = {a["name"]: App(**_known(App, {**a, "variants": tuple(a["variants"])})) for a in data["apps"]}
+        state.plan = {
+            app: tuple(c.Replica(**_known(c.Replica, r)) for r in replicas) for app, replicas in data["plan"].items()
+        }
         state.suspicions = {
             target: {observer: (v["at_ms"], v["reason"]) for observer, v in by.items()}
             for target, by in data["suspicions"].items()
@@ -585,14 +617,14 @@ class ClusterState:
         state.replica_reports = {(r["app"], r["node_id"]): r["state"] for r in data["replica_reports"]}
         state.catalog = {}
         for raw in data["catalog"]:
-            summary = c.ArtifactSummary(
-                **{**raw, "profiles": tuple(c.ArtifactProfile(**p) for p in raw["profiles"])}
-            )
+            summary = c.ArtifactSummary(**_known(c.ArtifactSummary, {
+                **raw, "profiles": tuple(c.ArtifactProfile(**_known(c.ArtifactProfile, p)) for p in raw["profiles"])
+            }))
             state.catalog[(summary.name, summary.version)] = summary
         state.stores = {node: tuple(tuple(key) for key in held) for node, held in data["stores"].items()}
         state.sources = {node: tuple(tuple(key) for key in held) for node, held in data["sources"].items()}
         state.store_used_bytes = dict(data["store_used_bytes"])
-        state.events = deque(Event(**e) for e in data["events"])
+        state.events = deque(Event(**_known(Event, e)) for e in data["events"])
         state.event_seq = data["event_seq"]
         state.applied_count = data["applied_count"]
         state.rejected_count = data["rejected_count"]
@@ -614,4 +646,12 @@ _HANDLERS = {
     c.Report: ClusterState._on_report,
     c.StoreReport: ClusterState._on_store_report,
     c.Probe: ClusterState._on_probe,
+    c.RaiseFormat: ClusterState._on_raise_format,
 }
+
+
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a snapshot record that this build's `cls` has: a newer build's extra
+    fields are left out (they default to "as before"), the same on every replica."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {key: value for key, value in data.items() if key in names}

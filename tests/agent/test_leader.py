@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from redge.agent.leader import build_problem, placements_of, plan_with_fallback
+from redge.agent.clock import FakeClock
+from redge.agent.leader import build_problem as build_from_sightings
+from redge.agent.leader import placements_of, plan_with_fallback
+from redge.agent.sightings import Sightings
 from redge.consensus import commands as c
 from redge.consensus.state import ClusterState
 from redge.placement.planner import plan_for
@@ -29,9 +32,24 @@ def state_with(nodes: list[str], now_ms: int = 1_000_000) -> ClusterState:
     return state
 
 
+def build_problem(state: ClusterState, sightings: Sightings | None = None):
+    sightings = sightings or Sightings(FakeClock())
+    sightings.observe(state)
+    return build_from_sightings(state, sightings)
+
+
+def fail_and_recover(state: ClusterState, node: str, observer: str) -> None:
+    member = state.members[node]
+    assert state.apply(c.Suspect(observer, node, member.incarnation, "timeout", 5)).accepted
+    assert state.members[node].status == "failed"
+    m = state.members[node]
+    assert state.apply(c.Join(node, m.http_address, m.raft_address, m.heartbeat_address, m.incarnation + 1, 6,
+                              memory_bytes=m.memory_bytes, storage_bytes=m.storage_bytes)).accepted
+
+
 def test_problem_reflects_members_catalog_and_percent_accuracy():
     state = state_with(["n1", "n2", "n3"])
-    problem = build_problem(state, now_ms=1)
+    problem = build_problem(state)
     assert [n.node_id for n in problem.nodes] == ["n1", "n2", "n3"]
     det = next(a for a in problem.apps if a.name == "det")
     assert [v.name for v in det.variants] == ["big", "small"]
@@ -42,19 +60,19 @@ def test_problem_reflects_members_catalog_and_percent_accuracy():
 
 def test_planning_from_state_places_every_app_and_commits_cleanly():
     state = state_with(["n1", "n2", "n3"])
-    result = plan_for(build_problem(state, now_ms=1))
+    result = plan_for(build_problem(state))
     outcome = state.apply(c.CommitPlan(1, placements_of(result), "n1", "test", 1))
     assert outcome.accepted, outcome.reason
     assert state.primary_of("det") is not None and state.primary_of("tag") is not None
     # Planning again on the committed result changes nothing.
-    assert not plan_for(build_problem(state, now_ms=2)).changed
+    assert not plan_for(build_problem(state)).changed
 
 
 def test_fallback_uses_held_down_nodes_rather_than_shed():
     state = state_with(["n1", "n2"])
-    for node in state.members.values():
-        node.hold_down_until_ms = 10_000  # every node just recovered
-    problem = build_problem(state, now_ms=1)
+    fail_and_recover(state, "n1", observer="n2")  # every node just recovered
+    fail_and_recover(state, "n2", observer="n1")
+    problem = build_problem(state)
     assert all(n.hold_down for n in problem.nodes)
     strict = plan_for(problem)
     assert strict.plan.primary_of("det") is None  # held-down nodes take no primaries
@@ -65,7 +83,7 @@ def test_fallback_uses_held_down_nodes_rather_than_shed():
 def test_fallback_keeps_the_strict_plan_when_it_sheds_nothing():
     state = state_with(["n1", "n2", "n3"])
     state.members["n3"].degraded = True
-    problem = build_problem(state, now_ms=1)
+    problem = build_problem(state)
     assert next(n for n in problem.nodes if n.node_id == "n3").health is Health.DEGRADED
     result = plan_with_fallback(problem)
     assert result == plan_for(problem)

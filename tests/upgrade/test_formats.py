@@ -1,0 +1,121 @@
+"""Command and snapshot formats: what each format writes, and how each is read.
+
+The rules (consensus/commands.py): a field of a later format is written only once the
+cluster's committed format allows it; format 1 is read exactly as the builds before formats
+did; unknown fields of format 2 and later are ignored; a command above the committed format
+is refused by every replica alike."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from redge.consensus import commands as c
+from redge.consensus.errors import MalformedCommand
+from redge.consensus.state import ClusterState
+
+REGISTER = c.RegisterApp("det", ("big", "small"), "critical", 100.0, "warm", 5, proposer_id="n1")
+
+
+def cluster() -> ClusterState:
+    state = ClusterState()
+    for index in (1, 2, 3):
+        assert state.apply(c.Join(f"n{index}", f"h:{index}", f"r:{index}", f"b:{index}", 1, 1)).accepted
+    return state
+
+
+def test_format_1_is_the_encoding_of_the_builds_before_formats():
+    payload = orjson.loads(c.encode(REGISTER, 1))
+    assert "v" not in payload and "proposer_id" not in payload
+    before = dataclasses.asdict(REGISTER)
+    del before["proposer_id"]
+    assert payload == {**before, "variants": list(REGISTER.variants), "type": "register_app"}
+
+
+def test_format_2_carries_its_version_and_its_fields():
+    payload = orjson.loads(c.encode(REGISTER, 2))
+    assert payload["v"] == 2 and payload["proposer_id"] == "n1"
+    assert c.decode_versioned(c.encode(REGISTER, 2)) == (REGISTER, 2)
+    assert c.decode_versioned(c.encode(REGISTER, 1)) == (dataclasses.replace(REGISTER, proposer_id=""), 1)
+
+
+def test_a_build_never_writes_a_format_newer_than_it_knows():
+    assert orjson.loads(c.encode(REGISTER, c.FORMAT_VERSION + 5))["v"] == c.FORMAT_VERSION
+
+
+@pytest.mark.parametrize(
+    ("version", "accepted"),
+    [(None, False), (1, False), (2, True), (3, True), (99, True)],
+    ids=["no-version", "v1", "v2", "v3", "v99"],
+)
+def test_unknown_fields_are_an_error_in_format_1_and_ignored_after(version, accepted):
+    payload = {"type": "probe", "proposer_id": "n1", "token": "t", "at_ms": 1, "from_the_future": [1, 2]}
+    if version is not None:
+        payload["v"] = version
+    data = orjson.dumps(payload)
+    if accepted:
+        assert c.decode_versioned(data) == (c.Probe("n1", "t", 1), version)
+    else:
+        with pytest.raises(MalformedCommand, match="unknown fields"):
+            c.decode(data)
+
+
+@pytest.mark.parametrize("version", [0, -1, "2", 2.0, True, None, [2]], ids=repr)
+def test_a_format_that_is_not_a_positive_integer_is_malformed(version):
+    with pytest.raises(MalformedCommand, match="format version"):
+        c.decode(orjson.dumps({"type": "probe", "proposer_id": "n1", "token": "t", "at_ms": 1, "v": version}))
+
+
+def test_a_command_above_the_committed_format_is_refused_until_it_is_raised():
+    state = cluster()
+    outcome = state.apply_encoded(c.encode(REGISTER, 2))
+    assert not outcome.accepted and "above the cluster's format 1" in outcome.reason
+    assert "det" not in state.apps
+    assert state.apply_encoded(c.encode(c.RaiseFormat(2, "n1", 7), state.format_version)).accepted
+    assert state.format_version == 2
+    assert state.apply_encoded(c.encode(REGISTER, 2)).accepted and "det" in state.apps
+    # Format 1 commands stay valid in a format 2 cluster: a peer that joins writes them.
+    assert state.apply_encoded(c.encode(c.Probe("n2", "t", 8), 1)).accepted
+
+
+def test_the_format_only_goes_up():
+    state = cluster()
+    assert state.apply(c.RaiseFormat(2, "n1", 1)).accepted
+    outcome = state.apply(c.RaiseFormat(1, "n1", 2))
+    assert outcome.accepted and outcome.duplicate and state.format_version == 2
+
+
+def test_events_of_format_2_say_whose_clock_their_time_is():
+    state = cluster()
+    state.apply(c.Probe("n1", "t", 1))
+    assert all("clock" not in e.fields for e in state.events)  # format 1: as the builds before
+    state.apply(c.RaiseFormat(2, "n3", 2))
+    state.apply_encoded(c.encode(REGISTER, 2))
+    state.apply(c.Suspect("n2", "n3", 1, "timeout", 3))
+    kinds = {e.kind: e.fields.get("clock") for e in state.events}
+    assert kinds["format_raised"] == "n3" and kinds["app_registered"] == "n1" and kinds["suspicion"] == "n2"
+
+
+def test_a_snapshot_of_format_1_is_written_as_the_builds_before_formats_wrote_it():
+    assert "format_version" not in orjson.loads(cluster().to_bytes())
+
+
+@given(extra=st.dictionaries(st.text(min_size=1, max_size=8).filter(lambda k: k.isidentifier()),
+                             st.integers() | st.text(max_size=5), max_size=4))
+def test_a_snapshot_from_a_newer_build_is_read_without_its_new_fields(extra):
+    state = cluster()
+    state.apply(c.RaiseFormat(2, "n1", 1))
+    state.apply(REGISTER)
+    data = orjson.loads(state.to_bytes())
+    extra = {f"new_{key}": value for key, value in extra.items()}
+    newer = {**data, **extra}
+    newer["members"] = [{**m, **extra} for m in data["members"]]
+    newer["apps"] = [{**a, **extra} for a in data["apps"]]
+    newer["events"] = [{**e, **extra} for e in data["events"]]
+    newer["settings"] = {**data["settings"], **extra}
+    read = ClusterState.from_dict(newer)
+    assert read.to_bytes() == state.to_bytes()
