@@ -38,6 +38,9 @@ def _add_peer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", help="timing profile: enterprise or iobt")
     parser.add_argument("--secret-file", help="file holding the cluster secret (else REDGE_SECRET)")
     parser.add_argument("--admin-token-file", help="file holding the admin token (else REDGE_ADMIN_TOKEN)")
+    parser.add_argument("--read-token-file",
+                        help="file holding the read token (else REDGE_READ_TOKEN): with one, reads of the cluster "
+                             "state, events, metrics and artifacts need it (or the admin token)")
     parser.add_argument("--log-level", help="debug, info, warning or error")
     parser.add_argument("--memory-bytes", type=int, help="memory this peer offers to models (default: all)")
     parser.add_argument("--accelerator-memory-bytes", type=int, help="accelerator memory offered to models")
@@ -97,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--since", type=int, default=0, help="only events after this sequence number")
     events.add_argument("--limit", type=int, default=100)
     events.add_argument("--json", action="store_true")
+    for sub in (status, events):
+        sub.add_argument("--token-file", type=Path,
+                         help="read or admin token file, for a peer that requires one for reads "
+                              "(else REDGE_READ_TOKEN, else REDGE_ADMIN_TOKEN)")
 
     apps = commands.add_parser("apps", help="register, remove and list apps")
     app_commands = apps.add_subparsers(dest="apps_command", required=True)
@@ -213,7 +220,7 @@ def peer_values(args: argparse.Namespace) -> dict[str, Any]:
     values: dict[str, Any] = read_toml(args.config) if args.config else {}
     for key in (
         "node_id", "http", "raft", "heartbeat", "peers", "join", "data_dir", "store", "storage_budget_bytes",
-        "source", "profile", "secret_file", "admin_token_file", "log_level", "memory_bytes",
+        "source", "profile", "secret_file", "admin_token_file", "read_token_file", "log_level", "memory_bytes",
         "accelerator_memory_bytes", "device_kind", "model_threads", "model_host_nice", "model_host_load_nice", "request_body_bytes_max",
         "slo_factor", "watch_rotation_s", "request_bytes_held_max", "dynamic_dimension_max", "held_requests_max", "http_workers",
         "http_worker_nice", "control_nice", "cold_serving_format",
@@ -272,12 +279,19 @@ def _admin_token(args: argparse.Namespace) -> str:
     return os.environ.get("REDGE_ADMIN_TOKEN", "")
 
 
+def _read_token(args: argparse.Namespace) -> str:
+    """For reads: the token file, else the read token, else the admin token (a peer with a
+    read token takes either)."""
+    return (_admin_token(args) if args.token_file else "") or os.environ.get("REDGE_READ_TOKEN", "") \
+        or os.environ.get("REDGE_ADMIN_TOKEN", "")
+
+
 def _print_json(data: Any) -> None:
     sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 def _status(args: argparse.Namespace) -> None:
-    snapshot = _request("GET", f"{args.peer.rstrip('/')}/cluster")
+    snapshot = _request("GET", f"{args.peer.rstrip('/')}/cluster", token=_read_token(args))
     if args.json:
         _print_json(snapshot)
         return
@@ -329,7 +343,8 @@ def status_tables(snapshot: dict[str, Any]) -> list[Any]:
 
 
 def _events(args: argparse.Namespace) -> None:
-    data = _request("GET", f"{args.peer.rstrip('/')}/cluster/events?since={args.since}&limit={args.limit}")
+    data = _request("GET", f"{args.peer.rstrip('/')}/cluster/events?since={args.since}&limit={args.limit}",
+                    token=_read_token(args))
     if args.json:
         _print_json(data)
         return
@@ -385,7 +400,7 @@ def _apps(args: argparse.Namespace) -> None:
     elif args.apps_command == "rm":
         result = _request("DELETE", f"{base}/cluster/apps/{args.name}", token=_admin_token(args))
     else:
-        result = _request("GET", f"{base}/cluster/apps")
+        result = _request("GET", f"{base}/cluster/apps", token=_read_token(args))
         if not args.json:
             from rich.console import Console
 

@@ -21,6 +21,7 @@ from redge.consensus.state import NAME_PATTERN
 
 SECRET_ENV = "REDGE_SECRET"
 ADMIN_TOKEN_ENV = "REDGE_ADMIN_TOKEN"
+READ_TOKEN_ENV = "REDGE_READ_TOKEN"
 # Where a peer on loopback without a given secret keeps the one it generated (mode 0600).
 GENERATED_SECRET_FILENAME = "secret"
 
@@ -40,6 +41,9 @@ class PeerConfig:
     profile: str = "enterprise"
     secret_file: Path | None = None
     admin_token_file: Path | None = None
+    # With a read token, the cluster's state, events, metrics and artifacts answer only calls
+    # that carry it (or the admin token); inference, routes and health stay open.
+    read_token_file: Path | None = None
     log_level: str = "info"
     memory_bytes: int = 0
     accelerator_memory_bytes: int = 0
@@ -79,14 +83,15 @@ class PeerConfig:
     # Filled by `load`, never from the file.
     secret: str = field(default="", repr=False)
     admin_token: str = field(default="", repr=False)
+    read_token: str = field(default="", repr=False)
 
     @property
     def store_dir(self) -> Path:
         return self.store if self.store is not None else self.data_dir / "store"
 
 
-_PATH_KEYS = {"data_dir", "store", "secret_file", "admin_token_file"}
-_FILE_KEYS = {f.name for f in fields(PeerConfig)} - {"secret", "admin_token"}
+_PATH_KEYS = {"data_dir", "store", "secret_file", "admin_token_file", "read_token_file"}
+_FILE_KEYS = {f.name for f in fields(PeerConfig)} - {"secret", "admin_token", "read_token"}
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -183,6 +188,10 @@ def load(values: dict[str, Any], environ: dict[str, str] | None = None) -> PeerC
 
     config.secret = _read_secret(config.secret_file, environ.get(SECRET_ENV), "secret", problems)
     config.admin_token = _read_secret(config.admin_token_file, environ.get(ADMIN_TOKEN_ENV), "admin token", problems)
+    config.read_token = _read_secret(config.read_token_file, environ.get(READ_TOKEN_ENV), "read token", problems)
+    for name in ("admin_token", "read_token"):
+        if not getattr(config, name).isascii() or not getattr(config, name).isprintable():
+            problems.append(f"the {name.replace('_', ' ')} must be printable ASCII (it travels in an HTTP header)")
     if not config.secret:
         if all(_is_loopback(h) for h in hosts):
             # Never a fixed key (any local user could speak Raft, pickles, to the peer):

@@ -35,6 +35,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hashlib
+import hmac
 import os
 import signal
 import socket
@@ -92,6 +94,9 @@ JSON_MEMORY_FACTOR = 8
 # Control calls carry small JSON (an app, a signed join): a larger body is refused.
 CONTROL_BODY_BYTES_MAX = 1024 * 1024
 CONTROL_HEADERS = ("Authorization", "Content-Type", "X-Redge-Join-Signature")
+# Reads passed to the control process that stay open with a read token: load balancers and
+# orchestrators probe health without credentials.
+OPEN_CONTROL_PREFIXES = ("/v2/health/",)
 # The longest a control call may take beyond its own long poll (`/cluster/probe` runs up to 120 s).
 CONTROL_TIMEOUT_S = 150.0
 STATS_INTERVAL_S = 0.1
@@ -122,13 +127,29 @@ class WorkerConfig:
     held_requests_max: int = 256
     log_level: str = "info"
     nice: int = 0  # added to the control process's, for this worker and its scheduling group
+    # sha256 (hex) of each token that may read the cluster's state, events, metrics and
+    # artifacts (the read and the admin token); empty: reads are open. Digests, so that the
+    # admin token itself never reaches a worker.
+    read_digests: tuple[str, ...] = ()
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.__dict__)
 
     @classmethod
     def from_json(cls, data: bytes) -> WorkerConfig:
-        return cls(**orjson.loads(data))
+        values = orjson.loads(data)
+        values["read_digests"] = tuple(values.get("read_digests", ()))
+        return cls(**values)
+
+    def require_read(self, request: web.Request) -> None:
+        """A read of the cluster's state or artifacts: with read tokens set, it must carry one
+        (`Authorization: Bearer TOKEN`), else 401."""
+        if not self.read_digests:
+            return
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        digest = hashlib.sha256(given.strip().encode("utf-8", "surrogateescape")).hexdigest()
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(digest, d) for d in self.read_digests):
+            raise HttpError(401, "this peer requires a token for reads: Authorization: Bearer TOKEN (read or admin)")
 
 
 class Marks(NamedTuple):
@@ -742,6 +763,7 @@ class Worker:
     # ------------------------------------------------------------------ artifacts
 
     async def artifact_manifest(self, request: web.Request) -> web.Response:
+        self.config.require_read(request)
         name, version = request.match_info["name"], request.match_info["version"]
         try:
             manifest = await asyncio.get_running_loop().run_in_executor(None, self.store.get, name, version)
@@ -750,6 +772,7 @@ class Worker:
         return web.Response(body=manifest.to_json(), content_type="application/json")
 
     async def artifact_file(self, request: web.Request) -> web.StreamResponse:
+        self.config.require_read(request)
         name, version, file = request.match_info["name"], request.match_info["version"], request.match_info["file"]
         loop = asyncio.get_running_loop()
         try:
@@ -790,6 +813,8 @@ class Worker:
 
     async def to_control(self, request: web.Request) -> web.Response:
         """Pass an admin or cluster call to the control process, body capped small."""
+        if request.method in ("GET", "HEAD") and not request.path.startswith(OPEN_CONTROL_PREFIXES):
+            self.config.require_read(request)
         length = request.content_length
         if length is not None and length > CONTROL_BODY_BYTES_MAX:
             raise HttpError(413, f"a control call carries at most {CONTROL_BODY_BYTES_MAX} bytes")

@@ -218,6 +218,9 @@ class Peer:
             dynamic_dimension_max=config.dynamic_dimension_max, held_requests_max=config.held_requests_max,
             request_timeout_s=self.profile.request_timeout_s, forward_timeout_s=self.profile.forward_timeout_s,
             log_level=config.log_level,
+            read_digests=tuple(
+                hashlib.sha256(token.encode()).hexdigest() for token in (config.read_token, config.admin_token) if token
+            ) if config.read_token else (),
         )
 
     # ------------------------------------------------------------------ the data plane
@@ -289,7 +292,8 @@ class Peer:
     async def _discover_members(self, join_url: str) -> list[str]:
         timeout = aiohttp.ClientTimeout(total=self.profile.request_timeout_s)
         try:
-            async with aiohttp.ClientSession(timeout=timeout) as session:
+            headers = {"Authorization": f"Bearer {self.config.read_token}"} if self.config.read_token else None
+            async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
                 async with session.get(f"{join_url.rstrip('/')}/cluster") as response:
                     if response.status != 200:
                         raise JoinFailed(f"{join_url}/cluster answered {response.status}")

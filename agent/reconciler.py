@@ -435,14 +435,16 @@ class Reconciler(Duty):
         if excluded is not None:
             raise RuntimeFailure(f"{variant}/{version} is excluded on this node: {excluded}; "
                                  f"`redge store clear --data-dir DIR {variant}/{version}` lets it fetch again")
-        candidates = [f"http://{address}" for address in holders]
+        # Peers get this cluster's read token (they may require it); the --source does not.
+        token = self.peer.config.read_token
+        candidates = [(f"http://{address}", token) for address in holders]
         if self.source:
-            candidates.append(self.source)
+            candidates.append((self.source, ""))
         errors = []
-        for source in candidates:
+        for source, token in candidates:
             try:
                 log.info("fetch_started", app=app, variant=variant, version=version, source=source)
-                await fetch_artifact(source, variant, version, self.store, pinned=self._pinned())
+                await fetch_artifact(source, variant, version, self.store, pinned=self._pinned(), token=token)
                 log.info("fetch_done", app=app, variant=variant, version=version, source=source)
                 await self.report_store()
                 return

@@ -42,7 +42,7 @@ STOP_TIMEOUT_S = 5.0
 REAP_TIMEOUT_S = 2.0
 FLUSH_TIMEOUT_S = 0.5
 # What a worker does not need from the control process's environment.
-PRIVATE_ENVIRONMENT = ("REDGE_SECRET", "REDGE_ADMIN_TOKEN")
+PRIVATE_ENVIRONMENT = ("REDGE_SECRET", "REDGE_ADMIN_TOKEN", "REDGE_READ_TOKEN")
 
 
 @dataclass

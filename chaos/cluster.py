@@ -97,6 +97,8 @@ class PeerProcess:
     host: str = "127.0.0.1"
     # In netns mode the host reaches the peer's HTTP port through a portal on this port.
     portal_port: int | None = None
+    # Sent with reads when the peer requires a read token.
+    read_token: str = field(default="", repr=False)
 
     @property
     def url(self) -> str:
@@ -142,7 +144,7 @@ class PeerProcess:
             return None
 
     def get(self, path: str, timeout_s: float = 2.0) -> tuple[int, Any]:
-        return http_json("GET", self.url + path, timeout_s=timeout_s)
+        return http_json("GET", self.url + path, timeout_s=timeout_s, token=self.read_token or None)
 
     def snapshot(self, timeout_s: float = 2.0) -> dict[str, Any] | None:
         try:
@@ -184,6 +186,8 @@ class LocalCluster:
     # The cluster secret its peers share, random for each cluster: a fixed one would let
     # any local user speak Raft (pickles) to it.
     secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
+    # With one, every peer requires it for reads (--read-token-file), and this harness sends it.
+    read_token: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("loopback", "netns"):
@@ -219,6 +223,8 @@ class LocalCluster:
             MKL_NUM_THREADS=str(self.torch_threads),
             PYTHONUNBUFFERED="1",
         )
+        if self.read_token:
+            env["REDGE_READ_TOKEN"] = self.read_token
         return env
 
     def _make_network(self, node_ids: list[str]) -> None:
@@ -254,7 +260,7 @@ class LocalCluster:
         ]
         return PeerProcess(
             node_id, http_port, raft_port, heartbeat_port, data_dir, args, self._environment(),
-            host=host, portal_port=portal_port,
+            host=host, portal_port=portal_port, read_token=self.read_token,
         )
 
     # ------------------------------------------------------------------ lifecycle

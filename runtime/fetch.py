@@ -78,8 +78,10 @@ async def fetch_artifact(
     timeout_s: float = TIMEOUT_S_DEFAULT,
     attempts_max: int = ATTEMPTS_MAX,
     chunk_bytes: int = CHUNK_BYTES,
+    token: str = "",
 ) -> Manifest:
-    """Bring `name/version` into `store` from a peer URL or a source directory.
+    """Bring `name/version` into `store` from a peer URL or a source directory. `token`: the
+    read token a peer that requires one for artifacts expects (sent on a session made here).
 
     Idempotent: an artifact already stored is returned as is. Raises `ArtifactNotFound`,
     `ArtifactCorrupt` (hash mismatch after transfer), `StoreOverBudget` or `FetchFailed`.
@@ -95,8 +97,10 @@ async def fetch_artifact(
             progress(FetchProgress(name, version, "", manifest.size_bytes, manifest.size_bytes))
         return manifest
     owned = session is None
+    assert owned or not token, "a given session carries its own headers"
     client = session or aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S),
+        headers={"Authorization": f"Bearer {token}"} if token else None,
     )
     try:
         async with asyncio.timeout(timeout_s):

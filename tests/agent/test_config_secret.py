@@ -47,3 +47,24 @@ def test_off_loopback_a_peer_without_a_secret_refuses_to_start(tmp_path):
     with pytest.raises(ConfigError, match="refusing to start"):
         load(values, {})
     assert not (tmp_path / GENERATED_SECRET_FILENAME).exists()
+
+
+@pytest.mark.parametrize(("source", "value", "expected"), [
+    ("env", "r3ad", "r3ad"),
+    ("file", "r3ad-from-file\n", "r3ad-from-file"),
+    ("none", "", ""),
+])
+def test_the_read_token_comes_from_its_file_or_the_environment(tmp_path, source, value, expected):
+    values = dict(LOOPBACK, data_dir=str(tmp_path))
+    environ = {"REDGE_READ_TOKEN": value} if source == "env" else {}
+    if source == "file":
+        (tmp_path / "read-token").write_text(value)
+        values["read_token_file"] = str(tmp_path / "read-token")
+    assert load(values, environ).read_token == expected
+
+
+@pytest.mark.parametrize("token", ["caf\u00e9", "tab\there", "\u00ff\u00fe"], ids=["accent", "control", "latin1"])
+@pytest.mark.parametrize("name", ["REDGE_READ_TOKEN", "REDGE_ADMIN_TOKEN"])
+def test_a_token_that_cannot_travel_in_an_http_header_is_refused_at_start(tmp_path, name, token):
+    with pytest.raises(ConfigError, match="printable ASCII"):
+        load(dict(LOOPBACK, data_dir=str(tmp_path)), {name: token})
