@@ -57,6 +57,9 @@ FORMAT_CHECK_S = 2.0
 # After a confirmed failure, keep running primaries at their variants this long instead of
 # growing them back: a cluster that was just hurt is not reshuffled.
 RESTORE_HOLD_DOWN_MS = 10_000
+# After a load of a variant fails on a node, place it elsewhere for this long; then that
+# node may be tried again (its own store fetched a good copy meanwhile, or excludes it).
+LOAD_FAILURE_AVOID_MS = 60_000
 # Up to this many (app, node) pairs the planner runs on the event loop; larger problems go
 # to a thread so that heartbeats keep their rhythm.
 INLINE_PLANNING_SIZE_MAX = 200
@@ -131,6 +134,7 @@ def build_problem(state: ClusterState, sightings: Sightings) -> Problem:
         current=Plan(epoch=state.epoch, replicas=tuple(replicas)),
         artifacts=artifacts,
         restore_allowed=since_failure_ms is None or since_failure_ms > RESTORE_HOLD_DOWN_MS,
+        unloadable=frozenset(sightings.unloadable(LOAD_FAILURE_AVOID_MS)),
     )
 
 
@@ -177,15 +181,17 @@ def shed_apps(result: PlanResult) -> set[str]:
 
 def plan_with_fallback(problem: Problem) -> PlanResult:
     """Plan; if that sheds an app while nodes sit idle only because they are held down after
-    a recovery or judged slow, plan again letting them take primaries, and keep whichever
-    sheds less. Hold-down and slowness steer load away from a node; they must not leave an
-    app unserved that such a node could serve. Pure and deterministic."""
+    a recovery, judged slow or just failed a load, plan again without those, and keep
+    whichever sheds less. They steer load away from a node; they must not leave an app
+    unserved that such a node could serve (a failed load is retried there, bounded by the
+    node's own retry limit). Pure and deterministic."""
     result = plan_for(problem)
     shed = shed_apps(result)
-    if not shed or not any(n.hold_down or n.health is Health.DEGRADED for n in problem.nodes):
+    if not shed or not (problem.unloadable or any(n.hold_down or n.health is Health.DEGRADED for n in problem.nodes)):
         return result
     relaxed = dataclasses.replace(
         problem,
+        unloadable=frozenset(),
         nodes=tuple(
             dataclasses.replace(n, hold_down=False, health=Health.ALIVE if n.health is Health.DEGRADED else n.health)
             for n in problem.nodes
@@ -232,6 +238,8 @@ class LeaderDuty(Duty):
     def on_commit(self, command: c.Command | None, outcome) -> None:
         if self.peer.raft is not None and isinstance(command, (type(None), c.Join, c.Leave, c.Suspect, c.Unsuspect)):
             self.peer.raft.read(self.sightings.observe)
+        if outcome.accepted:
+            self._note_loads(command)
         if command is None and outcome.accepted:  # a snapshot replaced the state
             self._wake.set()
         elif outcome.accepted and not outcome.duplicate and isinstance(command, TRIGGERS):
@@ -242,6 +250,15 @@ class LeaderDuty(Duty):
                 own = c.proposer_of(command) == self.peer.node_id
                 self._trigger = (wall_ms(), getattr(command, "at_ms", None) if own else None, type(command).__name__)
             self._wake.set()
+
+    def _note_loads(self, command: c.Command | None) -> None:
+        if isinstance(command, c.Join):
+            self.sightings.load_succeeded(command.node_id)
+        elif isinstance(command, c.Report) and command.variant:
+            if command.kind == "load_failed":
+                self.sightings.load_failed(command.node_id, command.variant)
+            elif command.kind in ("load_done", "serving"):
+                self.sightings.load_succeeded(command.node_id, command.variant)
 
     def on_leader_change(self) -> None:
         self._wake.set()
@@ -286,6 +303,7 @@ class LeaderDuty(Duty):
         def deadlines(state: ClusterState) -> list[float]:
             sightings.observe(state)
             ends = [sightings.hold_down_left_ms(state, m) for m in state.members.values()]
+            ends += sightings.unloadable(LOAD_FAILURE_AVOID_MS).values()
             since_failure_ms = sightings.since_last_failure_ms(state)
             if since_failure_ms is not None:
                 ends.append(RESTORE_HOLD_DOWN_MS - since_failure_ms)

@@ -103,6 +103,7 @@ class Reconciler(Duty):
         self._failed: dict[tuple[str, str, int], tuple[int, float]] = {}
         self._kept_since: dict[str, float] = {}
         self._retry: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()  # refetches after a quarantine
         self._last_store_report: tuple | None = None
         self._recovering_seen_s = -COLD_AFTER_RECOVERY_S  # monotonic: when a recovery elsewhere was last seen
         self._recovering_since_s: float | None = None  # and since when it has been going on
@@ -401,6 +402,18 @@ class Reconciler(Duty):
         log.warning("artifact_quarantined", name=error.name, version=error.version, failures=count,
                     fetch_again=count < QUARANTINE_FAILURES_MAX)
         await self.report_store()
+        if count < QUARANTINE_FAILURES_MAX:
+            # The leader places the replica elsewhere for a while (agent/leader.py): heal the
+            # store now anyway, so that this node holds a good copy when it is chosen again.
+            task = asyncio.get_running_loop().create_task(self._refetch(error.name, error.version))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _refetch(self, name: str, version: str) -> None:
+        try:
+            await self._ensure_stored(name, name, "serving", 0, version=version)
+        except (RuntimeFailure, OSError) as error:
+            log.warning("refetch_failed", name=name, version=version, error=str(error))
 
     async def _ensure_stored(self, app: str, variant: str, purpose: str, epoch: int, version: str | None = None) -> None:
         """Have an artifact of `variant` for `purpose` (or exactly `version`) in the store,

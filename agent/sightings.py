@@ -25,6 +25,8 @@ class Sightings:
         self.clock = clock
         self._incarnations: dict[tuple[str, int], float] = {}
         self._statuses: dict[tuple[str, int, str], float] = {}
+        # (node, variant) -> when this peer saw its load there fail (its Report).
+        self._load_failures: dict[tuple[str, str], float] = {}
 
     def observe(self, state: ClusterState) -> None:
         """Note what is new in `state` (call it on every commit; cheap: one pass over members)."""
@@ -61,6 +63,19 @@ class Sightings:
 
     def left_for_ms(self, member: Member) -> float:
         return self.status_age_ms(member) if member.status == LEFT else 0.0
+
+    def load_failed(self, node_id: str, variant: str) -> None:
+        self._load_failures[(node_id, variant)] = self.clock.now_ms()
+
+    def load_succeeded(self, node_id: str, variant: str | None = None) -> None:
+        """`variant` loaded on `node_id` (None: the node restarted, so forget all of it)."""
+        for key in [k for k in self._load_failures if k[0] == node_id and variant in (None, k[1])]:
+            del self._load_failures[key]
+
+    def unloadable(self, avoid_ms: float) -> dict[tuple[str, str], float]:
+        """(node, variant) pairs whose load failed less than `avoid_ms` ago, with the time left."""
+        now_ms = self.clock.now_ms()
+        return {key: avoid_ms - (now_ms - at) for key, at in self._load_failures.items() if now_ms - at < avoid_ms}
 
 
 def recovered_incarnation(state: ClusterState, node_id: str) -> int | None:

@@ -170,6 +170,14 @@ class _State:
         with np.errstate(invalid="ignore", divide="ignore"):
             self.budget = np.where(np.isnan(self.base_ms), -np.inf, slo / self.base_ms - 1.0)
             self.busy = np.where(np.isnan(self.base_ms), 0.0, rate * self.base_ms / 1000.0)
+        # A variant that just failed to load on a node has no budget there: every step
+        # (placing, growing, keeping) then looks elsewhere.
+        for node_id, variant_name in problem.unloadable:
+            i = self.index.get(node_id)
+            for app in problem.apps:
+                index = app.variant_index(variant_name)
+                if i is not None and index is not None:
+                    self.budget[self.first_row[app.name] + index, i] = -np.inf
         runnable = self.budget >= -TOLERANCE
         self.primary_rows = runnable & self.primary_allowed[None, :]
         self.backup_rows = runnable & self.backup_allowed[None, :]
@@ -511,6 +519,13 @@ class _Planner:
                 )
                 continue
             index = app.variant_index(replica.variant)
+            if (replica.node_id, replica.variant) in problem.unloadable:
+                self.reason(
+                    app.name,
+                    ReasonKind.DROPPED,
+                    f"{replica.variant} failed to load on {replica.node_id}",
+                )
+                continue
             if index is None or state.profile(app, index)[1][i] < -TOLERANCE:
                 self.reason(
                     app.name,

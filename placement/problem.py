@@ -255,6 +255,8 @@ class Problem:
     """Everything one planning round looks at.
 
     `artifacts` maps a node id to the variant names on its disk.
+    `unloadable` holds (node id, variant name) pairs that just failed to load
+    there: the planner places that variant elsewhere while they last.
     `restore_allowed` is the restore hold-down: the leader clears it for a
     while after a failure, and the planner then keeps running primaries at
     their (possibly smaller) variants instead of reshuffling a cluster that
@@ -269,11 +271,13 @@ class Problem:
     )
     restore_allowed: bool = True
     settings: Settings = DEFAULT_SETTINGS
+    unloadable: frozenset[tuple[str, str]] = frozenset()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nodes", tuple(sorted(self.nodes, key=lambda n: n.node_id)))
         object.__setattr__(self, "apps", tuple(sorted(self.apps, key=lambda a: a.name)))
         object.__setattr__(self, "artifacts", _frozen_artifacts(self.artifacts))
+        object.__setattr__(self, "unloadable", frozenset(self.unloadable))
         if len(self.nodes) > NODES_MAX or len(self.apps) > APPS_MAX:
             raise InvalidProblem(f"too large: {len(self.nodes)} nodes, {len(self.apps)} apps")
         _require_unique([n.node_id for n in self.nodes], "node id")

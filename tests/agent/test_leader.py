@@ -88,3 +88,45 @@ def test_fallback_keeps_the_strict_plan_when_it_sheds_nothing():
     result = plan_with_fallback(problem)
     assert result == plan_for(problem)
     assert all(r.node_id != "n3" or r.role is not Role.PRIMARY for r in result.plan.replicas)
+
+
+def test_a_failed_load_moves_the_replica_elsewhere_until_the_avoidance_ends():
+    from redge.agent.leader import LOAD_FAILURE_AVOID_MS
+
+    state = state_with(["n1", "n2", "n3"])
+    clock = FakeClock()
+    sightings = Sightings(clock)
+    result = plan_for(build_problem(state, sightings))
+    assert state.apply(c.CommitPlan(1, placements_of(result), "n1", "test", 1)).accepted
+    primary = state.primary_of("det")
+    assert primary is not None
+    sightings.load_failed(primary.node_id, primary.variant)
+    moved = plan_with_fallback(build_problem(state, sightings))
+    assert moved.changed
+    assert not [r for r in moved.plan.replicas if (r.node_id, r.variant) == (primary.node_id, primary.variant)]
+    assert moved.plan.primary_of("det") is not None
+    clock.advance(LOAD_FAILURE_AVOID_MS)
+    assert build_problem(state, sightings).unloadable == frozenset()
+
+
+@pytest.mark.parametrize(("forget", "left"), [
+    (lambda s: s.load_succeeded("n1", "big"), {("n1", "small")}),
+    (lambda s: s.load_succeeded("n1"), set()),  # the node restarted
+    (lambda s: s.load_succeeded("n2", "big"), {("n1", "big"), ("n1", "small")}),
+])
+def test_a_load_that_works_or_a_restart_ends_the_avoidance(forget, left):
+    sightings = Sightings(FakeClock())
+    sightings.load_failed("n1", "big")
+    sightings.load_failed("n1", "small")
+    forget(sightings)
+    assert set(sightings.unloadable(1000)) == left
+
+
+def test_when_only_a_node_that_failed_a_load_could_serve_it_is_tried_again():
+    state = state_with(["n1"])
+    sightings = Sightings(FakeClock())
+    sightings.load_failed("n1", "big")
+    sightings.load_failed("n1", "small")
+    problem = build_problem(state, sightings)
+    assert plan_for(problem).plan.primary_of("det") is None
+    assert plan_with_fallback(problem).plan.primary_of("det") is not None

@@ -64,6 +64,18 @@ class ClusterLife(RuleBasedStateMachine):
             del apps[index % len(apps)]
             self.problem = dataclasses.replace(self.problem, apps=tuple(apps))
 
+    @rule(index=st.integers(0, 63))
+    def load_fails(self, index: int) -> None:
+        """A replica of the current plan fails to load where it is."""
+        if self.problem.current.replicas:
+            replica = self.problem.current.replicas[index % len(self.problem.current.replicas)]
+            unloadable = self.problem.unloadable | {(replica.node_id, replica.variant)}
+            self.problem = dataclasses.replace(self.problem, unloadable=unloadable)
+
+    @rule()
+    def load_failures_forgotten(self) -> None:
+        self.problem = dataclasses.replace(self.problem, unloadable=frozenset())
+
     @rule()
     def plan(self) -> None:
         problem = self.problem
@@ -84,6 +96,7 @@ class ClusterLife(RuleBasedStateMachine):
             assert node.health is Health.ALIVE, (replica, node)
             if replica.role is Role.PRIMARY:
                 assert not node.hold_down, (replica, node)
+        assert not [r for r in result.plan.replicas if (r.node_id, r.variant) in problem.unloadable]
         assert result.plan.epoch == problem.current.epoch + (1 if result.changed else 0)
         self.problem = problem.advanced(result.plan)
         self.plans += 1
