@@ -77,8 +77,9 @@ class PeerConfig:
     # Degraded when an app's median latency here stays above this factor x its SLO (agent/slo.py).
     slo_factor: float = 1.5
     # Above 8 members each peer watches a bounded set of others (agent/detector.py
-    # monitoring_targets); the set moves to a new shuffle every this many seconds of wall
-    # time, so one bad observer cannot hide or frame a node for long. 0: only with membership.
+    # monitoring_targets); while this peer leads, it commits a new shuffle every this many
+    # seconds of its monotonic clock, so one bad observer cannot hide or frame a node for
+    # long. 0: only with membership.
     watch_rotation_s: float = 60.0
     # Filled by `load`, never from the file.
     secret: str = field(default="", repr=False)

@@ -112,7 +112,9 @@ class FailureDetection:
 
     async def _rotate(self, rotation_s: float) -> None:
         """Move to the next watch set at each turn of the wall clock (only clusters above
-        8 members have a bounded one; smaller ones watch everyone whatever the round)."""
+        8 members have a bounded one; smaller ones watch everyone whatever the round). Only
+        while the cluster's format is 1: from 2 the round is committed, and a commit of
+        RotateWatch refreshes the targets (so this refresh changes nothing)."""
         while True:
             now_s = wall_ms() / 1000
             await asyncio.sleep((watch_round(now_s, rotation_s) + 1) * rotation_s - now_s + ROTATION_MARGIN_S)
@@ -171,10 +173,13 @@ class FailureDetection:
         """Watch the committed live members (other than this node)."""
         if self.service is None or self.peer.raft is None:
             return
-        members = self.peer.raft.read(_live_members)
+        members, committed_round = self.peer.raft.read(_live_members_and_round)
         self._raft_address_by_node = {node_id: raft_address for node_id, _, _, raft_address in members}
         self._node_by_raft_address = {raft_address: node_id for node_id, _, _, raft_address in members}
-        round_number = watch_round(wall_ms() / 1000, self.peer.config.watch_rotation_s)
+        # From format 2 the round is committed (the leader's RotateWatch); before, every peer
+        # turns by its own wall clock.
+        round_number = committed_round if committed_round is not None else watch_round(
+            wall_ms() / 1000, self.peer.config.watch_rotation_s)
         watched_ids = set(monitoring_targets(self.peer.node_id, [m[0] for m in members], round_number=round_number))
         targets = []
         book = []
@@ -284,6 +289,10 @@ class FailureDetection:
         if self.service is None:
             return {}
         return {"stats": self.service.stats(), "opinions": dict(self._opinions)}
+
+
+def _live_members_and_round(state: ClusterState) -> tuple[list[tuple[str, str, int, str]], int | None]:
+    return _live_members(state), state.watch_round if state.format_version >= 2 else None
 
 
 def _live_members(state: ClusterState) -> list[tuple[str, str, int, str]]:

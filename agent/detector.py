@@ -1241,7 +1241,8 @@ def _ring_position(seed: int, round_number: int, node_id: str) -> bytes:
 
 
 def watch_round(now_s: float, rotation_s: float) -> int:
-    """The rotation round of the watch sets at wall time `now_s`: every peer computes the
+    """The rotation round of the watch sets at wall time `now_s`, for clusters still at command
+    format 1 (from format 2 the round is committed: consensus RotateWatch). Every peer computes the
     same from its own clock. Peers up to ~1 s apart on a turn is harmless: a new watcher
     gives a node it has not heard yet `first_heartbeat_grace_ms`, and a node keeps sending
     to the watchers it dropped that long (`HeartbeatService.set_targets`). 0 when off."""

@@ -26,7 +26,7 @@ from redge.agent.duty import Duty
 from redge.agent.sightings import Sightings
 from redge.consensus import commands as c
 from redge.consensus.errors import ConsensusError
-from redge.consensus.state import FAILED, LEFT, SUSPECTED, ClusterState
+from redge.consensus.state import ALIVE, FAILED, LEFT, SUSPECTED, ClusterState
 from redge.placement.planner import PlanResult, ReasonKind, plan_for
 from redge.placement.problem import (
     App,
@@ -231,6 +231,8 @@ class LeaderDuty(Duty):
         # when it saw the change, not from when it was elected.
         self.sightings = Sightings(clock or MonotonicClock())
         self._format_checked_ms = -FORMAT_CHECK_S * 1000
+        # (watch round, when this peer first saw it on its monotonic clock)
+        self._round_seen: tuple[int, float] = (0, self.sightings.clock.now_ms())
         # The commit that woke this duty: (wall ms when applied here, its at_ms if this peer
         # proposed it, its kind), so that the plan's log line says where a decision's time went.
         self._trigger: tuple[float, float | None, str] | None = None
@@ -281,6 +283,7 @@ class LeaderDuty(Duty):
                 result = await self.plan_and_commit()
                 await self.remove_departed_voters()
                 await self.raise_format()
+                await self.rotate_watch()
                 backoff_s = 0.05
                 if result is None:  # refused every time: someone else keeps committing; try again
                     self._wake.set()
@@ -307,6 +310,9 @@ class LeaderDuty(Duty):
             since_failure_ms = sightings.since_last_failure_ms(state)
             if since_failure_ms is not None:
                 ends.append(RESTORE_HOLD_DOWN_MS - since_failure_ms)
+            rotation_ms = self._rotation_left_ms(state)
+            if rotation_ms is not None:
+                ends.append(max(rotation_ms, 1.0))
             return [end for end in ends if end > 0]
 
         soonest_ms = min(raft.read(deadlines), default=None)
@@ -340,6 +346,28 @@ class LeaderDuty(Duty):
             return
         outcome = await self.peer.propose(c.RaiseFormat(target, me, wall_ms()))
         log.info("format_raised", version=target, previous=current, accepted=outcome.accepted, reason=outcome.reason)
+
+    def _rotation_left_ms(self, state: ClusterState) -> float | None:
+        """How long until the next watch round is due (None: no rotation in this cluster)."""
+        rotation_s = self.peer.config.watch_rotation_s
+        live = sum(1 for m in state.members.values() if m.status in (ALIVE, SUSPECTED))
+        if state.format_version < 2 or rotation_s <= 0 or live <= state.settings.watch_all_members_max:
+            return None
+        now_ms = self.sightings.clock.now_ms()
+        if self._round_seen[0] != state.watch_round:
+            self._round_seen = (state.watch_round, now_ms)
+        return rotation_s * 1000 - (now_ms - self._round_seen[1])
+
+    async def rotate_watch(self) -> None:
+        """Commit the next watch round once `watch_rotation_s` passed on this peer's clock
+        since it saw the current one: every peer turns as it applies it (agent/detection.py)."""
+        raft = self.peer.raft
+        assert raft is not None
+        left_ms, current = raft.read(lambda s: (self._rotation_left_ms(s), s.watch_round))
+        if left_ms is None or left_ms > 0:
+            return
+        outcome = await self.peer.propose(c.RotateWatch(current + 1, self.peer.node_id, wall_ms()))
+        log.info("watch_rotated", round=current + 1, accepted=outcome.accepted and not outcome.duplicate)
 
     async def remove_departed_voters(self) -> None:
         """Members that left stay Raft voters if their own removal did not finish: remove them

@@ -504,7 +504,8 @@ class Peer:
         replaced = command is None and outcome.accepted
         if replaced or isinstance(command, (c.Join, c.Leave, c.Suspect)):
             self._state_changed.set()
-        if (replaced or isinstance(command, (c.Join, c.Leave, c.Suspect, c.Unsuspect))) and self.detection is not None:
+        if (replaced or isinstance(command, (c.Join, c.Leave, c.Suspect, c.Unsuspect, c.RotateWatch))) \
+                and self.detection is not None:
             self.detection.refresh_targets()
         for hook in list(self._commit_hooks):
             hook(command, outcome)

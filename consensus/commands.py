@@ -199,8 +199,20 @@ class RaiseFormat:
     at_ms: int
 
 
+@dataclass(frozen=True)
+class RotateWatch:
+    """Format 2: every peer moves to watch round `round` (the current one plus one) as it
+    applies this, instead of at a turn of its own wall clock. The leader proposes it every
+    `watch_rotation_s` of its monotonic clock, above `watch_all_members_max` members."""
+
+    round: int
+    proposer_id: str
+    at_ms: int
+
+
 Command = Union[
-    Join, Leave, Suspect, Unsuspect, RegisterApp, RemoveApp, CommitPlan, Report, StoreReport, Probe, RaiseFormat
+    Join, Leave, Suspect, Unsuspect, RegisterApp, RemoveApp, CommitPlan, Report, StoreReport, Probe, RaiseFormat,
+    RotateWatch,
 ]
 
 COMMAND_TYPES: dict[str, type] = {
@@ -215,10 +227,12 @@ COMMAND_TYPES: dict[str, type] = {
     "store_report": StoreReport,
     "probe": Probe,
     "raise_format": RaiseFormat,
+    "rotate_watch": RotateWatch,
 }
-# The format each field first appeared in; anything not listed is format 1. (RaiseFormat is
-# new in format 2 but written as format 1: it is what lets a format-1 cluster accept format
-# 2, and it is only proposed once every member has said that it reads it.)
+# The format each command type and field first appeared in; anything not listed is format 1.
+# (RaiseFormat is new in format 2 but written as format 1: it is what lets a format-1
+# cluster accept format 2, and it is only proposed once every member has said that it reads it.)
+TYPES_INTRODUCED_IN: dict[type, int] = {RotateWatch: 2}
 FIELDS_INTRODUCED_IN: dict[tuple[type, str], int] = {(RegisterApp, "proposer_id"): 2, (RemoveApp, "proposer_id"): 2}
 TYPE_NAMES: dict[type, str] = {cls: name for name, cls in COMMAND_TYPES.items()}
 
@@ -238,8 +252,9 @@ def proposer_of(command: Command) -> str:
 def encode(command: Command, format_version: int = 1) -> bytes:
     """Encode in the highest format up to `format_version` (the cluster's committed one):
     fields of a later format are left out, which the readers take as their default."""
-    version = min(format_version, FORMAT_VERSION)
     cls = type(command)
+    # A type newer than the cluster's format is written in its own: every replica refuses it.
+    version = max(min(format_version, FORMAT_VERSION), TYPES_INTRODUCED_IN.get(cls, 1))
     payload = dataclasses.asdict(command)
     for (kind, name), introduced in FIELDS_INTRODUCED_IN.items():
         if kind is cls and introduced > version:
@@ -353,6 +368,7 @@ __all__ = [
     "Leave",
     "Probe",
     "RaiseFormat",
+    "RotateWatch",
     "RegisterApp",
     "RemoveApp",
     "Replica",

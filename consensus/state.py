@@ -120,6 +120,9 @@ class ClusterState:
     # The newest command format every replica accepts (consensus/commands.py): raised only
     # by a committed RaiseFormat, so that it is the same on every replica whatever its build.
     format_version: int = 1
+    # The watch round (agent/detector.py monitoring_targets) from format 2: committed, so
+    # every peer turns at the same point of the log whatever its clock says.
+    watch_round: int = 0
     # The node whose clock the command being applied was stamped with (not replicated).
     _clock: str = field(default="", repr=False, compare=False)
 
@@ -546,6 +549,12 @@ class ClusterState:
     def _on_probe(self, command: c.Probe) -> Outcome:
         return ACCEPTED
 
+    def _on_rotate_watch(self, command: c.RotateWatch) -> Outcome:
+        if command.round != self.watch_round + 1:
+            return Outcome(True, f"watch round is {self.watch_round}", duplicate=True)
+        self.watch_round = command.round
+        return ACCEPTED  # not an event: one a minute would push real ones out of the window
+
     def _on_raise_format(self, command: c.RaiseFormat) -> Outcome:
         if command.version <= self.format_version:
             return Outcome(True, f"format already {self.format_version}", duplicate=True)
@@ -593,7 +602,7 @@ class ClusterState:
             "event_seq": self.event_seq,
             "applied_count": self.applied_count,
             "rejected_count": self.rejected_count,
-        } | ({"format_version": self.format_version} if self.format_version > 1 else {})
+        } | ({"format_version": self.format_version, "watch_round": self.watch_round} if self.format_version > 1 else {})
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(self.to_dict())
@@ -603,6 +612,7 @@ class ClusterState:
         settings = Settings(**_known(Settings, data["settings"]))
         state = cls(settings=settings)
         state.format_version = data.get("format_version", 1)
+        state.watch_round = data.get("watch_round", 0)
         state.epoch = data["epoch"]
         state.plan_committed_at_ms = data["plan_committed_at_ms"]
         state.members = {m["node_id"]: Member(**_known(Member, m)) for m in data["members"]}
@@ -647,6 +657,7 @@ _HANDLERS = {
     c.StoreReport: ClusterState._on_store_report,
     c.Probe: ClusterState._on_probe,
     c.RaiseFormat: ClusterState._on_raise_format,
+    c.RotateWatch: ClusterState._on_rotate_watch,
 }
 
 

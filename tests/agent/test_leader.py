@@ -130,3 +130,31 @@ def test_when_only_a_node_that_failed_a_load_could_serve_it_is_tried_again():
     problem = build_problem(state, sightings)
     assert plan_for(problem).plan.primary_of("det") is None
     assert plan_with_fallback(problem).plan.primary_of("det") is not None
+
+
+@pytest.mark.parametrize(("members", "format_version", "rotation_s", "due_after_ms"), [
+    (9, 2, 60.0, 60_000),
+    (12, 2, 10.0, 10_000),
+    (8, 2, 60.0, None),   # everyone watches everyone: nothing to rotate
+    (9, 1, 60.0, None),   # the previous build's peers turn by their wall clocks
+    (9, 2, 0.0, None),    # rotation off
+])
+def test_the_leader_commits_the_next_watch_round_on_its_own_clock(members, format_version, rotation_s, due_after_ms):
+    from types import SimpleNamespace
+
+    from redge.agent.leader import LeaderDuty
+
+    state = state_with([f"n{i}" for i in range(1, members + 1)])
+    if format_version > 1:
+        state.apply(c.RaiseFormat(format_version, "n1", 1))
+    clock = FakeClock()
+    duty = LeaderDuty(SimpleNamespace(config=SimpleNamespace(watch_rotation_s=rotation_s)), clock=clock)
+    left = duty._rotation_left_ms(state)
+    if due_after_ms is None:
+        assert left is None
+        return
+    assert left == due_after_ms
+    clock.advance(due_after_ms)
+    assert duty._rotation_left_ms(state) == 0
+    state.apply(c.RotateWatch(1, "n1", 2))
+    assert duty._rotation_left_ms(state) == due_after_ms  # a new round: timed from when it was seen

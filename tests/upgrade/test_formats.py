@@ -119,3 +119,16 @@ def test_a_snapshot_from_a_newer_build_is_read_without_its_new_fields(extra):
     newer["settings"] = {**data["settings"], **extra}
     read = ClusterState.from_dict(newer)
     assert read.to_bytes() == state.to_bytes()
+
+
+def test_the_watch_round_is_committed_from_format_2_and_only_moves_one_at_a_time():
+    state = cluster()
+    refused = state.apply_encoded(c.encode(c.RotateWatch(1, "n1", 5), state.format_version))
+    assert not refused.accepted and state.watch_round == 0  # a format-2 type in a format-1 cluster
+    assert orjson.loads(c.encode(c.RotateWatch(1, "n1", 5), 1))["v"] == 2
+    state.apply(c.RaiseFormat(2, "n1", 6))
+    assert state.apply_encoded(c.encode(c.RotateWatch(1, "n1", 7), 2)).accepted and state.watch_round == 1
+    for stale_or_gap in (1, 3):
+        outcome = state.apply(c.RotateWatch(stale_or_gap, "n2", 8))
+        assert outcome.duplicate and state.watch_round == 1
+    assert ClusterState.from_bytes(state.to_bytes()).watch_round == 1
