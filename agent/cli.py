@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--json", action="store_true")
     for sub in (status, events):
         sub.add_argument("--token-file", type=Path,
-                         help="read or admin token file, for a peer that requires one for reads "
-                              "(else REDGE_READ_TOKEN, else REDGE_ADMIN_TOKEN)")
+                         help="read (or admin) token file, for a peer that requires one for reads "
+                              "(else REDGE_READ_TOKEN)")
 
     apps = commands.add_parser("apps", help="register, remove and list apps")
     app_commands = apps.add_subparsers(dest="apps_command", required=True)
@@ -280,10 +280,9 @@ def _admin_token(args: argparse.Namespace) -> str:
 
 
 def _read_token(args: argparse.Namespace) -> str:
-    """For reads: the token file, else the read token, else the admin token (a peer with a
-    read token takes either)."""
-    return (_admin_token(args) if args.token_file else "") or os.environ.get("REDGE_READ_TOKEN", "") \
-        or os.environ.get("REDGE_ADMIN_TOKEN", "")
+    """For reads: the token file, else REDGE_READ_TOKEN. (Never the admin token unasked: it
+    would travel to whatever --peer says; give it with --token-file where that is meant.)"""
+    return (_admin_token(args) if args.token_file else "") or os.environ.get("REDGE_READ_TOKEN", "")
 
 
 def _print_json(data: Any) -> None:

@@ -293,17 +293,23 @@ class AsyncClient:
                 errors.append(f"{url}: {type(error).__name__}")
         raise NoReplicaAvailable("admin", errors)
 
-    async def events(self, since: int = 0, wait_s: float = 10.0) -> AsyncIterator[dict[str, Any]]:
-        """Yield the cluster's events as they are committed, from any peer that answers."""
+    async def events(self, since: int = 0, wait_s: float = 10.0, token: str | None = None
+                     ) -> AsyncIterator[dict[str, Any]]:
+        """Yield the cluster's events as they are committed, from any peer that answers.
+        `token`: the read token, for peers that require one (a 401 raises RequestRejected:
+        no other peer of the cluster would answer otherwise)."""
         assert self._session is not None, "call start() first"
+        headers = {"Authorization": f"Bearer {token}"} if token else None
         while True:
             got = False
             for url in self._peer_order():
                 try:
                     async with self._session.get(
-                        f"{url}/cluster/events", params={"since": since, "wait_s": wait_s},
+                        f"{url}/cluster/events", params={"since": since, "wait_s": wait_s}, headers=headers,
                         timeout=aiohttp.ClientTimeout(total=wait_s + 5.0),
                     ) as response:
+                        if response.status == 401:
+                            raise RequestRejected(401, _error_message(await response.read()))
                         if response.status != 200:
                             continue
                         body = orjson.loads(await response.read())

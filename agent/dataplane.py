@@ -813,7 +813,7 @@ class Worker:
 
     async def to_control(self, request: web.Request) -> web.Response:
         """Pass an admin or cluster call to the control process, body capped small."""
-        if request.method in ("GET", "HEAD") and not request.path.startswith(OPEN_CONTROL_PREFIXES):
+        if request.method in ("GET", "HEAD") and request.match_info.route.resource.canonical not in OPEN_CONTROL_ROUTES:
             self.config.require_read(request)
         length = request.content_length
         if length is not None and length > CONTROL_BODY_BYTES_MAX:

@@ -231,6 +231,7 @@ class LeaderDuty(Duty):
         # when it saw the change, not from when it was elected.
         self.sightings = Sightings(clock or MonotonicClock())
         self._format_checked_ms = -FORMAT_CHECK_S * 1000
+        self._format_task: asyncio.Task[None] | None = None
         # (watch round, when this peer first saw it on its monotonic clock)
         self._round_seen: tuple[int, float] = (0, self.sightings.clock.now_ms())
         # The commit that woke this duty: (wall ms when applied here, its at_ms if this peer
@@ -277,8 +278,8 @@ class LeaderDuty(Duty):
             if self._stopped:
                 return
             raft = self.peer.raft
-            if raft is None or not raft.status().is_leader:
-                continue
+            if raft is None or not raft.status().is_leader or raft.unreadable():
+                continue  # (a replica that cannot follow the state must not plan from it)
             try:
                 result = await self.plan_and_commit()
                 await self.remove_departed_voters()
@@ -321,31 +322,50 @@ class LeaderDuty(Duty):
         return min(REPLAN_S, max(0.01, soonest_ms / 1000 + 0.01))
 
     async def raise_format(self) -> None:
-        """Raise the cluster's command format when every member reads a newer one
-        (agent/upgrade.py). Asks at most every FORMAT_CHECK_S while there is one to raise."""
+        """Start raising the cluster's command format when every member may read a newer one
+        (agent/upgrade.py): at most one ask at a time, at most every FORMAT_CHECK_S, and only
+        while every member that has not left is alive (one that is not would hold it anyway).
+        The ask runs beside planning, never in its way."""
         raft = self.peer.raft
         assert raft is not None
         now_ms = self.sightings.clock.now_ms()
-        if now_ms - self._format_checked_ms < FORMAT_CHECK_S * 1000:
+        if (self._format_task is not None and not self._format_task.done()) \
+                or now_ms - self._format_checked_ms < FORMAT_CHECK_S * 1000:
             return
         me = self.peer.node_id
 
-        def others(state: ClusterState) -> tuple[int, dict[str, str]]:
-            return state.format_version, {
-                m.node_id: m.http_address for m in state.members.values() if m.status != LEFT and m.node_id != me
+        def ask(state: ClusterState) -> tuple[int, tuple[str, ...], dict[str, str]] | None:
+            members = [m for m in state.members.values() if m.status != LEFT]
+            if state.format_version >= c.FORMAT_VERSION or any(m.status != ALIVE for m in members):
+                return None
+            return state.format_version, state.format_members(), {
+                m.node_id: m.http_address for m in members if m.node_id != me
             }
 
-        current, addresses = raft.read(others)
-        if current >= c.FORMAT_VERSION:
+        asked = raft.read(ask)
+        if asked is None:
             return
         self._format_checked_ms = now_ms
-        answers = await upgrade.ask_formats(addresses)
-        target = upgrade.format_to_raise(current, answers, c.FORMAT_VERSION)
-        if target is None:
-            log.debug("format_held", current=current, answers=answers)
-            return
-        outcome = await self.peer.propose(c.RaiseFormat(target, me, wall_ms()))
-        log.info("format_raised", version=target, previous=current, accepted=outcome.accepted, reason=outcome.reason)
+        self._format_task = asyncio.get_running_loop().create_task(self._raise_format(*asked), name="raise-format")
+
+    async def _raise_format(self, current: int, members: tuple[str, ...], addresses: dict[str, str]) -> None:
+        try:
+            answers = await upgrade.ask_formats(addresses)  # GET /v2 needs no token
+            target = upgrade.format_to_raise(current, answers, c.FORMAT_VERSION)
+            if target is None:
+                log.debug("format_held", current=current, answers=answers)
+                return
+            # Refused on every replica alike if the members changed since they were asked.
+            outcome = await self.peer.propose(c.RaiseFormat(target, self.peer.node_id, wall_ms(), members=members))
+            log.info("format_raised", version=target, previous=current, accepted=outcome.accepted,
+                     reason=outcome.reason)
+        except ConsensusError as error:
+            log.info("format_not_raised", error=str(error) or type(error).__name__)
+
+    async def stop(self) -> None:
+        if self._format_task is not None:
+            self._format_task.cancel()
+        await super().stop()
 
     def _rotation_left_ms(self, state: ClusterState) -> float | None:
         """How long until the next watch round is due (None: no rotation in this cluster)."""

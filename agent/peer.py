@@ -289,7 +289,8 @@ class Peer:
         temporary.write_text(f"{incarnation}\n")
         os.replace(temporary, path)
 
-    async def _discover_members(self, join_url: str) -> list[str]:
+    async def _cluster_view(self, join_url: str) -> dict[str, Any]:
+        """A member's `GET /cluster` (with the read token, where this cluster has one)."""
         timeout = aiohttp.ClientTimeout(total=self.profile.request_timeout_s)
         try:
             headers = {"Authorization": f"Bearer {self.config.read_token}"} if self.config.read_token else None
@@ -297,9 +298,12 @@ class Peer:
                 async with session.get(f"{join_url.rstrip('/')}/cluster") as response:
                     if response.status != 200:
                         raise JoinFailed(f"{join_url}/cluster answered {response.status}")
-                    snapshot = await response.json()
-        except (TimeoutError, aiohttp.ClientError, OSError) as error:
+                    return await response.json()
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as error:
             raise JoinFailed(f"cannot reach {join_url} to join: {error or type(error).__name__}") from None
+
+    async def _discover_members(self, join_url: str) -> list[str]:
+        snapshot = await self._cluster_view(join_url)
         partners = [
             m["raft_address"] for m in snapshot.get("members", []) if m.get("status") != LEFT
         ]
@@ -310,8 +314,11 @@ class Peer:
 
     async def _request_join(self, join_url: str) -> None:
         # The member records this peer in the cluster state before adding it to Raft: a Raft
-        # voter with no live member record would look like a departed one to the leader.
-        body = c.encode(self._join_command())
+        # voter with no live member record would look like a departed one to the leader. The
+        # body is in the cluster's format, so that it carries what that format asks of a Join
+        # (`reads_format`) and a member of the previous build can still read it.
+        cluster_format = (await self._cluster_view(join_url)).get("format_version", 1)
+        body = c.encode(self._join_command(), cluster_format if isinstance(cluster_format, int) else 1)
         headers = {JOIN_SIGNATURE_HEADER: sign_join(self.config.secret, body), "Content-Type": "application/json"}
         timeout = aiohttp.ClientTimeout(total=self.profile.request_timeout_s * 2)
         try:
@@ -339,6 +346,7 @@ class Peer:
             accelerator_memory_bytes=config.accelerator_memory_bytes,
             storage_bytes=config.storage_budget_bytes,
             device_kind=config.device_kind,
+            reads_format=c.FORMAT_VERSION,
         )
 
     def _membership_view(self, state: ClusterState) -> tuple[int, str] | None:
@@ -504,7 +512,7 @@ class Peer:
         replaced = command is None and outcome.accepted
         if replaced or isinstance(command, (c.Join, c.Leave, c.Suspect)):
             self._state_changed.set()
-        if (replaced or isinstance(command, (c.Join, c.Leave, c.Suspect, c.Unsuspect, c.RotateWatch))) \
+        if (replaced or isinstance(command, (c.Join, c.Leave, c.Suspect, c.Unsuspect, c.RotateWatch, c.RaiseFormat))) \
                 and self.detection is not None:
             self.detection.refresh_targets()
         for hook in list(self._commit_hooks):

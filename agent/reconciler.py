@@ -104,6 +104,7 @@ class Reconciler(Duty):
         self._kept_since: dict[str, float] = {}
         self._retry: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[None]] = set()  # refetches after a quarantine
+        self._fetching: dict[str, asyncio.Lock] = {}  # variant -> held while it is fetched
         self._last_store_report: tuple | None = None
         self._recovering_seen_s = -COLD_AFTER_RECOVERY_S  # monotonic: when a recovery elsewhere was last seen
         self._recovering_since_s: float | None = None  # and since when it has been going on
@@ -112,6 +113,11 @@ class Reconciler(Duty):
     def start(self) -> None:
         self.replicas.on_host_crash = self._on_host_crash
         super().start()
+
+    async def stop(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await super().stop()
 
     def _on_host_crash(self, lost_apps: list[str]) -> None:
         """The model host died: what it held is gone; reload what the plan wants here."""
@@ -142,6 +148,8 @@ class Reconciler(Duty):
             self._wake.clear()
             if self._stopped:
                 return
+            if self.peer.raft is not None and self.peer.raft.unreadable():
+                continue  # the state this replica holds is not the cluster's: act on none of it
             try:
                 await self.reconcile()
             except ConsensusError as error:
@@ -417,7 +425,12 @@ class Reconciler(Duty):
 
     async def _ensure_stored(self, app: str, variant: str, purpose: str, epoch: int, version: str | None = None) -> None:
         """Have an artifact of `variant` for `purpose` (or exactly `version`) in the store,
-        fetching it from a peer that holds it or from the source."""
+        fetching it from a peer that holds it or from the source. One fetch of a variant at a
+        time (a refetch after a quarantine and a retried load share its staging files)."""
+        async with self._fetching.setdefault(variant, asyncio.Lock()):
+            await self._ensure_stored_now(app, variant, purpose, epoch, version)
+
+    async def _ensure_stored_now(self, app: str, variant: str, purpose: str, epoch: int, version: str | None) -> None:
         loop = asyncio.get_running_loop()
         if version is not None:
             if await loop.run_in_executor(None, self.store.contains, variant, version):

@@ -19,42 +19,50 @@ RECOVERED_EVENT = "member_recovered"
 
 
 class Sightings:
-    """First sightings of each member incarnation and of each (incarnation, status)."""
+    """When this peer first saw each member's (incarnation, status), each recovery from a
+    confirmed failure, and each failed load."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
-        self._incarnations: dict[tuple[str, int], float] = {}
         self._statuses: dict[tuple[str, int, str], float] = {}
         # (node, variant) -> when this peer saw its load there fail (its Report).
         self._load_failures: dict[tuple[str, str], float] = {}
+        # node -> (the incarnation that came back from its latest confirmed failure, when
+        # this peer saw it come back).
+        self._recoveries: dict[str, tuple[int, float]] = {}
+        self._scanned: dict[str, int] = {}  # node -> the incarnation whose events were read
 
     def observe(self, state: ClusterState) -> None:
         """Note what is new in `state` (call it on every commit; cheap: one pass over members)."""
         now_ms = self.clock.now_ms()
-        incarnations, statuses = {}, {}
+        statuses = {}
         for member in state.members.values():
-            key = (member.node_id, member.incarnation)
-            incarnations[key] = self._incarnations.get(key, now_ms)
-            status_key = (*key, member.status)
-            statuses[status_key] = self._statuses.get(status_key, now_ms)
-        self._incarnations, self._statuses = incarnations, statuses
-
-    def incarnation_age_ms(self, member: Member) -> float:
-        seen = self._incarnations.get((member.node_id, member.incarnation))
-        return 0.0 if seen is None else self.clock.now_ms() - seen
+            key = (member.node_id, member.incarnation, member.status)
+            statuses[key] = self._statuses.get(key, now_ms)
+        self._statuses = statuses
+        for member in state.members.values():
+            # A recovery comes with a new incarnation, and the committed events say which
+            # one: read them once per incarnation. One this peer learns of late (it started
+            # later, or got a snapshot) is timed from now, so the hold-down is never shorter.
+            if member.hold_down_until_ms <= 0 or self._scanned.get(member.node_id) == member.incarnation:
+                continue
+            self._scanned[member.node_id] = member.incarnation
+            incarnation = recovered_incarnation(state, member.node_id)
+            known = self._recoveries.get(member.node_id)
+            if incarnation is not None and (known is None or known[0] != incarnation):
+                self._recoveries[member.node_id] = (incarnation, now_ms)
 
     def status_age_ms(self, member: Member) -> float:
         seen = self._statuses.get((member.node_id, member.incarnation, member.status))
         return 0.0 if seen is None else self.clock.now_ms() - seen
 
     def hold_down_left_ms(self, state: ClusterState, member: Member) -> float:
-        """How much longer `member` takes no primaries: `hold_down_ms` from when this peer first
-        saw the incarnation that recovered from a confirmed failure; 0 for any other."""
-        if member.hold_down_until_ms <= 0 or member.status in (FAILED, LEFT):
+        """How much longer `member` takes no primaries: `hold_down_ms` from when this peer saw
+        it come back from its latest confirmed failure (a restart meanwhile does not end it)."""
+        seen = self._recoveries.get(member.node_id)
+        if seen is None or member.status in (FAILED, LEFT):
             return 0.0
-        if recovered_incarnation(state, member.node_id) != member.incarnation:
-            return 0.0
-        return max(0.0, state.settings.hold_down_ms - self.incarnation_age_ms(member))
+        return max(0.0, state.settings.hold_down_ms - (self.clock.now_ms() - seen[1]))
 
     def since_last_failure_ms(self, state: ClusterState) -> float | None:
         """How long ago this peer saw the latest of the failed members fail (None: none failed)."""

@@ -29,7 +29,7 @@ from typing import Any, Union
 
 import orjson
 
-from redge.consensus.errors import MalformedCommand
+from redge.consensus.errors import FormatTooNew, MalformedCommand
 
 # The newest format this build reads and writes; see the module docstring.
 FORMAT_VERSION = 2
@@ -53,6 +53,10 @@ class Join:
     accelerator_memory_bytes: int = 0
     storage_bytes: int = 0
     device_kind: str = "cpu"
+    # Format 2: the newest command format the joining build reads. From format 2 on, a Join
+    # from a build that cannot read the cluster's format is refused (a build from before
+    # formats sends none, and so cannot come back into a cluster it could not follow).
+    reads_format: int = 0
 
 
 @dataclass(frozen=True)
@@ -192,11 +196,14 @@ class Probe:
 @dataclass(frozen=True)
 class RaiseFormat:
     """Format 2: from now on every replica accepts commands of format `version`. The leader
-    proposes it once every member has said that its build reads that format."""
+    proposes it once every member has said that its build reads that format; `members` are
+    those it asked ("node@incarnation", sorted), and the command counts only while they are
+    still exactly the members that have not left (ClusterState.raise_format_valid)."""
 
     version: int
     proposer_id: str
     at_ms: int
+    members: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -233,7 +240,9 @@ COMMAND_TYPES: dict[str, type] = {
 # (RaiseFormat is new in format 2 but written as format 1: it is what lets a format-1
 # cluster accept format 2, and it is only proposed once every member has said that it reads it.)
 TYPES_INTRODUCED_IN: dict[type, int] = {RotateWatch: 2}
-FIELDS_INTRODUCED_IN: dict[tuple[type, str], int] = {(RegisterApp, "proposer_id"): 2, (RemoveApp, "proposer_id"): 2}
+FIELDS_INTRODUCED_IN: dict[tuple[type, str], int] = {
+    (RegisterApp, "proposer_id"): 2, (RemoveApp, "proposer_id"): 2, (Join, "reads_format"): 2,
+}
 TYPE_NAMES: dict[type, str] = {cls: name for name, cls in COMMAND_TYPES.items()}
 
 MAX_COMMAND_BYTES = 1 << 20
@@ -253,8 +262,11 @@ def encode(command: Command, format_version: int = 1) -> bytes:
     """Encode in the highest format up to `format_version` (the cluster's committed one):
     fields of a later format are left out, which the readers take as their default."""
     cls = type(command)
-    # A type newer than the cluster's format is written in its own: every replica refuses it.
-    version = max(min(format_version, FORMAT_VERSION), TYPES_INTRODUCED_IN.get(cls, 1))
+    version = min(format_version, FORMAT_VERSION)
+    if TYPES_INTRODUCED_IN.get(cls, 1) > version:
+        # Never proposed, not even to be refused: a build that does not know the type would
+        # record the entry differently from one that does.
+        raise FormatTooNew(f"{TYPE_NAMES[cls]} needs format {TYPES_INTRODUCED_IN[cls]}; the cluster's is {version}")
     payload = dataclasses.asdict(command)
     for (kind, name), introduced in FIELDS_INTRODUCED_IN.items():
         if kind is cls and introduced > version:
@@ -263,6 +275,22 @@ def encode(command: Command, format_version: int = 1) -> bytes:
     if version > 1:
         payload["v"] = version
     return orjson.dumps(payload)
+
+
+def entry_format(data: bytes) -> int:
+    """The format an encoded entry says it is in (1 when it does not parse: it is malformed
+    whatever its format)."""
+    try:
+        return format_in(orjson.loads(data))
+    except (orjson.JSONDecodeError, TypeError):
+        return 1
+
+
+def format_in(payload: Any) -> int:
+    """The format a decoded entry says it is in: its "v" when that is an integer of at least
+    2, else 1 (no "v", or one that the builds before formats refuse as an unknown field)."""
+    version = payload.get("v") if isinstance(payload, dict) else None
+    return version if isinstance(version, int) and not isinstance(version, bool) and version >= 2 else 1
 
 
 def decode(data: bytes) -> Command:
@@ -281,9 +309,10 @@ def decode_versioned(data: bytes) -> tuple[Command, int]:
     if not isinstance(payload, dict):
         raise MalformedCommand("command must be a JSON object")
     type_name = payload.pop("type", None)
-    version = payload.pop("v", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise MalformedCommand(f"format version must be an integer >= 1, not {version!r}")
+    version = format_in(payload)
+    if version > 1:
+        del payload["v"]
+    # (Anything else in "v" stays a field: format 1 refuses it as the builds before did.)
     cls = COMMAND_TYPES.get(type_name) if isinstance(type_name, str) else None
     if cls is None:
         raise MalformedCommand(f"unknown command type {type_name!r}")
@@ -378,6 +407,7 @@ __all__ = [
     "Unsuspect",
     "decode",
     "decode_versioned",
+    "entry_format",
     "encode",
     "proposer_of",
 ]

@@ -26,17 +26,13 @@ class ProposalTimeout(ConsensusError):
     """The deadline passed before the commit was seen. The outcome is unknown."""
 
 
-class ProposalRejected(ConsensusError):
-    """The command committed but the state machine refused it; `reason` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 class MembershipChangeRefused(ConsensusError):
     """Raft refused a membership change (another change is in flight, or the node is known)."""
 
 
 class MalformedCommand(ConsensusError):
     """The bytes do not decode to a known command."""
+
+
+class FormatTooNew(ConsensusError):
+    """A command of a format above the cluster's committed one: it is not proposed at all."""

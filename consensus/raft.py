@@ -173,6 +173,10 @@ class _StateMachine(SyncObjConsumer):
     @replicated
     def apply_command(self, data: bytes) -> dict[str, Any]:
         # Never raise here: pysyncobj would retry the entry forever.
+        if self.unreadable:
+            # Entries after a snapshot this build could not read would land on the wrong
+            # state: apply nothing until a readable snapshot replaces it.
+            return {"accepted": False, "reason": self.unreadable, "duplicate": False}
         with self.lock:
             seq_before = self.state.event_seq
             command, outcome = self.state.apply_entry(data)

@@ -132,27 +132,40 @@ class ClusterState:
         return self.apply_entry(data)[1]
 
     def apply_entry(self, data: bytes) -> tuple[c.Command | None, Outcome]:
-        """Decode and apply one replicated entry; the command is None when it did not decode."""
-        try:
-            command, version = c.decode_versioned(data)
-        except MalformedCommand as error:
-            self._clock = ""
-            return None, self._reject("malformed", 0, str(error))
-        return command, self.apply(command, version)
+        """Decode and apply one replicated entry; the command is None when it did not decode.
 
-    def apply(self, command: c.Command, version: int | None = None) -> Outcome:
-        """Apply one command. `version` is the format it arrived in (None: built in this
-        process, trusted to fit); one above the committed format is refused on every replica."""
+        Every way an entry is refused here is recorded as a malformed one is, whatever this
+        build knows of it: one above the cluster's format (before its type is even looked
+        up), and a RaiseFormat that does not hold, which is recorded exactly as a build that
+        does not know RaiseFormat records it. So replicas of different builds agree."""
+        self._clock = ""
+        version = c.entry_format(data)
+        if version > self.format_version:
+            return None, self._reject("malformed", 0, f"format {version} is above the cluster's format {self.format_version}")
+        try:
+            command = c.decode(data)
+        except MalformedCommand as error:
+            return None, self._reject("malformed", 0, str(error))
+        if isinstance(command, c.RaiseFormat) and not self.raise_format_valid(command):
+            return None, self._reject("malformed", 0, "unknown command type 'raise_format'")
+        return command, self.apply(command)
+
+    def raise_format_valid(self, command: c.RaiseFormat) -> bool:
+        """A RaiseFormat counts only while the members it was checked against are exactly the
+        members that have not left, each in the same incarnation: one that joined or came
+        back in between was never asked whether it reads the new format."""
+        return command.version <= self.format_version or tuple(command.members) == self.format_members()
+
+    def format_members(self) -> tuple[str, ...]:
+        """The members that have not left, as "node@incarnation", sorted."""
+        return tuple(sorted(f"{m.node_id}@{m.incarnation}" for m in self.members.values() if m.status != LEFT))
+
+    def apply(self, command: c.Command) -> Outcome:
+        """Apply one command built in this process (or decoded by `apply_entry`)."""
         handler = _HANDLERS.get(type(command))
         self._clock = c.proposer_of(command)
         if handler is None:
             return self._reject(type(command).__name__, 0, "unknown command")
-        if version is not None and version > self.format_version:
-            self.applied_count += 1
-            return self._reject(
-                c.TYPE_NAMES[type(command)], getattr(command, "at_ms", 0),
-                f"format {version} is above the cluster's format {self.format_version}",
-            )
         try:
             outcome = handler(self, command)
         except Exception as error:  # a bug must not wedge the Raft log: record it and go on
@@ -180,6 +193,12 @@ class ClusterState:
             return self._reject("join", command.at_ms, f"invalid node id {command.node_id!r}")
         if command.incarnation < 0:
             return self._reject("join", command.at_ms, "incarnation must be >= 0")
+        if self.format_version >= 2 and command.reads_format < self.format_version:
+            return self._reject(
+                "join", command.at_ms,
+                f"{command.node_id} reads command formats up to {command.reads_format or 1} and the cluster's is "
+                f"{self.format_version}: upgrade it",
+            )
         for other in self.members.values():
             if other.node_id != command.node_id and other.status != LEFT and (
                 other.raft_address == command.raft_address or other.http_address == command.http_address

@@ -4,7 +4,7 @@ off, changes none of them (agent/sightings.py)."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from redge.agent.clock import FakeClock
@@ -57,6 +57,7 @@ def test_a_rejoining_nodes_clock_does_not_change_its_hold_down(skew_ms: int) -> 
     assert not next(n for n in build_problem(state, sightings).nodes if n.node_id == "n3").hold_down
 
 
+@settings(deadline=None)
 @given(skew_ms=st.integers(-24 * HOUR_MS, 24 * HOUR_MS), elapsed_ms=st.floats(0, 60_000))
 def test_hold_down_is_the_setting_less_the_time_seen_here(skew_ms: int, elapsed_ms: float) -> None:
     clock = FakeClock()
@@ -71,18 +72,40 @@ def test_hold_down_is_the_setting_less_the_time_seen_here(skew_ms: int, elapsed_
     assert sightings.hold_down_left_ms(state, state.members["n2"]) == pytest.approx(expected)
 
 
-def test_only_the_incarnation_that_recovered_is_held_down() -> None:
+def test_a_restart_during_a_hold_down_does_not_end_it_and_a_new_recovery_starts_another() -> None:
     clock = FakeClock()
     sightings = Sightings(clock)
     state = cluster()
+    sightings.observe(state)
     assert sightings.hold_down_left_ms(state, state.members["n1"]) == 0  # never failed
     fail(state, "n1")
     rejoin(state, "n1", at_ms=WALL_MS)
     sightings.observe(state)
-    assert sightings.hold_down_left_ms(state, state.members["n1"]) > 0
+    hold_ms = state.settings.hold_down_ms
+    clock.advance(1000)
     rejoin(state, "n1", at_ms=WALL_MS + 1)  # a plain restart, not after a confirmed failure
     sightings.observe(state)
+    assert sightings.hold_down_left_ms(state, state.members["n1"]) == hold_ms - 1000
+    clock.advance(hold_ms)
     assert sightings.hold_down_left_ms(state, state.members["n1"]) == 0
+    fail(state, "n1")
+    rejoin(state, "n1", at_ms=WALL_MS + 2)  # failed and back again: a new hold-down
+    sightings.observe(state)
+    assert sightings.hold_down_left_ms(state, state.members["n1"]) == hold_ms
+
+
+def test_a_recovery_seen_keeps_its_hold_down_when_its_event_leaves_the_window() -> None:
+    clock = FakeClock()
+    sightings = Sightings(clock)
+    state = cluster()
+    fail(state, "n2")
+    rejoin(state, "n2", at_ms=WALL_MS)
+    sightings.observe(state)
+    for index in range(state.settings.events_max + 10):
+        state.apply(c.Report("n1", "load_started", WALL_MS, app="a", detail=str(index)))
+    assert not any(e.kind == "member_recovered" for e in state.events)
+    sightings.observe(state)
+    assert sightings.hold_down_left_ms(state, state.members["n2"]) == state.settings.hold_down_ms
 
 
 @pytest.mark.parametrize("skew_ms", [-HOUR_MS, 0, HOUR_MS], ids=lambda s: f"skew{s:+d}ms")

@@ -53,6 +53,8 @@ def test_reads_need_the_token_and_serving_does_not(tmp_path):
             assert status_of(url + path, ADMIN_TOKEN) == 200, path
         for path in ("/v2", "/v2/health/ready", "/v2/health/live", "/cluster/routes", "/v2/models/det"):
             assert status_of(url + path) == 200, path
+        for hidden in ("/v2/health/..%2F..%2Fcluster", "/v2/health/%2E%2E/cluster", "/cluster/../cluster"):
+            assert status_of(url + hidden) in (401, 404), hidden  # never the state, unasked
         with Client([url]) as client:
             assert client.infer("det", X).outputs["output"].shape[0] == 1
         # The read token is not an admin token.

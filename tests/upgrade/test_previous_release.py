@@ -78,7 +78,13 @@ def sequences() -> list[list[bytes]]:
         incarnations: dict[str, int] = {}
         entries = [c.encode(random_command(rng, 1000 + step * 7, incarnations), 1)
                    for step in range(COMMANDS_PER_SEQUENCE)]
-        entries.insert(rng.randrange(len(entries)), b'{"type": "nope"}')  # both must refuse it alike
+        # Entries both must refuse alike: an unknown type, a "v" that is no format of 2 or
+        # more, and a RaiseFormat whose members are not the cluster's (the previous release
+        # does not know the type; this build finds it void, and must record it the same).
+        for odd in (b'{"type": "nope"}', b'{"type": "probe", "proposer_id": "n1", "token": "t", "at_ms": 1, "v": 1}',
+                    b'{"type": "probe", "proposer_id": "n1", "token": "t", "at_ms": 1, "v": "2"}',
+                    c.encode(c.RaiseFormat(2, "n1", 5, members=("n9@1",)), 1)):
+            entries.insert(rng.randrange(len(entries)), odd)
         result.append(entries)
     return result
 
