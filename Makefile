@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV = $$(scripts/venv.sh)
 RESULTS ?= results
 
-.PHONY: demo test test-fast venv lint bench bench-raft clean
+.PHONY: demo test test-fast check-wheel venv lint bench bench-raft clean
 
 venv:
 	@scripts/venv.sh
@@ -14,6 +14,10 @@ demo:
 
 test:
 	@venv=$(VENV) && $$venv/bin/python -m pytest
+
+# `pip install .` into a fresh environment, then a chaos scenario from outside the clone.
+check-wheel:
+	@scripts/check-wheel.sh
 
 # The pure and in-process tests only: seconds, no peer processes.
 test-fast:

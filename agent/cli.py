@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import os
 import sys
 import time
@@ -142,14 +143,32 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("zoo_command", choices=["export"], help="export: see `redge zoo export --help`")
     zoo.add_argument("zoo_args", nargs=argparse.REMAINDER)
 
-    chaos = commands.add_parser("chaos", help="break a local cluster on purpose and measure what it costs")
-    chaos.add_argument("chaos_command", choices=["run"], help="run: see `redge chaos run --help`")
-    chaos.add_argument("chaos_args", nargs=argparse.REMAINDER)
-
-    demo = commands.add_parser("demo", help="run a local cluster, break it, and print what it cost")
-    demo.add_argument("--out", type=Path, default=Path("results/demo"), help="where to write the report")
-    demo.add_argument("--peers", type=int, default=3)
+    for name, entry in sorted(plugin_commands().items()):
+        plugin = commands.add_parser(name, add_help=False, help=_plugin_help(entry))
+        plugin.add_argument("plugin_args", nargs=argparse.REMAINDER)
     return parser
+
+
+# Commands other packages add (pyproject.toml, entry points `redge.commands`): each entry is
+# a function of the remaining arguments that returns an exit status. The chaos package adds
+# `chaos` and `demo` this way, so the product never imports its own test harness.
+PLUGIN_GROUP = "redge.commands"
+
+
+def plugin_commands() -> dict[str, importlib.metadata.EntryPoint]:
+    return {entry.name: entry for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP)}
+
+
+def _plugin_help(entry: importlib.metadata.EntryPoint) -> str:
+    """The first line of the command function's docstring (its module imports lazily)."""
+    try:
+        doc = entry.load().__doc__ or ""
+    except ImportError as error:
+        return f"unavailable: {error}"
+    return doc.strip().splitlines()[0] if doc.strip() else f"from {entry.module}"
+
+
+BUILT_IN = ("peer", "status", "events", "apps", "fetch", "store", "zoo")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,10 +177,9 @@ def main(argv: list[str] | None = None) -> None:
         from redge.runtime.zoo import main as zoo_main
 
         sys.exit(zoo_main(argv[2:]))
-    if argv[:2] == ["chaos", "run"]:
-        from redge.chaos.runner import main as chaos_main
-
-        sys.exit(chaos_main(argv[2:]))
+    plugins = plugin_commands()
+    if argv and argv[0] in plugins and argv[0] not in BUILT_IN:
+        sys.exit(plugins[argv[0]].load()(argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         if args.command == "peer":
@@ -176,10 +194,6 @@ def main(argv: list[str] | None = None) -> None:
             _fetch(args)
         elif args.command == "store":
             _store(args)
-        elif args.command == "demo":
-            from redge.chaos.demo import run_demo
-
-            sys.exit(run_demo(out_dir=args.out, peer_count=args.peers))
     except (AgentError, OSError) as error:
         print(f"redge {args.command}: {error}", file=sys.stderr)
         sys.exit(2)
