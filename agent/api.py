@@ -20,7 +20,9 @@ from aiohttp import web
 
 from redge.agent import metrics as metrics_module
 from redge.agent import oip
+from redge.agent.clock import wall_ms
 from redge.agent.dataplane import CONTROL_TOKEN_HEADER
+from redge.agent.joining import JOIN_SIGNATURE_HEADER, sign_join
 from redge.consensus import commands as c
 from redge.consensus.errors import ConsensusError, MalformedCommand, ProposalTimeout
 
@@ -209,8 +211,6 @@ async def cluster_events(request: web.Request) -> web.Response:
 
 async def cluster_join(request: web.Request) -> web.Response:
     """Add a new peer to the Raft group. The body is signed with the cluster secret."""
-    from redge.agent.peer import JOIN_SIGNATURE_HEADER, sign_join
-
     peer = _peer(request)
     body = await request.read()
     signature = request.headers.get(JOIN_SIGNATURE_HEADER, "")
@@ -253,8 +253,6 @@ async def cluster_probe(request: web.Request) -> web.Response:
     bounded by `attempt_timeout_s` and retried until it commits or `deadline_s` passes, so
     it also measures how long a cluster takes to commit again after losing its leader.
     """
-    from redge.agent.peer import now_ms
-
     _require_admin(request)
     peer = _peer(request)
     body = await _json_body(request)
@@ -281,9 +279,9 @@ async def cluster_probe(request: web.Request) -> web.Response:
             while True:
                 attempt_started = time.perf_counter()
                 try:
-                    await peer.propose(c.Probe(peer.node_id, f"{index}", now_ms()), timeout_s=attempt_timeout_s)
+                    await peer.propose(c.Probe(peer.node_id, f"{index}", wall_ms()), timeout_s=attempt_timeout_s)
                     latencies_ms.append((time.perf_counter() - attempt_started) * 1000)
-                    committed_at_ms.append(now_ms())
+                    committed_at_ms.append(wall_ms())
                     break
                 except ConsensusError as error:
                     failures[type(error).__name__] = failures.get(type(error).__name__, 0) + 1
@@ -346,11 +344,9 @@ async def apps_list(request: web.Request) -> web.Response:
 
 
 async def apps_register(request: web.Request) -> web.Response:
-    from redge.agent.peer import now_ms
-
     _require_admin(request)
     peer = _peer(request)
-    command = parse_app(await _json_body(request), now_ms(), proposer_id=peer.node_id)
+    command = parse_app(await _json_body(request), wall_ms(), proposer_id=peer.node_id)
     outcome = await peer.propose(command)
     if not outcome.accepted:
         raise HttpError(400, f"app refused: {outcome.reason}")
@@ -358,14 +354,12 @@ async def apps_register(request: web.Request) -> web.Response:
 
 
 async def apps_remove(request: web.Request) -> web.Response:
-    from redge.agent.peer import now_ms
-
     _require_admin(request)
     peer = _peer(request)
     name = request.match_info["name"]
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name):
         raise HttpError(400, f"invalid app name {name!r}")
-    outcome = await peer.propose(c.RemoveApp(name, now_ms(), proposer_id=peer.node_id))
+    outcome = await peer.propose(c.RemoveApp(name, wall_ms(), proposer_id=peer.node_id))
     if outcome.duplicate:
         raise HttpError(404, f"no app named {name}")
     return json_response({"app": name, "removed": True})

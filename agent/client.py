@@ -31,6 +31,7 @@ import numpy as np
 import orjson
 
 from redge.agent import oip
+from redge.agent.profile import Profile, get_profile
 
 PREFER_LOCAL_HEADER = "X-Redge-Prefer-Local"
 DEADLINE_HEADER = "X-Redge-Deadline-Ms"
@@ -91,19 +92,26 @@ class InferResult:
 
 
 class AsyncClient:
-    """Use `async with AsyncClient(peers) as client:` or call `start()` / `close()`."""
+    """Use `async with AsyncClient(peers) as client:` or call `start()` / `close()`.
+
+    `profile` (the cluster's, agent/profile.py) gives the deadlines not set here: a call's
+    whole `deadline_s` and one attempt's `attempt_timeout_s`."""
 
     def __init__(
         self,
         peers: list[str],
         *,
-        deadline_s: float = 5.0,
-        attempt_timeout_s: float = 1.0,
+        profile: str | Profile = "enterprise",
+        deadline_s: float | None = None,
+        attempt_timeout_s: float | None = None,
         attempts_max: int = 6,
         binary: bool = True,
         watch_routes: bool = True,
         hold_s: float = 1.0,
     ) -> None:
+        timings = profile if isinstance(profile, Profile) else get_profile(profile)
+        deadline_s = timings.client_deadline_s if deadline_s is None else deadline_s
+        attempt_timeout_s = timings.client_attempt_timeout_s if attempt_timeout_s is None else attempt_timeout_s
         assert peers, "give at least one peer URL"
         assert attempts_max >= 1 and deadline_s > 0 and attempt_timeout_s > 0 and hold_s >= 0
         # How long a peer may hold one attempt while the app recovers; the attempt's timeout
@@ -259,7 +267,8 @@ class AsyncClient:
             turn += 1
             tried_primary_failed = True
             if self._session is not None and not self.watch_routes:
-                with contextlib.suppress(Exception):
+                # refresh_routes handles its own network errors; only its bound can end it.
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.refresh_routes(0), max(0.001, min(0.5, deadline - time.monotonic())))
         if recovering:
             raise AppRecovering(app, attempts, recovering)

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from redge.agent.errors import ConfigError
-from redge.agent.profile import PROFILES
-from redge.consensus.raft import split_address
+from redge.agent.profile import get_profile
+from redge.consensus.addresses import split_address
 from redge.consensus.state import NAME_PATTERN
 
 SECRET_ENV = "REDGE_SECRET"
@@ -154,8 +154,10 @@ def load(values: dict[str, Any], environ: dict[str, str] | None = None) -> PeerC
         problems.append("give either peers (a new cluster) or join (an existing one), not both")
     if config.join and not config.join.startswith(("http://", "https://")):
         problems.append(f"join must be a member's HTTP URL such as http://127.0.0.1:8101, got {config.join!r}")
-    if config.profile not in PROFILES:
-        problems.append(f"profile {config.profile!r} is not one of {', '.join(sorted(PROFILES))}")
+    try:
+        get_profile(config.profile)
+    except ValueError as error:
+        problems.append(str(error))
     if config.storage_budget_bytes <= 0:
         problems.append("storage-budget-bytes must be > 0")
     if not -20 <= config.model_host_load_nice <= 19:

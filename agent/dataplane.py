@@ -51,6 +51,7 @@ import structlog
 from aiohttp import web
 
 from redge.agent import channel, oip
+from redge.agent.joining import JOIN_SIGNATURE_HEADER
 from redge.runtime.errors import (
     ArtifactNotFound,
     DeadlineExceeded,
@@ -93,10 +94,11 @@ BINARY_MEMORY_FACTOR = 2
 JSON_MEMORY_FACTOR = 8
 # Control calls carry small JSON (an app, a signed join): a larger body is refused.
 CONTROL_BODY_BYTES_MAX = 1024 * 1024
-CONTROL_HEADERS = ("Authorization", "Content-Type", "X-Redge-Join-Signature")
+CONTROL_HEADERS = ("Authorization", "Content-Type", JOIN_SIGNATURE_HEADER)
 # Reads passed to the control process that stay open with a read token: load balancers and
-# orchestrators probe health without credentials.
-OPEN_CONTROL_PREFIXES = ("/v2/health/",)
+# orchestrators probe health without credentials. Matched by route, not by the path a
+# client wrote (which may hide another under encoded dots).
+OPEN_CONTROL_ROUTES = ("/v2/health/{kind}",)
 # The longest a control call may take beyond its own long poll (`/cluster/probe` runs up to 120 s).
 CONTROL_TIMEOUT_S = 150.0
 STATS_INTERVAL_S = 0.1

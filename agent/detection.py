@@ -28,13 +28,12 @@ from redge.agent.detector import (
     Suspect,
     Verdict,
     monitoring_targets,
-    profile,
     watch_round,
 )
 from redge.agent.heartbeat import HeartbeatService
 from redge.consensus import commands as c
+from redge.consensus.addresses import split_address
 from redge.consensus.errors import ConsensusError
-from redge.consensus.raft import split_address
 from redge.consensus.state import ALIVE, SUSPECTED, ClusterState
 
 if TYPE_CHECKING:
@@ -88,7 +87,7 @@ class FailureDetection:
             self.peer.node_id,
             (host, port),
             config.secret.encode(),
-            profile(self.peer.profile.name),
+            self.peer.profile.detector,
             on_verdict=lambda verdict: main_loop.call_soon_threadsafe(self._on_verdict, verdict),
             incarnation=self.peer.incarnation,
             transport_open=self._transport_open,

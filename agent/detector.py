@@ -293,14 +293,6 @@ IOBT = DetectorSettings(
     local_health_lag_ms=50.0,
 )
 
-PROFILES: dict[str, DetectorSettings] = {ENTERPRISE.name: ENTERPRISE, IOBT.name: IOBT}
-
-
-def profile(name: str) -> DetectorSettings:
-    try:
-        return PROFILES[name]
-    except KeyError:
-        raise ValueError(f"unknown profile {name!r}; known: {sorted(PROFILES)}") from None
 
 
 # ---------------------------------------------------------------------------

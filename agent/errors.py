@@ -12,6 +12,3 @@ class ConfigError(AgentError):
 class JoinFailed(AgentError):
     """Joining a running cluster failed: the member is unreachable or refused us."""
 
-
-class Unauthorized(AgentError):
-    """An admin call without the right token."""

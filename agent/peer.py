@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import hmac
 import os
 import signal
 import socket
@@ -37,6 +36,7 @@ import structlog
 from aiohttp import web
 
 from redge.agent import routes as routing
+from redge.agent.api import build_app
 from redge.agent.clock import wall_ms
 from redge.agent.config import PeerConfig
 from redge.agent.dataplane import WorkerConfig
@@ -44,6 +44,7 @@ from redge.agent.detection import FailureDetection
 from redge.agent.detector import Degraded, Restored, SlownessJudge, SlownessSettings
 from redge.agent.errors import JoinFailed
 from redge.agent.gcwatch import GcWatch, freeze_startup_objects
+from redge.agent.joining import JOIN_SIGNATURE_HEADER, sign_join
 from redge.agent.leader import LeaderDuty
 from redge.agent.metrics import PeerMetrics
 from redge.agent.profile import Profile, get_profile
@@ -52,17 +53,15 @@ from redge.agent.replicas import ReplicaManager
 from redge.agent.workers import DataPlaneWorkers
 from redge.consensus import commands as c
 from redge.consensus import shim
+from redge.consensus.addresses import split_address
 from redge.consensus.errors import ConsensusError
-from redge.consensus.raft import RaftNode, RaftStatus, split_address
+from redge.consensus.raft import RaftNode, RaftStatus
 from redge.consensus.state import ALIVE, FAILED, LEFT, ClusterState, Outcome
 from redge.runtime.host import HostOptions
 from redge.runtime.priority import set_autogroup_nice
 from redge.runtime.store import Store
 
 log = structlog.get_logger("redge.peer")
-
-JOIN_SIGNATURE_HEADER = "X-Redge-Join-Signature"
-
 
 # A node judged too slow with no requests for this long is restored: the planner moved its
 # apps away, and without evidence it should get a chance again rather than stay marked.
@@ -78,10 +77,6 @@ CONTROL_TOKEN_BYTES = 32
 
 def now_ms() -> int:
     return wall_ms()
-
-
-def sign_join(secret: str, body: bytes) -> str:
-    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
 class Peer:
@@ -127,7 +122,6 @@ class Peer:
     # ------------------------------------------------------------------ start
 
     async def start(self) -> None:
-        from redge.agent.api import build_app  # the API imports Peer for typing only
 
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from redge.chaos.cluster import LocalCluster
 
-SELECTORS = ("leader", "follower", "random")
 LEADER_WAIT_S = 10.0
 PROXY_READY_S = 10.0
 PROXY_PORT_OFFSET = 10000

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from redge.agent.profile import get_profile
 from redge.chaos.history import FAIL, INFO, OK, Operation
 from redge.chaos.load import failed_outcome
 from redge.chaos.stats import summary
@@ -727,7 +728,7 @@ def fig5a(profile: Profile, settings: Settings, out: Path) -> dict[str, Any]:
     metrics = ("detection_ms", "confirmation_ms", "decision_ms", "recovery_ms", "reconfiguration_ms", "mttr_ms",
                "outage_ms")
     return {"figure": "fig5a", "profile": profile.name, "scenario": str(scenario_path),
-            "heartbeat_interval_ms": 50 if profile.name == "iobt" else 20, "runs": runs,
+            "heartbeat_interval_ms": get_profile(profile.name).heartbeat_interval_ms, "runs": runs,
             "distributions": {m: summary([r[m] for r in runs if r[m] is not None]) for m in metrics},
             "timelines": [f"fig5a-{profile.name}-seed{data['seed'] + i}/timeline.png" for i in range(len(runs))]}
 

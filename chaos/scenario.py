@@ -59,6 +59,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from redge.agent import profile as profile_registry
 from redge.chaos.checker import Expectations
 from redge.chaos.faults import FAULT_KINDS as PROCESS_FAULT_KINDS
 from redge.chaos.faults import Cascade, Fault, Partition
@@ -68,7 +69,7 @@ from redge.chaos.load import LoadSpec
 FAULT_KINDS: dict[str, type[Fault]] = {**PROCESS_FAULT_KINDS, **HOSTILE_FAULT_KINDS}
 
 SCENARIO_DIRECTORY = Path(__file__).parent / "scenarios"
-PROFILES = ("enterprise", "iobt")
+PROFILES = tuple(sorted(profile_registry.PROFILES))
 MODES = ("loopback", "netns")
 PEERS_MAX = 9
 DURATION_S_MAX = 600.0

@@ -25,7 +25,6 @@ ALIVE = "alive"
 SUSPECTED = "suspected"
 FAILED = "failed"
 LEFT = "left"
-MEMBER_STATUSES = (ALIVE, SUSPECTED, FAILED, LEFT)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

@@ -249,10 +249,6 @@ class Manifest:
     def key(self) -> tuple[str, str]:
         return (self.name, self.version)
 
-    @property
-    def format_info(self) -> FormatInfo:
-        return FORMATS[self.format]
-
     def file(self, path: str) -> FileEntry:
         for entry in self.files:
             if entry.path == path:

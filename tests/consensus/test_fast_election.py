@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from redge.agent.profile import get_profile
-from redge.consensus.raft import RaftTiming, fast_election_delay_s, should_stand_early
+from redge.consensus.raft import fast_election_delay_s, should_stand_early
+from redge.consensus.timing import RaftTiming
 
 ENTERPRISE = get_profile("enterprise").raft
 ADDRESSES = [f"127.0.0.1:{9100 + i}" for i in range(7)]
