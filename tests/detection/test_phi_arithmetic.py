@@ -9,7 +9,6 @@ from redge.agent.detector import (
     IOBT,
     DetectorSettings,
     phi,
-    profile,
     suspicion_elapsed_ms,
     threshold_deviations,
 )
@@ -92,10 +91,13 @@ def test_profile_nominal_suspicion(settings, nominal_ms):
 
 
 def test_profiles_by_name():
-    assert profile("enterprise") is ENTERPRISE
-    assert profile("iobt") is IOBT
+    """One registry (agent/profile.py): a profile's detector part is these settings."""
+    from redge.agent.profile import get_profile
+
+    assert get_profile("enterprise").detector is ENTERPRISE
+    assert get_profile("iobt").detector is IOBT
     with pytest.raises(ValueError, match="unknown profile"):
-        profile("lan")
+        get_profile("lan")
 
 
 @pytest.mark.parametrize(
