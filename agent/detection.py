@@ -34,7 +34,7 @@ from redge.agent.heartbeat import HeartbeatService
 from redge.consensus import commands as c
 from redge.consensus.addresses import split_address
 from redge.consensus.errors import ConsensusError
-from redge.consensus.state import ALIVE, SUSPECTED, ClusterState
+from redge.consensus.state import ALIVE, LEFT, SUSPECTED, ClusterState
 
 if TYPE_CHECKING:
     from redge.agent.peer import Peer
@@ -172,14 +172,15 @@ class FailureDetection:
         """Watch the committed live members (other than this node)."""
         if self.service is None or self.peer.raft is None:
             return
-        members, committed_round = self.peer.raft.read(_live_members_and_round)
+        members, committed_round, cluster_size = self.peer.raft.read(_live_members_and_round)
         self._raft_address_by_node = {node_id: raft_address for node_id, _, _, raft_address in members}
         self._node_by_raft_address = {raft_address: node_id for node_id, _, _, raft_address in members}
         # From format 2 the round is committed (the leader's RotateWatch); before, every peer
         # turns by its own wall clock.
         round_number = committed_round if committed_round is not None else watch_round(
             wall_ms() / 1000, self.peer.config.watch_rotation_s)
-        watched_ids = set(monitoring_targets(self.peer.node_id, [m[0] for m in members], round_number=round_number))
+        watched_ids = set(monitoring_targets(self.peer.node_id, [m[0] for m in members], round_number=round_number,
+                                             cluster_size=cluster_size))
         targets = []
         book = []
         for node_id, heartbeat_address, incarnation, _ in members:
@@ -290,8 +291,11 @@ class FailureDetection:
         return {"stats": self.service.stats(), "opinions": dict(self._opinions)}
 
 
-def _live_members_and_round(state: ClusterState) -> tuple[list[tuple[str, str, int, str]], int | None]:
-    return _live_members(state), state.watch_round if state.format_version >= 2 else None
+def _live_members_and_round(state: ClusterState) -> tuple[list[tuple[str, str, int, str]], int | None, int]:
+    """The live members, the committed watch round (None before format 2), and how many
+    members have not left (what decides whether the watch is bounded)."""
+    return (_live_members(state), state.watch_round if state.format_version >= 2 else None,
+            sum(1 for m in state.members.values() if m.status != LEFT))
 
 
 def _live_members(state: ClusterState) -> list[tuple[str, str, int, str]]:

@@ -39,6 +39,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from redge.consensus.watch import ALL_MEMBERS_MAX, FANOUT, watchers_per_node
+
 # ---------------------------------------------------------------------------
 # phi arithmetic
 
@@ -1223,8 +1225,8 @@ class Monitor:
 # ---------------------------------------------------------------------------
 # who watches whom
 
-SMALL_CLUSTER_MAX = 8
-DEFAULT_FANOUT = 4
+SMALL_CLUSTER_MAX = ALL_MEMBERS_MAX
+DEFAULT_FANOUT = FANOUT
 
 
 def _ring_position(seed: int, round_number: int, node_id: str) -> bytes:
@@ -1251,8 +1253,12 @@ def monitoring_targets(
     round_number: int = 0,
     fanout: int = DEFAULT_FANOUT,
     small_cluster_max: int = SMALL_CLUSTER_MAX,
+    cluster_size: int | None = None,
 ) -> list[str]:
-    """The nodes `self_id` exchanges heartbeats with and watches.
+    """The nodes `self_id` exchanges heartbeats with and watches, among the live
+    `member_ids`; `cluster_size` is the members that have not left, failed ones included
+    (default: the live ones), which decides whether the watch is bounded
+    (consensus/watch.py, the rule the state machine counts observers by).
 
     Small clusters: everyone watches everyone. Larger ones: members are placed
     on a ring shuffled by (seed, round_number) and each watches its fanout/2
@@ -1268,11 +1274,12 @@ def monitoring_targets(
     others = [m for m in members if m != self_id]
     assert fanout >= 1
     half = (fanout + 1) // 2
-    if len(members) <= small_cluster_max or 2 * half >= len(others):
+    size = max(cluster_size or 0, len(members))
+    if watchers_per_node(size, small_cluster_max, fanout) >= len(others):
         return others
     ring = sorted(members, key=lambda m: _ring_position(seed, round_number, m))
     index = ring.index(self_id)
-    size = len(ring)
+    size = len(ring)  # (the ring is the live members only)
     chosen: list[str] = []
     for distance in range(1, half + 1):
         chosen.append(ring[(index + distance) % size])

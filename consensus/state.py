@@ -20,6 +20,7 @@ import orjson
 
 from redge.consensus import commands as c
 from redge.consensus.errors import MalformedCommand
+from redge.consensus.watch import ALL_MEMBERS_MAX, FANOUT, watchers_per_node
 
 ALIVE = "alive"
 SUSPECTED = "suspected"
@@ -42,8 +43,8 @@ class Settings:
     # Up to this many members everyone watches everyone; above it each node has
     # `watchers_per_node` watchers (agent/detector.monitoring_targets), and a failure needs a
     # majority of those, since the other members never hear from the node at all.
-    watch_all_members_max: int = 8
-    watchers_per_node: int = 4
+    watch_all_members_max: int = ALL_MEMBERS_MAX
+    watchers_per_node: int = FANOUT
 
 
 @dataclass
@@ -291,9 +292,10 @@ class ClusterState:
         members = [m for m in self.members.values() if m.status != LEFT and m.node_id != target_id]
         if not members:
             return 1
-        watchers = len(others)
-        if len(members) + 1 > self.settings.watch_all_members_max:
-            watchers = min(watchers, self.settings.watchers_per_node)
+        # The detector watches by the same rule (consensus/watch.py): these are the nodes
+        # that hear from the target at all.
+        watchers = min(len(others), watchers_per_node(
+            len(members) + 1, self.settings.watch_all_members_max, self.settings.watchers_per_node))
         majority = watchers // 2 + 1
         # The floor counts every member, not only the live ones: once a three-node cluster
         # has lost one node, the two survivors must not be able to confirm each other's

@@ -622,3 +622,35 @@ def test_startup_is_the_senders_or_the_observers_age_not_how_long_this_watch_is(
     last_ms = steady(monitor, "b", 50, start_ms=observer_age_ms, incarnation=incarnation,
                      first_sequence=first_sequence)
     assert (monitor.phi("b", last_ms + silence_ms) >= ENTERPRISE_PROFILE.phi_threshold) is suspected
+
+
+# (live members, members that have not left) -> watchers of each node, by the one rule
+WATCH_TABLE = [
+    (3, 3, 2), (8, 8, 7), (9, 9, 4), (20, 20, 4),
+    (8, 9, 4),   # one of nine failed: still a bounded watch, over the eight alive
+    (5, 9, 4),   # four failed: the ring of five watches everyone
+    (4, 9, 3),
+    (8, 12, 4),
+]
+
+
+@pytest.mark.parametrize(("live", "members", "watchers"), WATCH_TABLE)
+def test_the_detector_watches_as_many_as_the_state_machine_counts_on(live, members, watchers):
+    """One watcher rule (consensus/watch.py) for the detector (who watches whom) and the state
+    machine (how many observers confirm): each live node is watched by exactly the number of
+    live nodes the confirmation is a majority of."""
+    from redge.consensus import commands as c
+    from redge.consensus.state import ClusterState
+
+    nodes = [f"n{i:02d}" for i in range(members)]
+    alive = nodes[:live]
+    by_node = {node: set(monitoring_targets(node, alive, seed=3, cluster_size=members)) for node in alive}
+    state = ClusterState()
+    for index, node in enumerate(nodes):
+        state.apply(c.Join(node, f"h:{index}", f"r:{index}", f"b:{index}", 1, 1))
+    for node in nodes[live:]:
+        state.members[node].status = "failed"
+    for target in alive:
+        watched_by = {node for node, targets in by_node.items() if target in targets}
+        assert len(watched_by) == watchers == min(live - 1, watchers), (target, watched_by)
+        assert state.observers_needed(target) == max(watchers // 2 + 1, min(2, members - 1))
