@@ -43,7 +43,7 @@ from redge.placement.problem import (
 from redge.runtime.manifest import FORMAT_PREFERENCE
 
 if TYPE_CHECKING:
-    from redge.agent.peer import Peer
+    from redge.agent.ports import ClusterPort
 
 log = structlog.get_logger("redge.leader")
 
@@ -223,9 +223,12 @@ def _problem_and_epoch(state: ClusterState, sightings: Sightings) -> tuple[Probl
 
 
 class LeaderDuty(Duty):
-    def __init__(self, peer: Peer, clock: Clock | None = None) -> None:
+    def __init__(self, cluster: ClusterPort, *, clock: Clock | None = None, watch_rotation_s: float = 0.0) -> None:
         super().__init__("leader_duty")
-        self.peer = peer
+        # The ports it works through (agent/ports.py): the committed state, proposals,
+        # whether this peer leads, the Raft voters. Nothing else of the peer.
+        self.cluster = cluster
+        self.watch_rotation_s = watch_rotation_s
         self.plans_committed = 0
         # Every peer keeps these, leader or not, so that a new leader times hold-downs from
         # when it saw the change, not from when it was elected.
@@ -239,8 +242,8 @@ class LeaderDuty(Duty):
         self._trigger: tuple[float, float | None, str] | None = None
 
     def on_commit(self, command: c.Command | None, outcome) -> None:
-        if self.peer.raft is not None and isinstance(command, (type(None), c.Join, c.Leave, c.Suspect, c.Unsuspect)):
-            self.peer.raft.read(self.sightings.observe)
+        if isinstance(command, (type(None), c.Join, c.Leave, c.Suspect, c.Unsuspect)):
+            self.cluster.read(self.sightings.observe)
         if outcome.accepted:
             self._note_loads(command)
         if command is None and outcome.accepted:  # a snapshot replaced the state
@@ -250,7 +253,7 @@ class LeaderDuty(Duty):
                 return
             if self._trigger is None:
                 # The proposer's at_ms is on this peer's clock only when this peer proposed it.
-                own = c.proposer_of(command) == self.peer.node_id
+                own = c.proposer_of(command) == self.cluster.node_id
                 self._trigger = (wall_ms(), getattr(command, "at_ms", None) if own else None, type(command).__name__)
             self._wake.set()
 
@@ -277,9 +280,8 @@ class LeaderDuty(Duty):
             self._wake.clear()
             if self._stopped:
                 return
-            raft = self.peer.raft
-            if raft is None or not raft.status().is_leader or raft.unreadable():
-                continue  # (a replica that cannot follow the state must not plan from it)
+            if not self.cluster.leading():
+                continue
             try:
                 result = await self.plan_and_commit()
                 await self.remove_departed_voters()
@@ -299,9 +301,6 @@ class LeaderDuty(Duty):
                 self._wake.set()
 
     def _next_deadline_s(self) -> float:
-        raft = self.peer.raft
-        if raft is None:
-            return REPLAN_S
         sightings = self.sightings
 
         def deadlines(state: ClusterState) -> list[float]:
@@ -316,7 +315,7 @@ class LeaderDuty(Duty):
                 ends.append(max(rotation_ms, 1.0))
             return [end for end in ends if end > 0]
 
-        soonest_ms = min(raft.read(deadlines), default=None)
+        soonest_ms = min(self.cluster.read(deadlines), default=None)
         if soonest_ms is None:
             return REPLAN_S
         return min(REPLAN_S, max(0.01, soonest_ms / 1000 + 0.01))
@@ -326,13 +325,11 @@ class LeaderDuty(Duty):
         (agent/upgrade.py): at most one ask at a time, at most every FORMAT_CHECK_S, and only
         while every member that has not left is alive (one that is not would hold it anyway).
         The ask runs beside planning, never in its way."""
-        raft = self.peer.raft
-        assert raft is not None
         now_ms = self.sightings.clock.now_ms()
         if (self._format_task is not None and not self._format_task.done()) \
                 or now_ms - self._format_checked_ms < FORMAT_CHECK_S * 1000:
             return
-        me = self.peer.node_id
+        me = self.cluster.node_id
 
         def ask(state: ClusterState) -> tuple[int, tuple[str, ...], dict[str, str]] | None:
             members = [m for m in state.members.values() if m.status != LEFT]
@@ -342,7 +339,7 @@ class LeaderDuty(Duty):
                 m.node_id: m.http_address for m in members if m.node_id != me
             }
 
-        asked = raft.read(ask)
+        asked = self.cluster.read(ask)
         if asked is None:
             return
         self._format_checked_ms = now_ms
@@ -356,7 +353,7 @@ class LeaderDuty(Duty):
                 log.debug("format_held", current=current, answers=answers)
                 return
             # Refused on every replica alike if the members changed since they were asked.
-            outcome = await self.peer.propose(c.RaiseFormat(target, self.peer.node_id, wall_ms(), members=members))
+            outcome = await self.cluster.propose(c.RaiseFormat(target, self.cluster.node_id, wall_ms(), members=members))
             log.info("format_raised", version=target, previous=current, accepted=outcome.accepted,
                      reason=outcome.reason)
         except ConsensusError as error:
@@ -369,7 +366,7 @@ class LeaderDuty(Duty):
 
     def _rotation_left_ms(self, state: ClusterState) -> float | None:
         """How long until the next watch round is due (None: no rotation in this cluster)."""
-        rotation_s = self.peer.config.watch_rotation_s
+        rotation_s = self.watch_rotation_s
         live = sum(1 for m in state.members.values() if m.status in (ALIVE, SUSPECTED))
         if state.format_version < 2 or rotation_s <= 0 or live <= state.settings.watch_all_members_max:
             return None
@@ -381,24 +378,20 @@ class LeaderDuty(Duty):
     async def rotate_watch(self) -> None:
         """Commit the next watch round once `watch_rotation_s` passed on this peer's clock
         since it saw the current one: every peer turns as it applies it (agent/detection.py)."""
-        raft = self.peer.raft
-        assert raft is not None
-        left_ms, current = raft.read(lambda s: (self._rotation_left_ms(s), s.watch_round))
+        left_ms, current = self.cluster.read(lambda s: (self._rotation_left_ms(s), s.watch_round))
         if left_ms is None or left_ms > 0:
             return
-        outcome = await self.peer.propose(c.RotateWatch(current + 1, self.peer.node_id, wall_ms()))
+        outcome = await self.cluster.propose(c.RotateWatch(current + 1, self.cluster.node_id, wall_ms()))
         log.info("watch_rotated", round=current + 1, accepted=outcome.accepted and not outcome.duplicate)
 
     async def remove_departed_voters(self) -> None:
         """Members that left stay Raft voters if their own removal did not finish: remove them
         here (idempotent), or the group keeps counting a dead voter against its quorum."""
-        raft = self.peer.raft
-        assert raft is not None
-        partners = raft.status().partners
+        partners = self.cluster.partners()
         # A leaving peer removes itself right after its Leave commits; only one that did not
         # finish within the grace (since this peer saw it leave) is removed from here.
         sightings = self.sightings
-        departed = raft.read(
+        departed = self.cluster.read(
             lambda s: sorted(
                 m.raft_address for m in s.members.values()
                 if m.status == LEFT and m.raft_address in partners and sightings.left_for_ms(m) > DEPARTED_VOTER_GRACE_MS
@@ -406,15 +399,13 @@ class LeaderDuty(Duty):
         )
         for address in departed[:1]:  # Raft changes membership one at a time
             log.info("removing_departed_voter", raft_address=address)
-            await raft.remove_member(address, timeout_s=self.peer.profile.proposal_timeout_s)
+            await self.cluster.remove_voter(address)
 
     async def plan_and_commit(self) -> PlanResult | None:
         """Plan from the committed state and commit the result if it changes anything."""
-        raft = self.peer.raft
-        assert raft is not None
         trigger, self._trigger = self._trigger, None
         for _ in range(PLAN_ATTEMPTS_MAX):
-            problem, epoch = raft.read(partial(_problem_and_epoch, sightings=self.sightings))
+            problem, epoch = self.cluster.read(partial(_problem_and_epoch, sightings=self.sightings))
             started = time.perf_counter()
             if len(problem.apps) * len(problem.nodes) <= INLINE_PLANNING_SIZE_MAX:
                 result = plan_with_fallback(problem)  # well under a millisecond: a thread hop costs more
@@ -426,12 +417,12 @@ class LeaderDuty(Duty):
             command = c.CommitPlan(
                 epoch=epoch + 1,
                 placements=placements_of(result),
-                proposer_id=self.peer.node_id,
+                proposer_id=self.cluster.node_id,
                 reason=describe(result),
                 at_ms=wall_ms(),
             )
             proposed_ms = wall_ms()
-            outcome = await self.peer.propose(command)
+            outcome = await self.cluster.propose(command)
             if outcome.accepted:
                 self.plans_committed += 1
                 timings = {"planning_ms": round(planning_ms, 2), "commit_ms": round(wall_ms() - proposed_ms, 2)}

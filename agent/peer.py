@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import structlog
@@ -79,6 +79,36 @@ def now_ms() -> int:
     return wall_ms()
 
 
+T = TypeVar("T")
+
+class PeerCluster:
+    """The ClusterPort (agent/ports.py) of a running peer, over its Raft node."""
+
+    def __init__(self, peer: Peer) -> None:
+        self._peer = peer
+        self.node_id = peer.node_id
+
+    def read(self, reader: Callable[[ClusterState], T]) -> T:
+        raft = self._peer.raft
+        return reader(ClusterState()) if raft is None else raft.read(reader)  # (empty before it starts)
+
+    def leading(self) -> bool:
+        raft = self._peer.raft
+        # A replica that cannot follow the state (agent raft.unreadable) must not act on it.
+        return raft is not None and raft.status().is_leader and not raft.unreadable()
+
+    def partners(self) -> list[str]:
+        raft = self._peer.raft
+        return [] if raft is None else list(raft.status().partners)
+
+    async def propose(self, command: c.Command) -> Outcome:
+        return await self._peer.propose(command)
+
+    async def remove_voter(self, raft_address: str) -> None:
+        assert self._peer.raft is not None
+        await self._peer.raft.remove_member(raft_address, timeout_s=self._peer.profile.proposal_timeout_s)
+
+
 class Peer:
     """One `redge peer`. Use `await peer.start()`, then `await peer.wait_closed()`."""
 
@@ -92,7 +122,7 @@ class Peer:
         self.store: Store | None = None
         self.replicas: ReplicaManager | None = None
         self.workers: DataPlaneWorkers | None = None
-        self.leader = LeaderDuty(self)
+        self.leader = LeaderDuty(PeerCluster(self), watch_rotation_s=config.watch_rotation_s)
         self.reconciler: Reconciler | None = None
         self.incarnation = 0
         self.started_at_ms = now_ms()

@@ -148,7 +148,7 @@ def test_the_leader_commits_the_next_watch_round_on_its_own_clock(members, forma
     if format_version > 1:
         state.apply(c.RaiseFormat(format_version, "n1", 1))
     clock = FakeClock()
-    duty = LeaderDuty(SimpleNamespace(config=SimpleNamespace(watch_rotation_s=rotation_s)), clock=clock)
+    duty = LeaderDuty(SimpleNamespace(node_id="n1"), clock=clock, watch_rotation_s=rotation_s)
     left = duty._rotation_left_ms(state)
     if due_after_ms is None:
         assert left is None

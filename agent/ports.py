@@ -1,0 +1,40 @@
+"""The narrow ports a peer's duties work through, handed to them when the peer is wired.
+
+A duty sees the committed state (`read`), proposes commands, asks whether this peer leads,
+and changes the Raft voters: nothing else of the peer. The peer implements them over its
+Raft node (agent/peer.py `PeerCluster`); tests and simulations implement them over a plain
+`ClusterState` and a fake clock (tests/agent/test_leader_simulation.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+from redge.consensus import commands as c
+from redge.consensus.state import ClusterState, Outcome
+
+T = TypeVar("T")
+
+
+class ClusterPort(Protocol):
+    node_id: str
+
+    def read(self, reader: Callable[[ClusterState], T]) -> T:
+        """Run `reader` on the committed state (briefly, under its lock)."""
+        ...
+
+    def leading(self) -> bool:
+        """This peer is the Raft leader, and its replica follows the cluster's state."""
+        ...
+
+    def partners(self) -> list[str]:
+        """The Raft addresses of the other voters."""
+        ...
+
+    async def propose(self, command: c.Command) -> Outcome:
+        """Commit `command`; raises ConsensusError when the cluster cannot commit now."""
+        ...
+
+    async def remove_voter(self, raft_address: str) -> None:
+        ...
