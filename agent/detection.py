@@ -19,18 +19,9 @@ from typing import TYPE_CHECKING
 import structlog
 
 from redge.agent.clock import wall_ms
-from redge.agent.detector import (
-    Degraded,
-    Quiet,
-    Recover,
-    Restarted,
-    Restored,
-    Suspect,
-    Verdict,
-    monitoring_targets,
-    watch_round,
-)
 from redge.agent.heartbeat import HeartbeatService
+from redge.agent.verdicts import Degraded, Quiet, Recover, Restarted, Restored, Suspect, Verdict
+from redge.agent.watching import monitoring_targets, watch_round
 from redge.consensus import commands as c
 from redge.consensus.addresses import split_address
 from redge.consensus.errors import ConsensusError

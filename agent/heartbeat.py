@@ -66,22 +66,10 @@ from dataclasses import dataclass
 import structlog
 
 from redge.agent.clock import Clock, MonotonicClock
-from redge.agent.detector import (
-    Degraded,
-    DetectorSettings,
-    Hint,
-    Monitor,
-    NodeHealth,
-    Output,
-    Probe,
-    Quiet,
-    Recover,
-    Restarted,
-    Restored,
-    SlownessSettings,
-    Suspect,
-    Verdict,
-)
+from redge.agent.detector import Monitor, NodeHealth
+from redge.agent.detector_settings import DetectorSettings
+from redge.agent.slowness import SlownessSettings
+from redge.agent.verdicts import Degraded, Hint, Output, Probe, Quiet, Recover, Restarted, Restored, Suspect, Verdict
 
 log = structlog.get_logger("redge.heartbeat")
 

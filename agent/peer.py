@@ -41,7 +41,6 @@ from redge.agent.clock import wall_ms
 from redge.agent.config import PeerConfig
 from redge.agent.dataplane import WorkerConfig
 from redge.agent.detection import FailureDetection
-from redge.agent.detector import Degraded, Restored, SlownessJudge, SlownessSettings
 from redge.agent.errors import JoinFailed
 from redge.agent.gcwatch import GcWatch, freeze_startup_objects
 from redge.agent.joining import JOIN_SIGNATURE_HEADER, sign_join
@@ -50,6 +49,8 @@ from redge.agent.metrics import PeerMetrics
 from redge.agent.profile import Profile, get_profile
 from redge.agent.reconciler import Reconciler
 from redge.agent.replicas import ReplicaManager
+from redge.agent.slowness import SlownessJudge, SlownessSettings
+from redge.agent.verdicts import Degraded, Restored
 from redge.agent.workers import DataPlaneWorkers
 from redge.consensus import commands as c
 from redge.consensus import shim

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from redge.agent.detector import ENTERPRISE, IOBT, DetectorSettings
+from redge.agent.detector_settings import ENTERPRISE, IOBT, DetectorSettings
 from redge.consensus.timing import RaftTiming
 
 

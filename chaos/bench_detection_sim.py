@@ -28,7 +28,8 @@ import sys
 import time
 from dataclasses import asdict
 
-from redge.agent.detector import ENTERPRISE, IOBT, DetectorSettings, Suspect
+from redge.agent.detector_settings import ENTERPRISE, IOBT, DetectorSettings
+from redge.agent.verdicts import Suspect
 from redge.chaos.simnet import (
     ENTERPRISE_LINK,
     IOBT_LINK,

@@ -35,18 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from redge.agent.clock import FakeClock
-from redge.agent.detector import (
-    DetectorSettings,
-    Hint,
-    Monitor,
-    Output,
-    Probe,
-    Recover,
-    Restarted,
-    Suspect,
-    Verdict,
-    monitoring_targets,
-)
+from redge.agent.detector import Monitor
+from redge.agent.detector_settings import DetectorSettings
+from redge.agent.verdicts import Hint, Output, Probe, Recover, Restarted, Suspect, Verdict
+from redge.agent.watching import monitoring_targets
 
 # ---------------------------------------------------------------------------
 # network

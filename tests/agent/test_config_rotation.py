@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from redge.agent.config import load
-from redge.agent.detector import watch_round
 from redge.agent.errors import ConfigError
+from redge.agent.watching import watch_round
 
 BASE = {"node_id": "n1", "http": "127.0.0.1:1", "raft": "127.0.0.1:2", "heartbeat": "127.0.0.1:3"}
 ENVIRON = {"REDGE_SECRET": "s3cret-s3cret"}

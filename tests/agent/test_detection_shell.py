@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from redge.agent.detection import FailureDetection
-from redge.agent.detector import Quiet, Recover, Suspect, SuspectReason
 from redge.agent.metrics import PeerMetrics
 from redge.agent.profile import get_profile
+from redge.agent.verdicts import Quiet, Recover, Suspect, SuspectReason
 
 
 class FakeRaft:

@@ -10,7 +10,7 @@ import pytest
 
 from redge.agent.client import AsyncClient
 from redge.agent.config import load
-from redge.agent.detector import DetectorSettings
+from redge.agent.detector_settings import DetectorSettings
 from redge.agent.errors import ConfigError
 from redge.agent.profile import PROFILES, derived_raft, derived_settings, get_profile, load_profile
 

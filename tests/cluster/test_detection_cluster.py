@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from redge.agent.detector import ENTERPRISE
+from redge.agent.detector_settings import ENTERPRISE
 from redge.chaos.cluster import LocalCluster, http_json, wait_until
 
 pytestmark = pytest.mark.cluster

@@ -306,11 +306,11 @@ def test_large_clusters_need_a_majority_of_the_watchers(live, needed):
 
 
 def test_settings_match_the_detectors_watch_sets():
-    from redge.agent import detector
+    from redge.agent import watching
 
     settings = Settings()
-    assert settings.watch_all_members_max == detector.SMALL_CLUSTER_MAX
-    assert settings.watchers_per_node == detector.DEFAULT_FANOUT
+    assert settings.watch_all_members_max == watching.SMALL_CLUSTER_MAX
+    assert settings.watchers_per_node == watching.DEFAULT_FANOUT
 
 
 def test_degraded_node_is_restored_by_the_observer():

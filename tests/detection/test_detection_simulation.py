@@ -6,18 +6,8 @@ simulation (seed included) so a failure can be replayed exactly.
 
 import pytest
 
-from redge.agent.detector import (
-    ENTERPRISE,
-    IOBT,
-    Degraded,
-    DegradedReason,
-    Quiet,
-    Recover,
-    Restarted,
-    Restored,
-    Suspect,
-    SuspectReason,
-)
+from redge.agent.detector_settings import ENTERPRISE, IOBT
+from redge.agent.verdicts import Degraded, DegradedReason, Quiet, Recover, Restarted, Restored, Suspect, SuspectReason
 from redge.chaos.simnet import (
     ENTERPRISE_LINK,
     IOBT_LINK,

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from redge.agent.detector import ENTERPRISE, Recover, Restarted, Suspect, SuspectReason
+from redge.agent.detector_settings import ENTERPRISE
 from redge.agent.heartbeat import (
     MAC_BYTES,
     Heartbeat,
@@ -23,6 +23,7 @@ from redge.agent.heartbeat import (
     encode_heartbeat,
     heartbeat_key,
 )
+from redge.agent.verdicts import Recover, Restarted, Suspect, SuspectReason
 
 KEY = heartbeat_key(b"s3cret")
 BEAT = Heartbeat("n1", incarnation=7, sequence=42, sent_us=123_456)
@@ -226,7 +227,7 @@ def test_forged_and_garbage_packets_are_dropped_and_counted():
 
 _CHILD = """
 import asyncio, sys
-from redge.agent.detector import ENTERPRISE
+from redge.agent.detector_settings import ENTERPRISE
 from redge.agent.heartbeat import HeartbeatService
 async def main():
     s = HeartbeatService("child", ("127.0.0.1", 0), b"s3cret", ENTERPRISE, incarnation=1)
@@ -377,7 +378,7 @@ def test_a_helper_relays_the_answer_to_a_ping_request():
             book = [("a", a.address), ("b", b.address), ("c", c.address)]
             for node in (a, b, c):
                 node.set_members(book)
-            from redge.agent.detector import Hint
+            from redge.agent.verdicts import Hint
 
             a.monitor.watch("b", 1, a.clock.now_ms())
             a._hint("b", Hint.DISCONNECTED)

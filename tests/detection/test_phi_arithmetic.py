@@ -4,14 +4,8 @@ import math
 
 import pytest
 
-from redge.agent.detector import (
-    ENTERPRISE,
-    IOBT,
-    DetectorSettings,
-    phi,
-    suspicion_elapsed_ms,
-    threshold_deviations,
-)
+from redge.agent.detector_settings import ENTERPRISE, IOBT, DetectorSettings
+from redge.agent.phi import phi, suspicion_elapsed_ms, threshold_deviations
 
 
 def normal_cdf(x: float, mean: float, std: float) -> float:
