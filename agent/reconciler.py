@@ -375,8 +375,13 @@ class Reconciler(Duty):
         return time.monotonic() - since > KEEP_FOR_SUCCESSOR_S
 
     def _retry_later(self) -> None:
-        if self._retry is None or self._retry.done():
-            self._retry = asyncio.get_running_loop().call_later(RETRY_S, self._wake.set)
+        """Wake again in RETRY_S (once, however often it is asked meanwhile)."""
+        if self._retry is None:
+            self._retry = asyncio.get_running_loop().call_later(RETRY_S, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self._wake.set()
 
     async def _load(self, app: str, replica: c.Replica, epoch: int) -> None:
         started = time.perf_counter()
