@@ -22,6 +22,7 @@ from redge.agent import metrics as metrics_module
 from redge.agent import oip
 from redge.agent.clock import wall_ms
 from redge.agent.dataplane import CONTROL_TOKEN_HEADER
+from redge.agent.errors import HttpError
 from redge.agent.joining import JOIN_SIGNATURE_HEADER, sign_join
 from redge.consensus import commands as c
 from redge.consensus.errors import ConsensusError, MalformedCommand, ProposalTimeout
@@ -41,13 +42,6 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 def error_response(status: int, message: str) -> web.Response:
     return json_response({"error": message}, status=status)
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 CONTROL_BODY_BYTES_MAX = 1024 * 1024

@@ -51,6 +51,7 @@ import structlog
 from aiohttp import web
 
 from redge.agent import channel, oip
+from redge.agent.errors import HttpError
 from redge.agent.joining import JOIN_SIGNATURE_HEADER
 from redge.runtime.errors import (
     ArtifactNotFound,
@@ -171,13 +172,6 @@ class Unavailable(Exception):
         super().__init__(message)
         self.unreachable = unreachable
 
-
-class HttpError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

@@ -12,3 +12,13 @@ class ConfigError(AgentError):
 class JoinFailed(AgentError):
     """Joining a running cluster failed: the member is unreachable or refused us."""
 
+
+class HttpError(Exception):
+    """An HTTP answer other than success, raised by a handler of the data plane or the control
+    API: `status`, the message a client can act on, and any headers it should carry."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}

@@ -95,15 +95,19 @@ class PeerCluster:
 
     def leading(self) -> bool:
         raft = self._peer.raft
-        # A replica that cannot follow the state (agent raft.unreadable) must not act on it.
-        return raft is not None and raft.status().is_leader and not raft.unreadable()
+        return raft is not None and raft.status().is_leader and self.following()
+
+    def following(self) -> bool:
+        # A replica that could not read a snapshot (RaftNode.unreadable) must not act on its state.
+        raft = self._peer.raft
+        return raft is not None and not raft.unreadable()
 
     def partners(self) -> list[str]:
         raft = self._peer.raft
         return [] if raft is None else list(raft.status().partners)
 
-    async def propose(self, command: c.Command) -> Outcome:
-        return await self._peer.propose(command)
+    async def propose(self, command: c.Command, timeout_s: float | None = None) -> Outcome:
+        return await self._peer.propose(command, timeout_s)
 
     async def remove_voter(self, raft_address: str) -> None:
         assert self._peer.raft is not None
@@ -123,7 +127,8 @@ class Peer:
         self.store: Store | None = None
         self.replicas: ReplicaManager | None = None
         self.workers: DataPlaneWorkers | None = None
-        self.leader = LeaderDuty(PeerCluster(self), watch_rotation_s=config.watch_rotation_s)
+        self.cluster = PeerCluster(self)
+        self.leader = LeaderDuty(self.cluster, watch_rotation_s=config.watch_rotation_s)
         self.reconciler: Reconciler | None = None
         self.incarnation = 0
         self.started_at_ms = now_ms()
@@ -186,7 +191,10 @@ class Peer:
                             load_nice=config.model_host_load_nice, verify="stamped"),
             )
             self.replicas.on_change = self.routes_changed
-            self.reconciler = Reconciler(self, self.replicas, self.store, config.source)
+            self.reconciler = Reconciler(
+                self.cluster, self.replicas, self.store, config.source, registered=self.wait_registered,
+                cold_serving_format=config.cold_serving_format, read_token=config.read_token,
+            )
             self.add_commit_hook(self.leader.on_commit)
             self.add_commit_hook(self.reconciler.on_commit)
             self.detection = FailureDetection(self)

@@ -28,12 +28,17 @@ class ClusterPort(Protocol):
         """This peer is the Raft leader, and its replica follows the cluster's state."""
         ...
 
+    def following(self) -> bool:
+        """This peer's replica follows the cluster's state (it read every snapshot it got)."""
+        ...
+
     def partners(self) -> list[str]:
         """The Raft addresses of the other voters."""
         ...
 
-    async def propose(self, command: c.Command) -> Outcome:
-        """Commit `command`; raises ConsensusError when the cluster cannot commit now."""
+    async def propose(self, command: c.Command, timeout_s: float | None = None) -> Outcome:
+        """Commit `command` (within `timeout_s`, default the profile's proposal timeout);
+        raises ConsensusError when the cluster cannot commit now."""
         ...
 
     async def remove_voter(self, raft_address: str) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,7 +37,7 @@ from redge.runtime.manifest import FORMAT_PREFERENCE, MANIFEST_FILENAME, Manifes
 from redge.runtime.store import ARTIFACTS_MAX, QUARANTINE_FAILURES_MAX, Store
 
 if TYPE_CHECKING:
-    from redge.agent.peer import Peer
+    from redge.agent.ports import ClusterPort
 
 log = structlog.get_logger("redge.reconciler")
 
@@ -93,9 +94,23 @@ def choose_version(state: ClusterState, variant: str, device_kind: str, purpose:
 
 
 class Reconciler(Duty):
-    def __init__(self, peer: Peer, replicas: ReplicaManager, store: Store, source: str | None) -> None:
+    def __init__(
+        self,
+        cluster: ClusterPort,
+        replicas: ReplicaManager,
+        store: Store,
+        source: str | None,
+        *,
+        registered: Callable[[], Awaitable[None]],
+        cold_serving_format: bool = True,
+        read_token: str = "",
+    ) -> None:
         super().__init__("reconciler")
-        self.peer = peer
+        # The ports it works through (agent/ports.py), and what it needs of the config.
+        self.cluster = cluster
+        self._registered = registered
+        self.cold_serving_format = cold_serving_format
+        self.read_token = read_token
         self.replicas = replicas
         self.store = store
         self.source = source
@@ -131,11 +146,11 @@ class Reconciler(Duty):
             return
         if command is None or isinstance(command, (c.CommitPlan, c.RemoveApp, c.StoreReport, c.Join)):
             self._wake.set()
-        elif isinstance(command, c.Report) and command.kind in ("serving", "load_done") and command.node_id != self.peer.node_id:
+        elif isinstance(command, c.Report) and command.kind in ("serving", "load_done") and command.node_id != self.cluster.node_id:
             self._wake.set()  # a new primary is up: an old copy kept for it can go now
 
     async def _run(self) -> None:
-        await self.peer.wait_registered()
+        await self._registered()
         loop = asyncio.get_running_loop()
         expected = await loop.run_in_executor(None, source_manifests, self.source) if self.source else []
         if self.source or await loop.run_in_executor(None, self.store.list):
@@ -148,7 +163,7 @@ class Reconciler(Duty):
             self._wake.clear()
             if self._stopped:
                 return
-            if self.peer.raft is not None and self.peer.raft.unreadable():
+            if not self.cluster.following():
                 continue  # the state this replica holds is not the cluster's: act on none of it
             try:
                 await self.reconcile()
@@ -164,7 +179,7 @@ class Reconciler(Duty):
     # ------------------------------------------------------------------ the work
 
     def _desired(self) -> tuple[int, dict[str, c.Replica], dict[str, str]]:
-        me = self.peer.node_id
+        me = self.cluster.node_id
 
         def read(state: ClusterState) -> tuple[int, dict[str, c.Replica], dict[str, str]]:
             mine = {}
@@ -174,13 +189,10 @@ class Reconciler(Duty):
                         mine[app] = replica
             priorities = {name: app.priority for name, app in state.apps.items()}
             return state.epoch, mine, priorities
-
-        assert self.peer.raft is not None
-        return self.peer.raft.read(read)
+        return self.cluster.read(read)
 
     def _stale(self, epoch: int) -> bool:
-        assert self.peer.raft is not None
-        return self.peer.raft.read(lambda s: s.epoch) != epoch
+        return self.cluster.read(lambda s: s.epoch) != epoch
 
     async def reconcile(self) -> None:
         epoch, desired, priorities = self._desired()
@@ -234,7 +246,7 @@ class Reconciler(Duty):
                 log.warning("prefetch_failed", app=app, variant=replica.variant, error=str(error))
                 self._retry_later()
                 continue
-            if self.peer.config.cold_serving_format:
+            if self.cold_serving_format:
                 await self._prepare_cold(app, replica.variant, epoch)
         # 4. Whatever this node no longer runs, once its successor serves (a copy that is no
         #    longer planned still answers clients that reach it until then).
@@ -259,9 +271,8 @@ class Reconciler(Duty):
         local = self.replicas.serving(app)
         if local is None or local.variant != replica.variant or replica.role not in ("primary", "warm"):
             return
-        assert self.peer.raft is not None
         device_kind = self.replicas.device_kind
-        chosen = self.peer.raft.read(lambda state: choose_artifact(state, replica.variant, device_kind, "serving"))
+        chosen = self.cluster.read(lambda state: choose_artifact(state, replica.variant, device_kind, "serving"))
         order = format_order(device_kind, "serving")
         current = order.index(local.manifest.format) if local.manifest.format in order else len(order)
         if chosen is None or order.index(chosen.format) >= current:
@@ -290,9 +301,8 @@ class Reconciler(Duty):
         optimised form derived: the recovery then loads at about the read of its bytes and
         serves at full speed at once. Only what fits the store: without it, the recovery
         serves from the cold artifact and switches later (`_switch_format`)."""
-        assert self.peer.raft is not None
         device_kind = self.replicas.device_kind
-        best = self.peer.raft.read(lambda state: choose_version(state, variant, device_kind, "serving"))
+        best = self.cluster.read(lambda state: choose_version(state, variant, device_kind, "serving"))
         key = (app, f"cold:{best}", epoch)
         if best is None or not self._may_try(key):
             return
@@ -344,19 +354,17 @@ class Reconciler(Duty):
 
     def _recovery_elsewhere(self) -> bool:
         """Whether another node is loading an app that no replica serves now."""
-        me = self.peer.node_id
+        me = self.cluster.node_id
 
         def check(state: ClusterState) -> bool:
             return any(not servable(state, app) and any(node != me for node in loading_on(state, app))
                        for app in state.apps)
-
-        assert self.peer.raft is not None
-        return self.peer.raft.read(check)
+        return self.cluster.read(check)
 
     def _successor_serving(self, app: str) -> bool:
         """Whether `app`'s planned primary elsewhere reports itself loaded (or there is none
         to wait for). Until then an old copy here is kept, bounded by KEEP_FOR_SUCCESSOR_S."""
-        me = self.peer.node_id
+        me = self.cluster.node_id
 
         def check(state: ClusterState) -> bool:
             primary = state.primary_of(app)
@@ -366,9 +374,7 @@ class Reconciler(Duty):
             if member is None or member.status not in (ALIVE, SUSPECTED):
                 return True
             return state.replica_reports.get((app, primary.node_id)) in ("serving", "load_done")
-
-        assert self.peer.raft is not None
-        if self.peer.raft.read(check):
+        if self.cluster.read(check):
             self._kept_since.pop(app, None)
             return True
         since = self._kept_since.setdefault(app, time.monotonic())
@@ -443,9 +449,8 @@ class Reconciler(Duty):
         elif await loop.run_in_executor(None, self.replicas.manifests_of, variant, purpose) is not None:
             return
         wanted = version
-        assert self.peer.raft is not None
         device_kind = self.replicas.device_kind
-        me = self.peer.node_id
+        me = self.cluster.node_id
 
         def sources(state: ClusterState) -> tuple[str | None, list[str]]:
             version = wanted or choose_version(state, variant, device_kind, purpose)
@@ -459,7 +464,7 @@ class Reconciler(Duty):
             ]
             return version, holders
 
-        version, holders = self.peer.raft.read(sources)
+        version, holders = self.cluster.read(sources)
         if version is None:
             raise RuntimeFailure(f"no artifact of {variant} is known to the cluster")
         excluded = await loop.run_in_executor(None, self.store.excluded, variant, version)
@@ -467,7 +472,7 @@ class Reconciler(Duty):
             raise RuntimeFailure(f"{variant}/{version} is excluded on this node: {excluded}; "
                                  f"`redge store clear --data-dir DIR {variant}/{version}` lets it fetch again")
         # Peers get this cluster's read token (they may require it); the --source does not.
-        token = self.peer.config.read_token
+        token = self.read_token
         candidates = [(f"http://{address}", token) for address in holders]
         if self.source:
             candidates.append((self.source, ""))
@@ -487,18 +492,17 @@ class Reconciler(Duty):
 
     def _pinned(self) -> list[tuple[str, str]]:
         """Artifacts the plan needs on this node: never evicted to make room."""
-        assert self.peer.raft is not None
         _, desired, _ = self._desired()
         wanted = {replica.variant for replica in desired.values()}
         return [manifest.key for manifest in self.store.list() if manifest.name in wanted]  # one listing
 
     async def _report(self, kind: str, app: str, variant: str, epoch: int, detail: str = "", duration_ms: float = 0.0) -> None:
         command = c.Report(
-            node_id=self.peer.node_id, kind=kind, at_ms=now_ms(), app=app, variant=variant, epoch=epoch,
+            node_id=self.cluster.node_id, kind=kind, at_ms=now_ms(), app=app, variant=variant, epoch=epoch,
             detail=detail, duration_ms=round(duration_ms, 3),
         )
         try:
-            await self.peer.propose(command, timeout_s=REPORT_TIMEOUT_S)
+            await self.cluster.propose(command, timeout_s=REPORT_TIMEOUT_S)
         except ConsensusError as error:
             # A report is a record, not an action: losing one must not stop the work.
             log.info("report_not_committed", kind=kind, app=app, error=str(error) or type(error).__name__)
@@ -519,9 +523,9 @@ class Reconciler(Duty):
         key = (artifacts, from_source)
         if key == self._last_store_report:
             return
-        command = c.StoreReport(self.peer.node_id, artifacts, used_bytes, now_ms(), from_source)
+        command = c.StoreReport(self.cluster.node_id, artifacts, used_bytes, now_ms(), from_source)
         try:
-            outcome = await self.peer.propose(command, timeout_s=REPORT_TIMEOUT_S)
+            outcome = await self.cluster.propose(command, timeout_s=REPORT_TIMEOUT_S)
             if outcome.accepted:
                 self._last_store_report = key
         except ConsensusError as error:

@@ -36,10 +36,13 @@ class SimulatedCluster:
     def leading(self) -> bool:
         return True
 
+    def following(self) -> bool:
+        return True
+
     def partners(self) -> list[str]:
         return list(self.voters)
 
-    async def propose(self, command: c.Command) -> Outcome:
+    async def propose(self, command: c.Command, timeout_s: float | None = None) -> Outcome:
         return self.commit(command)
 
     def commit(self, command: c.Command) -> Outcome:
