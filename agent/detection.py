@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
 
 from redge.agent.clock import wall_ms
+from redge.agent.detector_settings import DetectorSettings
 from redge.agent.heartbeat import HeartbeatService
 from redge.agent.verdicts import Degraded, Quiet, Recover, Restarted, Restored, Suspect, Verdict
 from redge.agent.watching import monitoring_targets, watch_round
@@ -28,7 +30,8 @@ from redge.consensus.errors import ConsensusError
 from redge.consensus.state import ALIVE, LEFT, SUSPECTED, ClusterState
 
 if TYPE_CHECKING:
-    from redge.agent.peer import Peer
+    from redge.agent.metrics import PeerMetrics
+    from redge.agent.ports import ClusterPort, RaftTransport
 
 log = structlog.get_logger("redge.detection")
 
@@ -44,9 +47,30 @@ def now_ms() -> int:
     return wall_ms()
 
 
+@dataclass(frozen=True)
+class DetectionConfig:
+    """What detection needs of the peer's config and profile."""
+
+    heartbeat_address: str
+    secret: str
+    settings: DetectorSettings
+    proposal_timeout_s: float
+    watch_rotation_s: float = 0.0
+    incarnation: int = 0
+
+
 class FailureDetection:
-    def __init__(self, peer: Peer) -> None:
-        self.peer = peer
+    """Heartbeats on a thread of their own, verdicts into proposals. It works through the
+    ClusterPort (agent/ports.py), the Raft transport's hooks (RaftTransport) and the metrics,
+    wired by the peer; nothing else of it."""
+
+    def __init__(self, cluster: ClusterPort, transport: RaftTransport, metrics: PeerMetrics,
+                 config: DetectionConfig) -> None:
+        self.cluster = cluster
+        self.transport = transport
+        self.metrics = metrics
+        self.config = config
+        self.node_id = cluster.node_id
         self.service: HeartbeatService | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -68,34 +92,33 @@ class FailureDetection:
         The peer's main loop also parses inference requests and runs Raft callbacks; a busy
         stretch there must not delay a heartbeat, or load alone would look like a failure.
         """
-        config = self.peer.config
-        host, port = split_address(config.heartbeat)
+        config = self.config
+        host, port = split_address(config.heartbeat_address)
         main_loop = asyncio.get_running_loop()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="heartbeats", daemon=True)
         self._thread.start()
         self.service = HeartbeatService(
-            self.peer.node_id,
+            self.node_id,
             (host, port),
             config.secret.encode(),
-            self.peer.profile.detector,
+            config.settings,
             on_verdict=lambda verdict: main_loop.call_soon_threadsafe(self._on_verdict, verdict),
-            incarnation=self.peer.incarnation,
+            incarnation=config.incarnation,
             transport_open=self._transport_open,
         )
         try:
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.service.start(), self._loop))
         except OSError as error:
             await self._stop_thread()
-            raise OSError(f"cannot bind the heartbeat address {config.heartbeat}: {error.strerror or error}") from None
+            raise OSError(f"cannot bind the heartbeat address {config.heartbeat_address}: {error.strerror or error}") from None
         # Read at scrape time: plain floats the heartbeat thread writes, so no lock is needed.
         monitor = self.service.monitor
-        self.peer.metrics.detector_phi_max.set_function(lambda: monitor.phi_at_arrival_max)
-        self.peer.metrics.detector_self_pause_ms_max.set_function(lambda: monitor.self_pause_ms_max)
-        assert self.peer.raft is not None
+        self.metrics.detector_phi_max.set_function(lambda: monitor.phi_at_arrival_max)
+        self.metrics.detector_self_pause_ms_max.set_function(lambda: monitor.self_pause_ms_max)
         # A dropped Raft connection is the soonest hint of a crash: handed straight to the
         # heartbeat thread, which probes the node.
-        self.peer.raft.on_partner_disconnected(self._loop, self._on_raft_disconnected)
+        self.transport.on_partner_disconnected(self._loop, self._on_raft_disconnected)
         self.refresh_targets()
         if config.watch_rotation_s > 0:
             self._rotation = asyncio.create_task(self._rotate(config.watch_rotation_s), name="watch-rotation")
@@ -141,7 +164,7 @@ class FailureDetection:
 
     def _transport_open(self, node_id: str) -> bool:  # the heartbeat thread
         address = self._raft_address_by_node.get(node_id)
-        return address is not None and self.peer.raft is not None and self.peer.raft.partner_connected(address)
+        return address is not None and self.transport.partner_connected(address)
 
     def on_request_timeout(self, node_id: str) -> None:
         """A request to `node_id` timed out: evidence that it may be degraded."""
@@ -161,21 +184,21 @@ class FailureDetection:
 
     def refresh_targets(self) -> None:
         """Watch the committed live members (other than this node)."""
-        if self.service is None or self.peer.raft is None:
+        if self.service is None:
             return
-        members, committed_round, cluster_size = self.peer.raft.read(_live_members_and_round)
+        members, committed_round, cluster_size = self.cluster.read(_live_members_and_round)
         self._raft_address_by_node = {node_id: raft_address for node_id, _, _, raft_address in members}
         self._node_by_raft_address = {raft_address: node_id for node_id, _, _, raft_address in members}
         # From format 2 the round is committed (the leader's RotateWatch); before, every peer
         # turns by its own wall clock.
         round_number = committed_round if committed_round is not None else watch_round(
-            wall_ms() / 1000, self.peer.config.watch_rotation_s)
-        watched_ids = set(monitoring_targets(self.peer.node_id, [m[0] for m in members], round_number=round_number,
+            wall_ms() / 1000, self.config.watch_rotation_s)
+        watched_ids = set(monitoring_targets(self.node_id, [m[0] for m in members], round_number=round_number,
                                              cluster_size=cluster_size))
         targets = []
         book = []
         for node_id, heartbeat_address, incarnation, _ in members:
-            if node_id == self.peer.node_id:
+            if node_id == self.node_id:
                 continue
             try:
                 address = split_address(heartbeat_address)
@@ -202,7 +225,7 @@ class FailureDetection:
     # ------------------------------------------------------------------ verdicts
 
     def _on_verdict(self, verdict: Verdict) -> None:
-        self.peer.metrics.verdicts.labels(kind=type(verdict).__name__).inc()
+        self.metrics.verdicts.labels(kind=type(verdict).__name__).inc()
         if isinstance(verdict, (Quiet, Suspect)) and verdict.node_id not in self._watched:
             # Said by the heartbeat thread just before it took a new watch set: the opinion
             # about a node no longer ours was withdrawn already, and no Recover would follow.
@@ -230,11 +253,9 @@ class FailureDetection:
         """A hung leader keeps its TCP connections open: Raft would wait out its election
         timeout before anyone could commit a suspicion of it. If `node_id` leads, stand in
         our turn now (on `Quiet`, before the suspicion, so the new leader is there for it)."""
-        if self.peer.raft is None:
-            return
-        address = self.peer.raft.read(lambda s: s.members[node_id].raft_address if node_id in s.members else None)
-        if address is not None and self.peer.raft.hasten_election(address):
-            self.peer.metrics.elections_hastened.labels(why=why).inc()
+        address = self.cluster.read(lambda s: s.members[node_id].raft_address if node_id in s.members else None)
+        if address is not None and self.transport.hasten_election(address):
+            self.metrics.elections_hastened.labels(why=why).inc()
             log.info("election_hastened", suspected_leader=node_id, why=why)
 
     def _propose_until_done(self, node_id: str, reason: str | None) -> None:
@@ -257,12 +278,12 @@ class FailureDetection:
             changed = self._leader_changed
             command: c.Command
             if reason is None:
-                command = c.Unsuspect(self.peer.node_id, node_id, now_ms())
+                command = c.Unsuspect(self.node_id, node_id, now_ms())
             else:
-                incarnation = self.peer.raft.read(lambda s: s.members[node_id].incarnation if node_id in s.members else 0)
-                command = c.Suspect(self.peer.node_id, node_id, incarnation, reason, now_ms(), since_ms=formed_at_ms)
+                incarnation = self.cluster.read(lambda s: s.members[node_id].incarnation if node_id in s.members else 0)
+                command = c.Suspect(self.node_id, node_id, incarnation, reason, now_ms(), since_ms=formed_at_ms)
             try:
-                outcome = await self.peer.propose(command, timeout_s=self.peer.profile.proposal_timeout_s)
+                outcome = await self.cluster.propose(command, timeout_s=self.config.proposal_timeout_s)
                 if not outcome.accepted:
                     log.info("suspicion_refused", target=node_id, reason=outcome.reason)
                 return

@@ -40,7 +40,7 @@ from redge.agent.api import build_app
 from redge.agent.clock import wall_ms
 from redge.agent.config import PeerConfig
 from redge.agent.dataplane import WorkerConfig
-from redge.agent.detection import FailureDetection
+from redge.agent.detection import DetectionConfig, FailureDetection
 from redge.agent.errors import JoinFailed
 from redge.agent.gcwatch import GcWatch, freeze_startup_objects
 from redge.agent.joining import JOIN_SIGNATURE_HEADER, sign_join
@@ -197,7 +197,11 @@ class Peer:
             )
             self.add_commit_hook(self.leader.on_commit)
             self.add_commit_hook(self.reconciler.on_commit)
-            self.detection = FailureDetection(self)
+            self.detection = FailureDetection(self.cluster, self.raft, self.metrics, DetectionConfig(
+                heartbeat_address=config.heartbeat, secret=config.secret, settings=self.profile.detector,
+                proposal_timeout_s=self.profile.proposal_timeout_s, watch_rotation_s=config.watch_rotation_s,
+                incarnation=self.incarnation,
+            ))
             await self.detection.start()
             self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
             await self._runner.setup()

@@ -8,6 +8,7 @@ Raft node (agent/peer.py `PeerCluster`); tests and simulations implement them ov
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
@@ -42,4 +43,20 @@ class ClusterPort(Protocol):
         ...
 
     async def remove_voter(self, raft_address: str) -> None:
+        ...
+
+
+class RaftTransport(Protocol):
+    """The Raft connections' hooks failure detection uses (consensus/raft.py RaftNode has them)."""
+
+    def partner_connected(self, address: str) -> bool:
+        """Whether this node's connection to the partner at `address` is up (any thread)."""
+        ...
+
+    def on_partner_disconnected(self, loop: asyncio.AbstractEventLoop, callback: Callable[[str], None]) -> None:
+        """Call `callback(address)` on `loop` when a partner's connection drops."""
+        ...
+
+    def hasten_election(self, suspected_address: str) -> bool:
+        """Stand for election now if the suspected node leads and it is this node's turn."""
         ...

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from redge.agent.detection import FailureDetection
+from redge.agent.detection import DetectionConfig, FailureDetection
 from redge.agent.metrics import PeerMetrics
 from redge.agent.profile import get_profile
 from redge.agent.verdicts import Quiet, Recover, Suspect, SuspectReason
@@ -39,9 +39,11 @@ def shell(raft: FakeRaft) -> tuple[FailureDetection, list]:
         proposed.append(command)
         return SimpleNamespace(accepted=True, reason="")
 
-    peer = SimpleNamespace(node_id="n1", raft=raft, metrics=PeerMetrics("n1"), profile=get_profile("enterprise"),
-                           propose=propose)
-    detection = FailureDetection(peer)
+    cluster = SimpleNamespace(node_id="n1", read=raft.read, propose=propose)
+    profile = get_profile("enterprise")
+    config = DetectionConfig(heartbeat_address="127.0.0.1:1", secret="s", settings=profile.detector,
+                             proposal_timeout_s=profile.proposal_timeout_s)
+    detection = FailureDetection(cluster, raft, PeerMetrics("n1"), config)
     detection._watched = {"n2", "n3"}
     return detection, proposed
 
