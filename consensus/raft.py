@@ -354,7 +354,8 @@ class RaftNode:
         Raises ProposalTimeout when the deadline passes (the command may still commit),
         NoLeader / NoQuorum / NotLeader when pysyncobj reports a failure.
         """
-        data = commands.encode(command, self.read(_format_version))
+        # The committed format, read without the apply lock: one int, only ever raised.
+        data = commands.encode(command, self._machine.state.format_version)
         future: asyncio.Future[Outcome] = self._loop.create_future()
 
         def settle(result: Any, error: int) -> None:  # tick thread

@@ -139,13 +139,14 @@ class ClusterState:
         up), and a RaiseFormat that does not hold, which is recorded exactly as a build that
         does not know RaiseFormat records it. So replicas of different builds agree."""
         self._clock = ""
-        version = c.entry_format(data)
+        try:
+            command, version = c.decode_versioned(data)
+        except MalformedCommand as error:
+            version = c.entry_format(data)  # (parsed again only for an entry that is refused)
+            if version <= self.format_version:
+                return None, self._reject("malformed", 0, str(error))
         if version > self.format_version:
             return None, self._reject("malformed", 0, f"format {version} is above the cluster's format {self.format_version}")
-        try:
-            command = c.decode(data)
-        except MalformedCommand as error:
-            return None, self._reject("malformed", 0, str(error))
         if isinstance(command, c.RaiseFormat) and not self.raise_format_valid(command):
             return None, self._reject("malformed", 0, "unknown command type 'raise_format'")
         return command, self.apply(command)
