@@ -125,6 +125,8 @@ def trial(cluster: LocalCluster, clients: list[ClosedLoopClient], serving: Manif
         "interim_answers": sum(1 for op in after if op.role == "interim"),
         "failed_requests": sum(1 for op in after if op.outcome == "fail"),
         "unknown_requests": sum(1 for op in after if op.outcome == "info"),
+        # What a failed or unknown request was told (the first few), to tell causes apart.
+        "failure_errors": [op.error for op in after if op.outcome in ("fail", "info")][:5],
         "response_ms_before_p50": summary(before).get("p50"),
         "raw_read_ms": read_ms,
         "bytes": model_file.stat().st_size,
