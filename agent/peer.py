@@ -53,10 +53,9 @@ from redge.agent.slowness import SlownessJudge, SlownessSettings
 from redge.agent.verdicts import Degraded, Restored
 from redge.agent.workers import DataPlaneWorkers
 from redge.consensus import commands as c
-from redge.consensus import shim
 from redge.consensus.addresses import split_address
 from redge.consensus.errors import ConsensusError
-from redge.consensus.raft import RaftNode, RaftStatus
+from redge.consensus.raft import RaftNode, RaftStatus, frame_stats
 from redge.consensus.state import ALIVE, FAILED, LEFT, ClusterState, Outcome
 from redge.runtime.host import HostOptions
 from redge.runtime.priority import set_autogroup_nice
@@ -472,7 +471,7 @@ class Peer:
             for member_status in ("alive", "suspected", "failed", "left"):
                 self.metrics.members.labels(status=member_status).set(counts.get(member_status, 0))
             self.metrics.epoch.set(self.raft.read(lambda s: s.epoch))
-            for reason, count in shim.frame_stats.snapshot().items():
+            for reason, count in frame_stats.snapshot().items():
                 self.metrics.raft_frames_refused.labels(reason=reason).set(count)
             if self.detection is not None and self.detection.service is not None:
                 stats = self.detection.service.stats()

@@ -12,6 +12,7 @@ peers; the peers are still reached from here at `peer.url`, through a portal on 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -65,6 +66,19 @@ def wait_until(condition: Callable[[], T | None], timeout_s: float, interval_s: 
         if time.monotonic() >= deadline:
             raise ClusterError(f"timed out after {timeout_s:.1f}s waiting for {what or condition!r}")
         time.sleep(interval_s)
+
+
+async def wait_until_async(condition: Callable[[], T | None], timeout_s: float, interval_s: float = 0.005,
+                           what: str = "") -> T:
+    """`wait_until` for a caller on an event loop: the loop runs between polls."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise ClusterError(f"timed out after {timeout_s:.1f}s waiting for {what or condition!r}")
+        await asyncio.sleep(interval_s)
 
 
 def http_json(method: str, url: str, body: Any = None, timeout_s: float = 2.0, token: str | None = None) -> tuple[int, Any]:

@@ -176,6 +176,26 @@ class _StateMachine(SyncObjConsumer):
         _call_listener(self.on_applied, None, Outcome(True, STATE_REPLACED))
 
 
+class FrameStats:
+    """What the frame guard (consensus/shim.py) refused, by reason: written on pysyncobj's
+    tick threads, read anywhere."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def count(self, reason: str) -> None:
+        with self._lock:
+            self._counts[reason] = self._counts.get(reason, 0) + 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+frame_stats = FrameStats()
+
+
 def _format_version(state: ClusterState) -> int:
     return state.format_version
 
@@ -265,7 +285,7 @@ class RaftNode:
             **timing.to_conf_kwargs(),
         )
         partners = [a for a in partner_addresses if a != self_address]
-        shim.install_frame_guard()
+        shim.install_frame_guard(frame_stats.count)
         self._sync = SyncObj(self_address, partners, conf=conf, consumers=[self._machine])
         self._sync.waitBinded()
         shim.widen_backlog(shim.transport_of(self._sync))

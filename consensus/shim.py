@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import errno
 import struct
-import threading
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import pysyncobj
@@ -77,25 +77,14 @@ def _read_version() -> str:
 # ---------------------------------------------------------------------- frame guard
 
 
-class FrameStats:
-    """What the guard refused, by reason (written on pysyncobj's tick threads, read anywhere)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
-
-    def count(self, reason: str) -> None:
-        with self._lock:
-            self._counts[reason] = self._counts.get(reason, 0) + 1
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
+def _refused_nowhere(reason: str) -> None:
+    pass
 
 
-frame_stats = FrameStats()
+# Told the reason of every refusal, on pysyncobj's tick threads (the adapter counts them:
+# consensus/raft.py `frame_stats`); set by `install_frame_guard`.
+_on_refused: Callable[[str], None] = _refused_nowhere
 _installed = False
-_install_lock = threading.Lock()
 
 
 def frame_bytes_max(connection: TcpConnection) -> int:
@@ -124,7 +113,7 @@ def _buffer(connection: TcpConnection) -> bytearray:
 
 
 def _refuse(connection: TcpConnection, reason: str) -> None:
-    frame_stats.count(reason)
+    _on_refused(reason)
     connection.disconnect()
 
 
@@ -182,16 +171,18 @@ def _guarded_parse_message(self: TcpConnection) -> Any:
     return message
 
 
-def install_frame_guard() -> None:
-    """Replace pysyncobj's TCP read and parse steps with the guarded ones (idempotent)."""
-    global _installed
-    with _install_lock:
-        if _installed:
-            return
-        check_version()
-        TcpConnection._TcpConnection__processRead = _guarded_process_read
-        TcpConnection._TcpConnection__processParseMessage = _guarded_parse_message
-        _installed = True
+def install_frame_guard(on_refused: Callable[[str], None]) -> None:
+    """Replace pysyncobj's TCP read and parse steps with the guarded ones, telling
+    `on_refused` the reason of each refusal. Idempotent: installing twice, even from two
+    threads at once, makes the same assignments."""
+    global _installed, _on_refused
+    _on_refused = on_refused
+    if _installed:
+        return
+    check_version()
+    TcpConnection._TcpConnection__processRead = _guarded_process_read
+    TcpConnection._TcpConnection__processParseMessage = _guarded_parse_message
+    _installed = True
 
 
 def expire_unauthenticated(transport: TCPTransport, now_s: float, opened_at_s: dict[int, float]) -> None:
@@ -208,7 +199,7 @@ def expire_unauthenticated(transport: TCPTransport, now_s: float, opened_at_s: d
     for index, connection in enumerate(ordered):
         too_old = now_s - opened_at_s[id(connection)] > UNAUTHENTICATED_TIMEOUT_S
         if index < excess or too_old:
-            frame_stats.count("unauthenticated_timeout" if too_old else "too_many_connections")
+            _on_refused("unauthenticated_timeout" if too_old else "too_many_connections")
             transport._unknownConnections.discard(connection)
             connection.disconnect()
             opened_at_s.pop(id(connection), None)
@@ -257,7 +248,7 @@ def wake_tick_thread(sync: SyncObj) -> None:
     try:
         notifier.notify()
     except OSError:
-        frame_stats.count("wake_pipe_full")
+        _on_refused("wake_pipe_full")
 
 
 __all__ = [
@@ -271,7 +262,6 @@ __all__ = [
     "expire_unauthenticated",
     "frame_bytes_max",
     "frame_length_problem",
-    "frame_stats",
     "install_frame_guard",
     "is_candidate",
     "raft_clock_s",

@@ -37,3 +37,9 @@ def test_the_state_machine_and_its_commands_import_nothing_impure(path: pathlib.
 def test_only_the_adapter_touches_threads_sockets_or_pysyncobj() -> None:
     impure = {path.name for path in CONSENSUS.glob("*.py") if imported(path) & IMPURE}
     assert impure == ADAPTER
+
+
+def test_the_shim_reaches_into_pysyncobj_and_nothing_else_impure() -> None:
+    """Threads, sockets, clocks and the event loop are raft.py's alone: the shim only reads
+    and patches pysyncobj (errno for the codes its transport reports)."""
+    assert imported(CONSENSUS / "shim.py") & IMPURE == {"pysyncobj", "errno"}

@@ -16,10 +16,10 @@ import time
 import pytest
 
 from redge.agent.profile import get_profile
-from redge.chaos.cluster import free_ports
+from redge.chaos.cluster import free_ports, wait_until_async
 from redge.consensus import commands as c
 from redge.consensus import shim
-from redge.consensus.raft import RaftNode
+from redge.consensus.raft import RaftNode, frame_stats
 
 LIMIT = shim.FRAME_BYTES_MAX
 
@@ -75,10 +75,7 @@ def commit(raft: RaftNode, loop: asyncio.AbstractEventLoop, token: str) -> float
 
 
 def wait_leader(raft: RaftNode, loop: asyncio.AbstractEventLoop) -> None:
-    deadline = time.monotonic() + 10
-    while not raft.status().is_leader:
-        assert time.monotonic() < deadline, "a one-node group elects itself"
-        loop.run_until_complete(asyncio.sleep(0.01))
+    loop.run_until_complete(wait_until_async(lambda: raft.status().is_leader, 10, what="a one-node group to elect itself"))
 
 
 def closed_by_peer(sock: socket.socket, timeout_s: float = 5.0) -> bool:
@@ -115,14 +112,12 @@ def test_the_internals_the_adapter_uses_exist_on_a_live_node(node):
 def test_a_stranger_s_frame_closes_the_connection_on_its_header(node, header, reason):
     raft, loop = node
     wait_leader(raft, loop)
-    before = shim.frame_stats.snapshot().get(reason, 0)
+    before = frame_stats.snapshot().get(reason, 0)
     host, port = raft.self_address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=5) as attacker:
         attacker.sendall(header + bytes(300))
-        deadline = time.monotonic() + 5
-        while shim.frame_stats.snapshot().get(reason, 0) == before:
-            assert time.monotonic() < deadline, f"no {reason} refusal counted"
-            loop.run_until_complete(asyncio.sleep(0.005))
+        loop.run_until_complete(wait_until_async(lambda: frame_stats.snapshot().get(reason, 0) > before, 5,
+                                                 what=f"a {reason} refusal counted"))
         assert closed_by_peer(attacker)
     commit(raft, loop, "after-" + reason)
 
@@ -140,7 +135,6 @@ def test_a_flood_of_garbage_is_refused_at_once_and_commits_go_on(node):
             try:
                 while sent < len(garbage):
                     sent += attacker.send(garbage[sent : sent + 65536])
-                    loop.run_until_complete(asyncio.sleep(0))
             except (BrokenPipeError, ConnectionResetError, TimeoutError):
                 pass
             sent_before_close.append(sent)
@@ -165,7 +159,6 @@ def test_connections_that_never_authenticate_are_capped_and_expire(node):
             closed.update(s for s in readable if closed_by_peer(s, timeout_s=0.01))
             if capped_by_s is None and len(closed) >= 8:
                 capped_by_s = time.monotonic()
-            loop.run_until_complete(asyncio.sleep(0))
         # The ones over the cap went first, before the timeout closed the rest.
         assert capped_by_s is not None and deadline - capped_by_s > 4
         commit(raft, loop, "after-idle")

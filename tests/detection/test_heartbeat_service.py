@@ -24,6 +24,7 @@ from redge.agent.heartbeat import (
     heartbeat_key,
 )
 from redge.agent.verdicts import Recover, Restarted, Suspect, SuspectReason
+from redge.chaos.cluster import wait_until_async
 
 KEY = heartbeat_key(b"s3cret")
 BEAT = Heartbeat("n1", incarnation=7, sequence=42, sent_us=123_456)
@@ -85,12 +86,7 @@ def test_round_trip_property(node_id, incarnation, sequence, sent_us):
 
 
 async def wait_until(condition, timeout_s: float, what: str) -> None:
-    """Wait on a condition with a deadline (no fixed sleeps)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.005)
+    await wait_until_async(condition, timeout_s, what=what)
 
 
 def free_udp_port() -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from redge.chaos.cluster import wait_until_async
 from redge.runtime import errors
 from redge.runtime.host import HostOptions, ModelHost
 from redge.runtime.manifest import Manifest
@@ -39,11 +40,10 @@ def host(loop: asyncio.AbstractEventLoop) -> Iterator[ModelHost]:
 
 async def submitted(host: ModelHost, requests: list[asyncio.Future], timeout_s: float = 5.0) -> None:
     """Wait until these requests are on their way to the host (each took a pending slot)."""
-    deadline = time.monotonic() + timeout_s
     target = host.counters.requests_total + len(requests)
-    while host.counters.requests_total < target:
-        assert time.monotonic() < deadline, f"requests not submitted within {timeout_s} s"
-        await asyncio.sleep(0)  # let the requests' tasks run up to their submission
+    # interval 0: the requests' tasks only need the loop to run up to their submission
+    await wait_until_async(lambda: host.counters.requests_total >= target, timeout_s, interval_s=0,
+                           what="the requests submitted")
 
 
 def in_flight(host: ModelHost, key: str, ms: float) -> asyncio.Future:
